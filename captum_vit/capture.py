@@ -1,0 +1,293 @@
+"""Layer capture: hooks that record layer outputs (or inputs), stop the forward early and
+never outlive the call that set them.
+
+Every hook in captum_vit is registered here. The contract is Captum's
+(``captum/_utils/gradient.py``): hooks are removed in ``finally``, so no exception leaves one
+behind. What Captum's helpers lack and this module adds:
+
+* **early exit** -- once every requested layer has produced the call it was asked for, the
+  hook raises a private exception that :meth:`LayerTap.run` catches, so the modules after
+  the last needed layer never run;
+* **modules called several times per forward** (CoaT shares ``cpe``/``crpe``/``mlp2``
+  across blocks and scales): every call is recorded in order; ``call=k`` selects the k-th
+  call (0-based, the default is the first) and lets the forward stop right after it;
+  ``call=None`` records all calls and runs the whole forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "LayerTap",
+    "capture_layers",
+    "find_module",
+    "module_name",
+    "preserved_state",
+]
+
+#: Prefixes tried when a dotted path does not resolve as given: the vision tower of an
+#: open_clip CLIP model is ``visual`` and a timm trunk inside open_clip is ``trunk``.
+_PATH_PREFIXES = ("visual.", "trunk.", "visual.trunk.", "model.")
+
+
+class _StopForward(BaseException):
+    """Raised by a hook to end the forward pass once every needed layer has run.
+
+    A ``BaseException`` so that ``except Exception`` blocks inside user models cannot
+    swallow it.
+    """
+
+
+def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Module]:
+    """Return ``(dotted_path, module)`` for a layer given as a module or a dotted path.
+
+    Paths are tried as given, then with the open_clip / timm-trunk prefixes
+    (``visual.``, ``trunk.``) added or removed, so ``"transformer.resblocks.3"`` works on a
+    full CLIP model and ``"visual.transformer.resblocks.3"`` on its vision tower.
+
+    Raises:
+        ValueError: the path names no module; the message lists the closest real names.
+        TypeError: ``layer`` is neither a string nor a module.
+    """
+    names = dict(model.named_modules())
+    if isinstance(layer, nn.Module):
+        for name, module in names.items():
+            if module is layer:
+                return name, module
+        raise ValueError(
+            f"the layer {type(layer).__name__} is not a submodule of the given "
+            f"{type(model).__name__}; pass a module of this model or its dotted path"
+        )
+    if not isinstance(layer, str):
+        raise TypeError(
+            f"layer must be an nn.Module or a dotted path string, got {type(layer).__name__}"
+        )
+    for candidate in _path_candidates(layer):
+        if candidate in names and candidate != "":
+            return candidate, names[candidate]
+    close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.5)
+    hint = f" Closest names: {', '.join(close)}." if close else ""
+    raise ValueError(
+        f"unknown layer {layer!r} in {type(model).__name__}.{hint} "
+        "See `dict(model.named_modules())` for every name."
+    )
+
+
+def _path_candidates(path: str) -> list[str]:
+    candidates = [path]
+    for prefix in _PATH_PREFIXES:
+        candidates.append(prefix + path)
+        if path.startswith(prefix):
+            candidates.append(path[len(prefix) :])
+    return candidates
+
+
+def module_name(model: nn.Module, module: nn.Module) -> str:
+    """Dotted path of ``module`` inside ``model`` (``""`` for the model itself)."""
+    return find_module(model, module)[0]
+
+
+class LayerTap:
+    """Records the outputs (or inputs) of one or several layers during forward passes.
+
+    Use it as a context manager (hooks exist only inside the ``with`` block) and call
+    :meth:`run` as many times as needed; each run returns what the layers produced.
+
+    Args:
+        model: the module whose forward is run.
+        layers: one layer or a sequence of layers (modules or dotted paths).
+        attribute_to_layer_input: record the first positional input of each layer instead
+            of its output (for example the input of ``mlp.fc2``, the hidden layer of a
+            SwiGLU MLP).
+        call: which call of each layer to keep when a module runs several times per
+            forward: an int (0-based; negative counts from the end and needs the full
+            forward) or ``None`` for every call (a list per layer).
+        early_exit: stop the forward right after the last needed layer call.
+        watch: optional ``watch(name, module, output)`` called after every module of the
+            model in forward order (used by the layout resolver to gather evidence);
+            ``marks[i]`` then holds, for every recorded call of layer ``i``, how many
+            watch calls happened before it.
+
+    Examples::
+
+        >>> with LayerTap(model, ["blocks.3", "blocks.5.mlp.fc1"]) as tap:
+        ...     block3, fc1 = tap.run(images)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: nn.Module | str | Sequence[nn.Module | str],
+        *,
+        attribute_to_layer_input: bool = False,
+        call: int | None = 0,
+        early_exit: bool = True,
+        watch: Callable[[str, nn.Module, Any], None] | None = None,
+    ) -> None:
+        if isinstance(layers, (str, nn.Module)):
+            layers = [layers]
+        if len(layers) == 0:
+            raise ValueError("LayerTap needs at least one layer")
+        if call is not None and not isinstance(call, int):
+            raise TypeError(f"call must be an int or None, got {type(call).__name__}")
+        self.model = model
+        resolved = [find_module(model, layer) for layer in layers]
+        self.names = [name for name, _ in resolved]
+        self.modules = [module for _, module in resolved]
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.call = call
+        self.early_exit = early_exit and call is not None and call >= 0
+        self.watch = watch
+        self._handles: list[Any] = []
+        self._records: list[list[Any]] = []
+        self._watched = 0
+        self.marks: list[list[int]] = []
+
+    def __enter__(self) -> LayerTap:
+        try:
+            for index, module in enumerate(self.modules):
+                self._handles.append(self._register(index, module))
+            if self.watch is not None:
+                # Registered after the layer hooks: on the layer itself the record (and a
+                # possible early exit) comes first, so a mark excludes the layer's output.
+                for name, module in self.model.named_modules():
+                    self._handles.append(module.register_forward_hook(self._watch_hook(name)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove every hook this tap registered (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _register(self, index: int, module: nn.Module) -> Any:
+        # A module listed twice gets one hook per listing; each records into its own slot.
+        if self.attribute_to_layer_input:
+
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+                value = args[0] if args else next(iter(kwargs.values()))
+                self._record(index, value)
+
+            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
+            self._record(index, output)
+
+        return module.register_forward_hook(hook)
+
+    def _watch_hook(self, name: str) -> Callable[[nn.Module, tuple, Any], None]:
+        def hook(module: nn.Module, _args: tuple, output: Any) -> None:
+            self._watched += 1
+            self.watch(name, module, output)
+
+        return hook
+
+    def _record(self, index: int, value: Any) -> None:
+        self._records[index].append(value)
+        self.marks[index].append(self._watched)
+        if self.early_exit and self._all_needed_calls_seen():
+            raise _StopForward
+
+    def _all_needed_calls_seen(self) -> bool:
+        return all(len(calls) > self.call for calls in self._records)
+
+    def run(self, *inputs: Any, **kwargs: Any) -> list[Any]:
+        """Run the model and return, per layer, the selected call's value (or all calls).
+
+        Raises:
+            RuntimeError: a layer did not run, or ran fewer times than ``call`` asks.
+        """
+        if not self._handles:
+            raise RuntimeError("LayerTap.run must be called inside `with LayerTap(...)`")
+        self._records = [[] for _ in self.modules]
+        self.marks = [[] for _ in self.modules]
+        self._watched = 0
+        try:
+            self.model(*inputs, **kwargs)
+        except _StopForward:
+            pass
+        records, self._records = self._records, []
+        return [self._select(name, calls) for name, calls in zip(self.names, records, strict=True)]
+
+    def _select(self, name: str, calls: list[Any]) -> Any:
+        if self.call is None:
+            if not calls:
+                raise RuntimeError(f"layer {name!r} did not run during the forward pass")
+            return calls
+        if not -len(calls) <= self.call < len(calls):
+            raise RuntimeError(
+                f"layer {name!r} ran {len(calls)} time(s) in the forward pass, "
+                f"so call={self.call} does not exist"
+            )
+        return calls[self.call]
+
+
+def capture_layers(
+    model: nn.Module,
+    layers: nn.Module | str | Sequence[nn.Module | str],
+    *inputs: Any,
+    attribute_to_layer_input: bool = False,
+    call: int | None = 0,
+    early_exit: bool = True,
+    grad: bool = False,
+) -> Any:
+    """One forward pass that returns what the given layer(s) produced.
+
+    A single layer returns its value; a sequence of layers returns a list in the same
+    order. With ``grad=False`` the pass runs under ``torch.no_grad()``.
+
+    Examples::
+
+        >>> fc1 = capture_layers(model, "blocks.3.mlp.fc1", images)   # stops after it
+        >>> a, b = capture_layers(model, ["blocks.1", "blocks.2"], images, grad=True)
+    """
+    single = isinstance(layers, (str, nn.Module))
+    with (
+        torch.set_grad_enabled(grad),
+        LayerTap(
+            model,
+            layers,
+            attribute_to_layer_input=attribute_to_layer_input,
+            call=call,
+            early_exit=early_exit,
+        ) as tap,
+    ):
+        values = tap.run(*inputs)
+    return values[0] if single else values
+
+
+@contextlib.contextmanager
+def preserved_state(
+    model: nn.Module, *, eval_mode: bool = True, freeze: bool = True
+) -> Iterator[nn.Module]:
+    """Temporarily put ``model`` in eval mode and turn off parameter gradients.
+
+    On exit -- also after an exception -- every module's ``training`` flag and every
+    parameter's ``requires_grad`` are restored exactly as they were.
+    """
+    training = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        if eval_mode:
+            model.eval()
+        if freeze:
+            for param, _ in flags:
+                param.requires_grad_(False)
+        yield model
+    finally:
+        for module, was_training in training:
+            module.training = was_training
+        for param, required in flags:
+            param.requires_grad_(required)

@@ -1,0 +1,539 @@
+"""Token layouts: which tokens of a layer are prefix tokens (cls / dist / registers) and how
+the others map onto the patch grid.
+
+:func:`resolve_layout` runs one forward pass (stopped right after the layer) and decides
+from evidence gathered in that same pass, never from declared attributes alone:
+
+* **grid witnesses** -- every 4-D feature map produced before the layer (the patch
+  embedding's convolution, PiT's pooling convolution, Swin's BHWC stages, CoaT's
+  positional convolutions) and every ``(tensor, (H, W))`` tuple (Twins' patch embeddings)
+  gives a candidate ``(h, w)`` grid for this input size;
+* **the layer's own tensor** -- its rank, its batch axis, its token count ``N``.
+
+For a token tensor the most recent witness grid with ``0 <= N - h*w <= 32`` (and fewer
+prefix tokens than patch tokens) is the layer's grid, and ``N - h*w`` is its measured
+prefix count. Prefix tokens always come first (checked for every timm / open_clip model
+family); their names come from the parameters the model declares (``cls_token``,
+``dist_token``, ``reg_token``, open_clip ``class_embedding``), and only when the declared
+tokens add up to the measured count. When no grid can be established, or the layer is not
+spatial (pooled features, class-attention or query tokens, windowed attention), a
+``ValueError`` says what was seen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .capture import LayerTap, find_module, preserved_state
+from .models import input_config, unwrap_vision
+
+__all__ = ["TokenLayout", "resolve_layout", "MAX_PREFIX_TOKENS"]
+
+#: Largest prefix (cls + dist + registers) the resolver accepts.
+MAX_PREFIX_TOKENS = 32
+
+_KINDS = ("BNC", "BHWC", "BCHW", "NBC")
+
+#: Modules whose 4-D outputs are channels-first feature maps by construction.
+_CHANNELS_FIRST = (
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.pooling._MaxPoolNd,
+    nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.GroupNorm,
+)
+
+#: Attention modules that work on windows of tokens (B * num_windows, window_area, C):
+#: their tensors are not in raster order of the image grid.
+_WINDOWED = ("WindowAttention", "WindowAttentionGlobal", "LocallyGroupedAttn")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """How one layer's output maps onto the patch grid.
+
+    Attributes:
+        kind: ``"BNC"`` (tokens, batch first), ``"NBC"`` (tokens, sequence first: older
+            open_clip), ``"BHWC"`` (Swin) or ``"BCHW"`` (CNNs, PiT stages).
+        grid: ``(h, w)`` of the patch grid for this layer and this input size.
+        num_prefix_tokens: measured number of non-patch tokens at the start of the
+            sequence (0 for BHWC / BCHW unless a separate prefix tensor comes with it).
+        prefix_names: e.g. ``("cls",)``, ``("cls", "dist")``, ``("cls", "reg0", ...)``.
+        num_channels: feature width of the layer.
+        layer: dotted path of the layer.
+        element: index of the spatial tensor when the layer returns a tuple, else None.
+        prefix_element: index of a separate prefix-token tensor in that tuple (PiT stages
+            return ``(x_BCHW, cls_tokens)``), else None.
+        call: which call of the layer (modules run several times per forward) this
+            layout describes.
+        attribute_to_layer_input: whether it describes the layer's input.
+    """
+
+    kind: str
+    grid: tuple[int, int]
+    num_prefix_tokens: int
+    prefix_names: tuple[str, ...]
+    num_channels: int
+    layer: str = ""
+    element: int | None = None
+    prefix_element: int | None = None
+    call: int = 0
+    attribute_to_layer_input: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens per image in the layer's sequence (prefix + patches)."""
+        h, w = self.grid
+        return h * w + (self.num_prefix_tokens if self.prefix_element is None else 0)
+
+    def select(self, output: Any) -> torch.Tensor:
+        """The spatial tensor of a layer output (picks the tuple element if needed)."""
+        if self.element is None:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layout of {self.layer!r} expects a tensor, got {type(output).__name__}"
+                )
+            return output
+        if not isinstance(output, (tuple, list)) or len(output) <= self.element:
+            raise TypeError(
+                f"layout of {self.layer!r} expects a tuple with a tensor at position "
+                f"{self.element}, got {type(output).__name__}"
+            )
+        return output[self.element]
+
+    def split(self, output: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Split a layer output into ``(spatial, prefix)``.
+
+        Returns:
+            spatial: ``(B, C, h, w)``; prefix: ``(B, P, C)`` or ``None`` when the layer
+            has no prefix tokens.
+
+        Raises:
+            ValueError: the tensor does not have the shape this layout was resolved for
+            (for example another input size); resolve the layout again.
+        """
+        x = self.select(output)
+        h, w = self.grid
+        prefix = None
+        if self.kind in ("BNC", "NBC"):
+            self._check(x, 3)
+            if self.kind == "NBC":
+                x = x.transpose(0, 1)
+            batch, tokens, channels = x.shape
+            if tokens != self.num_tokens or channels != self.num_channels:
+                raise self._mismatch(x)
+            p = self.num_prefix_tokens
+            prefix = x[:, :p] if p else None
+            spatial = x[:, p:].reshape(batch, h, w, channels).permute(0, 3, 1, 2)
+            return spatial, prefix
+        self._check(x, 4)
+        spatial = x.permute(0, 3, 1, 2) if self.kind == "BHWC" else x
+        if tuple(spatial.shape[1:]) != (self.num_channels, h, w):
+            raise self._mismatch(x)
+        if self.prefix_element is not None:
+            prefix = output[self.prefix_element]
+        return spatial, prefix
+
+    def tokens(self, output: Any) -> torch.Tensor:
+        """The layer output as ``(B, h*w, C)`` patch tokens in raster order (prefix dropped)."""
+        spatial, _ = self.split(output)
+        return spatial.flatten(2).transpose(1, 2)
+
+    def _check(self, x: torch.Tensor, ndim: int) -> None:
+        if not isinstance(x, torch.Tensor) or x.dim() != ndim:
+            raise self._mismatch(x)
+
+    def _mismatch(self, x: Any) -> ValueError:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        return ValueError(
+            f"layer {self.layer!r} output {shape} does not match its resolved layout "
+            f"({self.kind}, grid {self.grid[0]}x{self.grid[1]}, "
+            f"{self.num_prefix_tokens} prefix token(s), {self.num_channels} channels); "
+            "resolve the layout again for this input size"
+        )
+
+
+# --------------------------------------------------------------------------- evidence
+
+
+def stride_consistent(grid: tuple[int, int], image_size: tuple[int, int]) -> bool:
+    """Whether an ``(h, w)`` grid can come from an ``(H, W)`` image with one stride on
+    both axes, up to one cell of rounding or padding: true for 14x14 and PiT's 27x27 at
+    224, and 10x14 at 160x224; false for (768, 7) or (64, 56) at 224."""
+    h, w = grid
+    height, width = image_size
+    if h < 1 or w < 1 or h > height or w > width:
+        return False
+    for stride in (height / h, width / w):
+        if abs(height / stride - h) <= 1 and abs(width / stride - w) <= 1:
+            return True
+    return False
+
+
+def _declared_format(module_chain: Sequence[nn.Module]) -> str | None:
+    """``"BHWC"`` / ``"BCHW"`` when the module or an ancestor declares ``output_fmt``."""
+    for module in reversed(module_chain):
+        fmt = getattr(module, "output_fmt", None)
+        if fmt is None:
+            continue
+        fmt = str(getattr(fmt, "value", fmt)).upper()
+        if fmt == "NHWC":
+            return "BHWC"
+        if fmt == "NCHW":
+            return "BCHW"
+    return None
+
+
+def _orient_4d(
+    shape: torch.Size,
+    image_size: tuple[int, int],
+    module_chain: Sequence[nn.Module],
+    known_grids: Sequence[tuple[int, int]] = (),
+) -> str | None:
+    """``"BCHW"`` or ``"BHWC"`` for a 4-D tensor, or None if it cannot be decided."""
+    chw = stride_consistent((shape[2], shape[3]), image_size)
+    hwc = stride_consistent((shape[1], shape[2]), image_size)
+    if isinstance(module_chain[-1], _CHANNELS_FIRST):
+        return "BCHW" if chw else None
+    if chw != hwc:
+        return "BCHW" if chw else "BHWC"
+    if not chw:
+        return None
+    declared = _declared_format(module_chain)
+    if declared is not None:
+        return declared
+    in_chw = (shape[2], shape[3]) in known_grids
+    in_hwc = (shape[1], shape[2]) in known_grids
+    if in_chw != in_hwc:
+        return "BCHW" if in_chw else "BHWC"
+    return None
+
+
+class _Witnesses:
+    """Collects candidate patch grids from every module output, in forward order."""
+
+    def __init__(self, model: nn.Module, batch: int, image_size: tuple[int, int]) -> None:
+        self.batch = batch
+        self.image_size = image_size
+        self.grids: list[tuple[int, str, tuple[int, int]]] = []
+        self.calls = 0
+        self._chains = _ancestor_chains(model)
+
+    def before(self, mark: int) -> list[tuple[str, tuple[int, int]]]:
+        """Grids seen in the first ``mark`` module calls, as (module name, grid)."""
+        return [(name, grid) for index, name, grid in self.grids if index <= mark]
+
+    def __call__(self, name: str, module: nn.Module, output: Any) -> None:
+        self.calls += 1
+        items = output if isinstance(output, (tuple, list)) else (output,)
+        for item in items:
+            if isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
+                kind = _orient_4d(item.shape, self.image_size, self._chains[name])
+                if kind is not None:
+                    grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
+                    self.grids.append((self.calls, name, grid))
+            elif _is_size_pair(item):
+                self.grids.append((self.calls, name, (int(item[0]), int(item[1]))))
+
+
+def _is_size_pair(item: Any) -> bool:
+    return (
+        isinstance(item, (tuple, list))
+        and len(item) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)
+    )
+
+
+def _ancestor_chains(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """For every dotted path, the modules from the root down to it."""
+    chains: dict[str, list[nn.Module]] = {"": [model]}
+    for name, module in model.named_modules():
+        if name:
+            parent = name.rpartition(".")[0]
+            chains[name] = chains[parent] + [module]
+    return chains
+
+
+# --------------------------------------------------------------------------- prefix names
+
+
+def _declared_prefix_names(model: nn.Module) -> tuple[str, ...]:
+    """Prefix token names in sequence order from the parameters the model declares."""
+    params = dict(model.named_parameters())
+    leaf = {}
+    for name, param in params.items():
+        leaf.setdefault(name.rpartition(".")[2], param)
+    names: list[str] = []
+    cls = leaf.get("cls_token", leaf.get("class_embedding", leaf.get("cls_token1")))
+    if cls is not None:
+        # PiT distilled keeps cls and dist in one (1, 2, C) parameter.
+        count = cls.shape[1] if cls.dim() == 3 else 1
+        names += ["cls", "dist"][:count] if count <= 2 else [f"cls{i}" for i in range(count)]
+    if leaf.get("dist_token") is not None:
+        names.append("dist")
+    reg = leaf.get("reg_token")
+    if reg is not None:
+        names += [f"reg{i}" for i in range(reg.shape[1] if reg.dim() == 3 else 1)]
+    return tuple(names)
+
+
+def _prefix_names(model: nn.Module, count: int) -> tuple[str, ...]:
+    if count == 0:
+        return ()
+    declared = _declared_prefix_names(model)
+    if len(declared) == count:
+        return declared
+    if count == 1 and declared and declared[0] == "cls":
+        return ("cls",)
+    return tuple(f"prefix{i}" for i in range(count))
+
+
+# --------------------------------------------------------------------------- resolver
+
+
+def _default_inputs(model: nn.Module) -> torch.Tensor:
+    config = input_config(model)
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, *config.size, generator=generator)
+    mean = torch.tensor(config.mean).view(1, 3, 1, 1)
+    std = torch.tensor(config.std).view(1, 3, 1, 1)
+    return ((images - mean) / std).to(device)
+
+
+def _batch_size(inputs: Any) -> int:
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    raise TypeError(f"inputs must be an image tensor (B, 3, H, W), got {type(inputs).__name__}")
+
+
+def resolve_layout(
+    model: nn.Module,
+    layer: nn.Module | str,
+    inputs: torch.Tensor | None = None,
+    *,
+    attribute_to_layer_input: bool = False,
+    call: int = 0,
+    element: int | None = None,
+) -> TokenLayout:
+    """Find how ``layer``'s tokens map onto the patch grid for these inputs.
+
+    Args:
+        model: a timm model, an open_clip CLIP model or vision tower, a CNN, or a
+            :class:`~captum_vit.models.ImageModel`.
+        layer: module or dotted path (``"blocks.5.mlp.fc1"``).
+        inputs: a ``(B, 3, H, W)`` batch as the model takes it; ``None`` uses a random
+            batch of 2 at the model's own input size. The layout depends on the input
+            size (dynamic-size models, Swin padding), so resolve with inputs of the size
+            you will use.
+        attribute_to_layer_input: describe the layer's input instead of its output.
+        call: for modules that run several times per forward (CoaT's shared ``cpe`` /
+            ``crpe`` / ``mlp2``), which call (0-based; the default, the first call, lets
+            the forward stop earliest). Each call may have its own grid.
+        element: for layers that return tuples, the position of the spatial tensor;
+            by default the first tensor that resolves.
+
+    Returns:
+        The :class:`TokenLayout` of that layer.
+
+    Raises:
+        ValueError: unknown layer (close names listed), or the layer is not spatial
+            (pooled features, class-attention / query tokens, windowed attention), or no
+            patch grid could be established; the message says what was seen.
+
+    Examples::
+
+        >>> layout = resolve_layout(model, "blocks.3", images)
+        >>> spatial, prefix = layout.split(block3_output)
+    """
+    vision = unwrap_vision(model)
+    name, module = find_module(model, layer)
+    if inputs is None:
+        inputs = _default_inputs(model)
+    batch = _batch_size(inputs)
+    image_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
+    witnesses = _Witnesses(model, batch, image_size)
+    chains = witnesses._chains
+    _refuse_windowed(name, chains[name])
+    with (
+        preserved_state(model),
+        torch.no_grad(),
+        LayerTap(
+            model,
+            module,
+            attribute_to_layer_input=attribute_to_layer_input,
+            call=call,
+            watch=witnesses,
+        ) as tap,
+    ):
+        (value,) = tap.run(inputs)
+        seen = witnesses.before(tap.marks[0][call])
+    return _layout_from_value(
+        value,
+        name=name,
+        chain=chains[name],
+        vision=vision,
+        seen=seen,
+        batch=batch,
+        image_size=image_size,
+        element=element,
+        call=call,
+        attribute_to_layer_input=attribute_to_layer_input,
+    )
+
+
+def _refuse_windowed(name: str, chain: Sequence[nn.Module]) -> None:
+    for module in chain:
+        if type(module).__name__ in _WINDOWED:
+            raise ValueError(
+                f"layer {name!r} is inside {type(module).__name__}, which works on windows of "
+                "tokens (batch * windows, window_area, C) after a cyclic shift and padding: "
+                "its tensors are not on the image grid. Use the block output, its norm1 / "
+                "norm2, or its mlp layers instead"
+            )
+
+
+def _layout_from_value(
+    value: Any,
+    *,
+    name: str,
+    chain: Sequence[nn.Module],
+    vision: nn.Module,
+    seen: list[tuple[str, tuple[int, int]]],
+    batch: int,
+    image_size: tuple[int, int],
+    element: int | None,
+    call: int,
+    attribute_to_layer_input: bool,
+) -> TokenLayout:
+    common = dict(layer=name, call=call, attribute_to_layer_input=attribute_to_layer_input)
+    if isinstance(value, (tuple, list)):
+        positions = [element] if element is not None else range(len(value))
+        errors = []
+        for index in positions:
+            if index >= len(value) or not isinstance(value[index], torch.Tensor):
+                errors.append(f"element {index} is not a tensor")
+                continue
+            try:
+                layout = _layout_of_tensor(
+                    value[index], name, chain, vision, seen, batch, image_size, **common
+                )
+            except ValueError as error:
+                errors.append(f"element {index}: {error}")
+                continue
+            return _with_tuple_prefix(layout, value, index, batch, vision)
+        raise ValueError(
+            f"layer {name!r} returns a {type(value).__name__} of {len(value)} and no element "
+            f"is a spatial map: " + "; ".join(errors)
+        )
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"layer {name!r} returns {type(value).__name__}, not a tensor")
+    return _layout_of_tensor(value, name, chain, vision, seen, batch, image_size, **common)
+
+
+def _with_tuple_prefix(
+    layout: TokenLayout, value: Sequence[Any], index: int, batch: int, vision: nn.Module
+) -> TokenLayout:
+    """PiT stages return (x_BCHW, cls_tokens): attach the token tensor as the prefix."""
+    fields = dict(layout.__dict__, element=index)
+    if layout.kind in ("BCHW", "BHWC"):
+        for other, item in enumerate(value):
+            if (
+                other != index
+                and isinstance(item, torch.Tensor)
+                and item.dim() == 3
+                and item.shape[0] == batch
+                and item.shape[2] == layout.num_channels
+                and item.shape[1] <= MAX_PREFIX_TOKENS
+            ):
+                count = item.shape[1]
+                fields.update(
+                    prefix_element=other,
+                    num_prefix_tokens=count,
+                    prefix_names=_prefix_names(vision, count),
+                )
+                break
+    return TokenLayout(**fields)
+
+
+def _layout_of_tensor(
+    x: torch.Tensor,
+    name: str,
+    chain: Sequence[nn.Module],
+    vision: nn.Module,
+    seen: list[tuple[str, tuple[int, int]]],
+    batch: int,
+    image_size: tuple[int, int],
+    **common: Any,
+) -> TokenLayout:
+    grids = [grid for _, grid in seen]
+    if x.dim() == 4:
+        if x.shape[0] != batch:
+            raise ValueError(
+                f"layer {name!r} outputs {tuple(x.shape)}: its first axis is not the batch "
+                f"({batch}); it is not a per-image feature map"
+            )
+        kind = _orient_4d(x.shape, image_size, chain, grids)
+        if kind is None:
+            raise ValueError(
+                f"layer {name!r} outputs a 4-D tensor {tuple(x.shape)} whose channel axis "
+                f"cannot be told apart from its grid axes for a {image_size[0]}x"
+                f"{image_size[1]} input (neither or both of (B, C, h, w) and (B, h, w, C) "
+                "fit); it is not a feature map of this image"
+            )
+        grid = tuple(x.shape[2:4]) if kind == "BCHW" else tuple(x.shape[1:3])
+        channels = x.shape[1] if kind == "BCHW" else x.shape[3]
+        return TokenLayout(kind, grid, 0, (), channels, **common)
+    if x.dim() != 3:
+        raise ValueError(
+            f"layer {name!r} outputs a {x.dim()}-D tensor {tuple(x.shape)}: not spatial. "
+            "Spatial methods need (B, N, C) tokens, (B, h, w, C) or (B, C, h, w) maps; "
+            "pooled features and logits have no patch grid"
+        )
+    kind = _sequence_axis(x, batch, chain, name)
+    tokens = x.shape[1] if kind == "BNC" else x.shape[0]
+    for _, (h, w) in reversed(seen):
+        prefix = tokens - h * w
+        if 0 <= prefix <= MAX_PREFIX_TOKENS and prefix < h * w:
+            return TokenLayout(
+                kind, (h, w), prefix, _prefix_names(vision, prefix), x.shape[2], **common
+            )
+    described = ", ".join(f"{h}x{w} ({src or 'model'})" for src, (h, w) in seen[-6:]) or "none"
+    raise ValueError(
+        f"layer {name!r} outputs {tokens} token(s) per image {tuple(x.shape)}, which fits no "
+        f"patch grid seen before it in this forward pass (last grids seen: {described}; "
+        f"a spatial layer has h*w patch tokens plus at most {MAX_PREFIX_TOKENS} prefix "
+        "tokens). It is not spatial: pooled, class-attention or query tokens "
+        "(e.g. CaiT blocks_token_only, attention-pool latents) have no patch map"
+    )
+
+
+def _sequence_axis(x: torch.Tensor, batch: int, chain: Sequence[nn.Module], name: str) -> str:
+    """``"BNC"`` or ``"NBC"`` for a 3-D token tensor."""
+    first, second = x.shape[0] == batch, x.shape[1] == batch
+    if first and second:
+        for module in reversed(chain):
+            batch_first = getattr(module, "batch_first", None)
+            if isinstance(batch_first, bool):
+                return "BNC" if batch_first else "NBC"
+        return "BNC"
+    if first:
+        return "BNC"
+    if second:
+        return "NBC"
+    if x.shape[0] % batch == 0:
+        raise ValueError(
+            f"layer {name!r} outputs {tuple(x.shape)}: its first axis is a multiple of the "
+            f"batch ({batch}), as for windowed attention (batch * windows, tokens, C); "
+            "its tokens are not on the image grid"
+        )
+    raise ValueError(
+        f"layer {name!r} outputs {tuple(x.shape)}: no axis matches the batch size {batch}"
+    )

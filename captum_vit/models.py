@@ -1,0 +1,236 @@
+"""Model adapters: open_clip unwrapping, normalization and input size, [0, 1] image input.
+
+Every public class of captum_vit takes RGB images in [0, 1]. :class:`ImageModel` wraps a
+timm or open_clip vision model so that it accepts such images and normalizes them inside
+with the model's own mean / std (timm ``pretrained_cfg``, open_clip ``preprocess_cfg``),
+which the caller may override.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ImageModel",
+    "InputConfig",
+    "check_images",
+    "fixed_input_size",
+    "input_config",
+    "unwrap_vision",
+]
+
+
+def unwrap_vision(model: nn.Module) -> nn.Module:
+    """The image tower of a model: ``model.visual`` for open_clip CLIP / CoCa models, the
+    wrapped model for an :class:`ImageModel`, the model itself otherwise."""
+    if isinstance(model, ImageModel):
+        return model.model
+    visual = getattr(model, "visual", None)
+    if isinstance(visual, nn.Module) and hasattr(model, "encode_image"):
+        return visual
+    return model
+
+
+@dataclass(frozen=True)
+class InputConfig:
+    """Normalization and input size of a model: ``mean``/``std`` per RGB channel (applied to
+    [0, 1] images) and ``size`` ``(H, W)``."""
+
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    size: tuple[int, int]
+
+
+def _pair(value: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    return value[-2:] if len(value) >= 2 else (value[0], value[0])
+
+
+def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    value = tuple(float(v) for v in value)
+    if len(value) == 1:
+        return value * 3
+    if len(value) != 3:
+        raise ValueError(f"mean / std must have 1 or 3 values (RGB), got {len(value)}")
+    return value
+
+
+def _current_size(vision: nn.Module) -> tuple[int, int] | None:
+    """The size the model is built for now (timm ``patch_embed.img_size``, also Twins'
+    ``patch_embeds.0`` and CoaT's ``patch_embed1``; open_clip ``image_size``), which wins
+    over ``pretrained_cfg`` (timm keeps 224 there even for a model built with another
+    ``img_size``)."""
+    for name, module in vision.named_modules():
+        if "patch_embed" in name and getattr(module, "img_size", None) is not None:
+            return _pair(module.img_size)
+    for module in (vision, getattr(vision, "trunk", None)):
+        if module is None:
+            continue
+        for attr in ("img_size", "image_size"):
+            value = getattr(module, attr, None)
+            if isinstance(value, (int, tuple, list)):
+                return _pair(value)
+    return None
+
+
+def _declared_config(vision: nn.Module) -> dict:
+    """mean / std / size declared by timm (``pretrained_cfg``) or open_clip
+    (``preprocess_cfg``, legacy ``image_mean`` / ``image_std``)."""
+    for module in (vision, getattr(vision, "trunk", None)):
+        if module is None:
+            continue
+        cfg = getattr(module, "preprocess_cfg", None)
+        if cfg:
+            return {k: cfg[k] for k in ("mean", "std", "size") if k in cfg}
+        if getattr(module, "image_mean", None) is not None:
+            return {"mean": module.image_mean, "std": module.image_std}
+        cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+        if cfg:
+            found = {k: cfg[k] for k in ("mean", "std") if k in cfg}
+            if "input_size" in cfg:
+                found["size"] = cfg["input_size"][-2:]
+            return found
+    return {}
+
+
+#: open_clip's defaults (OPENAI_DATASET_MEAN / STD), used for open_clip towers that carry
+#: no preprocess config (built directly rather than through ``create_model``).
+_OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def input_config(
+    model: nn.Module,
+    *,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    image_size: int | Sequence[int] | None = None,
+) -> InputConfig:
+    """Normalization and input size for ``model``; explicit arguments win.
+
+    Input size: ``image_size`` if given; then the model's own current size; then
+    ``pretrained_cfg`` / ``preprocess_cfg``. Mean / std: explicit; then the declared
+    config; open_clip towers without a config get open_clip's OpenAI defaults; other
+    models without a config get mean 0, std 1 (no normalization).
+
+    Raises:
+        ValueError: no input size can be found and none is given.
+    """
+    vision = unwrap_vision(model)
+    declared = _declared_config(vision)
+    if mean is None:
+        mean = declared.get("mean") or (_OPENAI_MEAN if _is_open_clip(vision) else (0.0,) * 3)
+    if std is None:
+        std = declared.get("std") or (_OPENAI_STD if _is_open_clip(vision) else (1.0,) * 3)
+    if image_size is not None:
+        size = _pair(image_size)
+    else:
+        size = _current_size(vision) or (_pair(declared["size"]) if "size" in declared else None)
+    if size is None:
+        raise ValueError(
+            f"cannot tell the input size of {type(vision).__name__}: it has no "
+            "patch_embed.img_size, image_size or pretrained_cfg; pass image_size=(H, W)"
+        )
+    std = _triple(std)
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std must be positive, got {std}")
+    return InputConfig(mean=_triple(mean), std=std, size=size)
+
+
+def _is_open_clip(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("open_clip")
+
+
+def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
+    """The only input size the model accepts, or ``None`` if it accepts several.
+
+    timm ViT-style models with ``strict_img_size`` and no dynamic size, and open_clip
+    towers (fixed positional embedding), take one size only.
+    """
+    vision = unwrap_vision(model)
+    for module in (vision, getattr(vision, "trunk", None)):
+        if module is None:
+            continue
+        patch_embed = getattr(module, "patch_embed", None)
+        if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+            dynamic = getattr(module, "dynamic_img_size", False) or getattr(
+                patch_embed, "dynamic_img_pad", False
+            )
+            if getattr(patch_embed, "strict_img_size", False) and not dynamic:
+                return _pair(patch_embed.img_size)
+        if _is_open_clip(module) and getattr(module, "image_size", None) is not None:
+            if hasattr(module, "positional_embedding"):
+                return _pair(module.image_size)
+    return None
+
+
+def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -> None:
+    """Raise a ValueError / TypeError naming the problem if ``images`` is not a valid
+    ``(B, 3, H, W)`` float batch (finite values, the right size for a fixed-size model)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if not images.is_floating_point():
+        raise TypeError(
+            f"images must be a float tensor in [0, 1], got dtype {images.dtype}; "
+            "convert with images.float() / 255"
+        )
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape (B, 3, H, W) (RGB), got {tuple(images.shape)}")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or inf values")
+    if size is not None and tuple(images.shape[-2:]) != tuple(size):
+        raise ValueError(
+            f"this model takes {size[0]}x{size[1]} images only, got "
+            f"{images.shape[-2]}x{images.shape[-1]}; resize the images or build the model "
+            "with img_size / dynamic_img_size=True"
+        )
+
+
+class ImageModel(nn.Module):
+    """Wraps a vision model so that it takes RGB images in [0, 1] and normalizes inside.
+
+    Hooks set on the wrapped model's modules fire as usual; layer paths are those of the
+    wrapped model (also for an open_clip CLIP model, whose image tower is used).
+
+    Args:
+        model: a timm model, an open_clip CLIP model or vision tower, or any image model.
+        mean, std, image_size: override the model's own configuration.
+
+    Examples::
+
+        >>> wrapped = ImageModel(timm.create_model("vit_tiny_patch16_224"))
+        >>> logits = wrapped(torch.rand(2, 3, 224, 224))
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        image_size: int | Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = unwrap_vision(model)
+        self.config = input_config(self.model, mean=mean, std=std, image_size=image_size)
+        self.register_buffer(
+            "mean", torch.tensor(self.config.mean).view(1, 3, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(self.config.std).view(1, 3, 1, 1), persistent=False
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model((images - self.mean.to(images)) / self.std.to(images))
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.config.size

@@ -1,0 +1,140 @@
+"""Small random-weight configurations of every architecture family the package supports.
+
+Each entry builds a model in eval mode that runs in well under a second on a CPU; sizes
+follow the house rule (img_size 32..64, depth 1..3).
+"""
+
+from __future__ import annotations
+
+import open_clip
+import timm
+import torch
+
+
+def timm_model(name: str, **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+_VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+
+# name -> (factory, input size (H, W))
+TIMM_ARCHS = {
+    "vit": (lambda: timm_model("vit_tiny_patch16_224", **_VIT), (32, 32)),
+    "vit_avg": (
+        lambda: timm_model("vit_tiny_patch16_224", class_token=False, global_pool="avg", **_VIT),
+        (32, 32),
+    ),
+    "vit_map": (
+        lambda: timm_model("vit_tiny_patch16_224", class_token=False, global_pool="map", **_VIT),
+        (32, 32),
+    ),
+    "vit_dynamic": (
+        lambda: timm_model("vit_tiny_patch16_224", dynamic_img_size=True, **_VIT),
+        (40, 64),
+    ),
+    "deit_distilled": (lambda: timm_model("deit_tiny_distilled_patch16_224", **_VIT), (32, 32)),
+    "dinov2_reg": (
+        lambda: timm_model(
+            "vit_small_patch14_reg4_dinov2", img_size=56, depth=2, embed_dim=32, num_heads=2
+        ),
+        (56, 56),
+    ),
+    "deit3": (lambda: timm_model("deit3_small_patch16_224", **_VIT), (32, 32)),
+    "beit": (lambda: timm_model("beit_base_patch16_224", **_VIT), (32, 32)),
+    "eva02": (
+        lambda: timm_model(
+            "eva02_tiny_patch14_224", img_size=56, depth=2, embed_dim=32, num_heads=2
+        ),
+        (56, 56),
+    ),
+    "cait": (lambda: timm_model("cait_xxs24_224", depth_token_only=1, **_VIT), (32, 32)),
+    "convit": (
+        lambda: timm_model(
+            "convit_tiny",
+            img_size=32,
+            patch_size=8,
+            depth=3,
+            local_up_to_layer=2,
+            embed_dim=32,
+            num_heads=2,
+        ),
+        (32, 32),
+    ),
+    "pit": (lambda: timm_model("pit_ti_224", img_size=64), (64, 64)),
+    "swin": (
+        lambda: timm_model(
+            "swin_tiny_patch4_window7_224",
+            img_size=(56, 84),
+            depths=(2, 2),
+            num_heads=(2, 4),
+            embed_dim=32,
+        ),
+        (56, 84),
+    ),
+    "twins_pcpvt": (
+        lambda: timm_model(
+            "twins_pcpvt_small",
+            img_size=64,
+            depths=(2, 2, 2, 2),
+            embed_dims=(16, 32, 48, 64),
+            num_heads=(1, 2, 2, 4),
+        ),
+        (64, 64),
+    ),
+    "twins_svt": (
+        lambda: timm_model(
+            "twins_svt_small",
+            img_size=64,
+            depths=(2, 2, 2, 2),
+            embed_dims=(16, 32, 48, 64),
+            num_heads=(1, 2, 2, 4),
+        ),
+        (64, 64),
+    ),
+    "coat_lite": (lambda: timm_model("coat_lite_tiny", img_size=64), (64, 64)),
+    "coat": (lambda: timm_model("coat_tiny", img_size=64), (64, 64)),
+    "resnet": (lambda: timm_model("resnet18"), (32, 32)),
+}
+
+
+def open_clip_tower(batch_first: bool = True) -> torch.nn.Module:
+    """A small open_clip vision tower; ``batch_first=False`` rebuilds its transformer in the
+    sequence-first (N, B, C) convention of older open_clip, with the same weights."""
+    torch.manual_seed(0)
+    tower = open_clip.transformer.VisionTransformer(
+        image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=4.0, output_dim=16
+    ).eval()
+    if not batch_first:
+        old = tower.transformer
+        new = open_clip.transformer.Transformer(
+            width=32, layers=2, heads=2, mlp_ratio=4.0, batch_first=False
+        )
+        new.load_state_dict(old.state_dict())
+        tower.transformer = new.eval()
+    return tower
+
+
+def open_clip_model() -> torch.nn.Module:
+    """A small full open_clip CLIP model (image and text towers)."""
+    torch.manual_seed(0)
+    return open_clip.CLIP(
+        embed_dim=16,
+        vision_cfg=dict(image_size=32, patch_size=8, width=32, layers=2, head_width=16),
+        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+    ).eval()
+
+
+def open_clip_timm_trunk() -> torch.nn.Module:
+    """An open_clip tower wrapping a timm trunk (as SigLIP models do)."""
+    torch.manual_seed(0)
+    tower = open_clip.timm_model.TimmModel("vit_tiny_patch16_224", embed_dim=16)
+    tower.trunk = timm_model("vit_tiny_patch16_224", num_classes=0, **_VIT)
+    tower.head = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    tower.image_size = (32, 32)
+    return tower.eval()
+
+
+def images(size: tuple[int, int], batch: int = 2, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *size, generator=generator)

@@ -1,0 +1,190 @@
+"""LayerTap / capture_layers: values, early exit, several calls, and hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from archs import TIMM_ARCHS, images
+
+import captum_vit as cv
+from captum_vit.capture import LayerTap, capture_layers, preserved_state
+
+
+def vit12():
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=12, embed_dim=32, num_heads=2
+    ).eval()
+
+
+def hooks_left(model):
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )
+
+
+def count_calls(model):
+    """Attach counters to every module (the test's own hooks) and return (counts, handles)."""
+    counts = {}
+    handles = []
+    for name, module in model.named_modules():
+        counts[name] = 0
+
+        def hook(m, a, o, name=name):
+            counts[name] += 1
+
+        handles.append(module.register_forward_hook(hook))
+    return counts, handles
+
+
+def test_captured_values_equal_a_plain_hook():
+    model, x = vit12(), images((32, 32))
+    reference = {}
+    handles = [
+        dict(model.named_modules())[p].register_forward_hook(
+            lambda m, a, o, p=p: reference.__setitem__(p, o)
+        )
+        for p in ("blocks.2", "blocks.5.mlp.fc1")
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    b2, fc1 = capture_layers(model, ["blocks.2", "blocks.5.mlp.fc1"], x)
+    torch.testing.assert_close(b2, reference["blocks.2"], rtol=0, atol=0)
+    torch.testing.assert_close(fc1, reference["blocks.5.mlp.fc1"], rtol=0, atol=0)
+    fc2_in = capture_layers(model, "blocks.5.mlp.fc2", x, attribute_to_layer_input=True)
+    torch.testing.assert_close(fc2_in, torch.nn.functional.gelu(fc1), rtol=1e-6, atol=1e-6)
+
+
+def test_early_exit_never_runs_later_modules():
+    model, x = vit12(), images((32, 32))
+    counts, handles = count_calls(model)
+    try:
+        capture_layers(model, "blocks.3", x)
+        assert counts["blocks.3"] == 1
+        assert counts["blocks.4"] == 0 and counts["blocks.11"] == 0 and counts["head"] == 0
+        early = sum(counts.values())
+        for name in counts:
+            counts[name] = 0
+        with torch.no_grad():
+            model(x)
+        full = sum(counts.values())
+        assert early < 0.45 * full  # 4 of 12 blocks plus the embedding
+        for name in counts:
+            counts[name] = 0
+        capture_layers(model, "blocks.11", x)
+        assert counts["norm"] == 0 and counts["head"] == 0 and counts["fc_norm"] == 0
+        assert sum(counts.values()) < full
+        # the last of several layers decides where the forward stops
+        for name in counts:
+            counts[name] = 0
+        capture_layers(model, ["blocks.6", "blocks.1"], x)
+        assert counts["blocks.6"] == 1 and counts["blocks.7"] == 0
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_early_exit_off_runs_everything():
+    model, x = vit12(), images((32, 32))
+    counts, handles = count_calls(model)
+    try:
+        capture_layers(model, "blocks.3", x, early_exit=False)
+        assert counts["head"] == 1
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_modules_called_several_times():
+    factory, size = TIMM_ARCHS["coat"]
+    model, x = factory(), images(size)
+    calls = capture_layers(model, "parallel_blocks.0.mlp2.fc1", x, call=None)
+    assert [c.shape[1] for c in calls] == [65, 17, 5]
+    second = capture_layers(model, "parallel_blocks.0.mlp2.fc1", x, call=1)
+    last = capture_layers(model, "parallel_blocks.0.mlp2.fc1", x, call=-1)
+    torch.testing.assert_close(second, calls[1], rtol=0, atol=0)
+    torch.testing.assert_close(last, calls[2], rtol=0, atol=0)
+
+
+def test_grad_flows_to_the_input_through_a_truncated_forward():
+    model, x = vit12(), images((32, 32)).requires_grad_(True)
+    out = capture_layers(model, "blocks.2", x, grad=True)
+    out.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_tap_reuse_and_outside_use():
+    model = vit12()
+    tap = LayerTap(model, "blocks.1")
+    with pytest.raises(RuntimeError, match="inside"):
+        tap.run(images((32, 32)))
+    with LayerTap(model, "blocks.1") as tap, torch.no_grad():
+        a = tap.run(images((32, 32), seed=1))[0]
+        b = tap.run(images((32, 32), seed=2))[0]
+    assert not torch.equal(a, b)
+    assert hooks_left(model) == 0
+
+
+def test_layer_that_does_not_run_is_reported():
+    model = vit12()
+    with pytest.raises(RuntimeError, match="ran 1 time"):
+        capture_layers(model, "head_drop", images((32, 32)), call=3)
+    model.unused = torch.nn.Linear(1, 1)
+    with pytest.raises(RuntimeError, match="ran 0 time"):
+        capture_layers(model, "unused", images((32, 32)))
+    assert hooks_left(model) == 0
+
+
+class Boom(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("boom inside the forward")
+
+
+@pytest.mark.parametrize("call", ["capture", "resolve"])
+def test_no_hooks_left_after_an_exception(call):
+    model = vit12()
+    model.blocks[1].mlp.fc2 = Boom()
+    model.train()
+    model.blocks[0].requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    user_handle = model.blocks[2].register_forward_hook(lambda m, a, o: None)
+    with pytest.raises(RuntimeError, match="boom"):
+        if call == "capture":
+            capture_layers(model, "blocks.2", images((32, 32)))
+        else:
+            cv.resolve_layout(model, "blocks.2", images((32, 32)))
+    assert hooks_left(model) == 1  # only the user's own hook
+    user_handle.remove()
+    assert all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("arch", sorted(TIMM_ARCHS))
+def test_no_hooks_and_state_unchanged_after_success(arch):
+    factory, size = TIMM_ARCHS[arch]
+    model = factory().train()
+    first = next(model.parameters())
+    first.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    path = [n for n, _ in model.named_modules() if n.endswith("mlp.fc1") or n == "layer2"][0]
+    cv.resolve_layout(model, path, images(size))
+    capture_layers(model, path, images(size), grad=True)
+    assert hooks_left(model) == 0
+    assert all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_preserved_state_restores_after_exception():
+    model = vit12().train()
+    with pytest.raises(KeyError), preserved_state(model):
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+        raise KeyError("x")
+    assert model.training and all(p.requires_grad for p in model.parameters())

@@ -1,0 +1,335 @@
+"""TokenLayout / resolve_layout against independent oracles.
+
+Oracles: timm's ``forward_intermediates`` (NCHW maps of block / stage outputs) and a manual
+reshape of a layer output captured with a plain hook, with prefix counts written down by
+hand for each architecture (``shared/facts/token-layouts.md``).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from archs import (
+    TIMM_ARCHS,
+    images,
+    open_clip_model,
+    open_clip_timm_trunk,
+    open_clip_tower,
+)
+
+import captum_vit as cv
+
+# arch -> list of (block / stage path, index into forward_intermediates, prefix names)
+BLOCK_CASES = {
+    "vit": [("blocks.0", 0, ("cls",)), ("blocks.1", 1, ("cls",))],
+    "vit_avg": [("blocks.0", 0, ()), ("blocks.1", 1, ())],
+    "vit_map": [("blocks.0", 0, ()), ("blocks.1", 1, ())],
+    "vit_dynamic": [("blocks.0", 0, ("cls",)), ("blocks.1", 1, ("cls",))],
+    "deit_distilled": [("blocks.0", 0, ("cls", "dist")), ("blocks.1", 1, ("cls", "dist"))],
+    "dinov2_reg": [("blocks.1", 1, ("cls", "reg0", "reg1", "reg2", "reg3"))],
+    "deit3": [("blocks.1", 1, ("cls",))],
+    "beit": [("blocks.0", 0, ("cls",)), ("blocks.1", 1, ("cls",))],
+    "eva02": [("blocks.0", 0, ("cls",)), ("blocks.1", 1, ("cls",))],
+    "cait": [("blocks.0", 0, ()), ("blocks.1", 1, ())],
+    "convit": [("blocks.0", 0, ()), ("blocks.1", 1, ()), ("blocks.2", 2, ("cls",))],
+    "pit": [
+        ("transformers.0", 0, ("cls",)),
+        ("transformers.1", 1, ("cls",)),
+        ("transformers.2", 2, ("cls",)),
+    ],
+    "swin": [("layers.0", 0, ()), ("layers.1", 1, ())],
+    "twins_pcpvt": [
+        ("blocks.0.1", 0, ()),
+        ("blocks.1.1", 1, ()),
+        ("blocks.2.1", 2, ()),
+        ("blocks.3.1", 3, ()),
+        ("pos_block.2", None, ()),
+    ],
+    "twins_svt": [
+        ("blocks.0.1", 0, ()),
+        ("blocks.1.1", 1, ()),
+        ("blocks.2.1", 2, ()),
+        ("blocks.3.1", 3, ()),
+    ],
+    "coat_lite": [
+        ("serial_blocks1.1", 0, ("cls",)),
+        ("serial_blocks2.1", 1, ("cls",)),
+        ("serial_blocks3.1", 2, ("cls",)),
+        ("serial_blocks4.1", 3, ("cls",)),
+    ],
+    "resnet": [("layer1", 1, ()), ("layer2", 2, ()), ("layer4", 4, ())],
+}
+
+# arch -> list of (hidden layer path, use the layer's input?, prefix count, grid)
+HIDDEN_CASES = {
+    "vit": [("blocks.1.mlp.fc1", False, 1, (4, 4)), ("blocks.1.mlp.act", False, 1, (4, 4))],
+    "vit_avg": [("blocks.0.mlp.fc1", False, 0, (4, 4))],
+    "vit_map": [("blocks.1.mlp.fc1", False, 0, (4, 4)), ("attn_pool.kv", False, 0, (4, 4))],
+    "vit_dynamic": [("blocks.1.mlp.fc1", False, 1, (5, 8))],
+    "deit_distilled": [("blocks.1.mlp.fc1", False, 2, (4, 4))],
+    "dinov2_reg": [("blocks.0.mlp.fc1", False, 5, (4, 4))],
+    "deit3": [("blocks.0.mlp.fc1", False, 1, (4, 4))],
+    "beit": [("blocks.1.mlp.fc1", False, 1, (4, 4))],
+    # SwiGLU: the hidden layer act(gate) * value is the input of fc2.
+    "eva02": [("blocks.1.mlp.fc2", True, 1, (4, 4)), ("blocks.1.mlp.fc1", False, 1, (4, 4))],
+    "cait": [("blocks.1.mlp.fc1", False, 0, (4, 4))],
+    "convit": [("blocks.1.mlp.fc1", False, 0, (4, 4)), ("blocks.2.mlp.fc1", False, 1, (4, 4))],
+    "pit": [
+        ("transformers.0.blocks.1.mlp.fc1", False, 1, (7, 7)),
+        ("transformers.2.blocks.0.mlp.fc1", False, 1, (2, 2)),
+    ],
+    "swin": [
+        ("layers.0.blocks.1.mlp.fc1", False, 0, (14, 21)),
+        ("layers.1.blocks.0.mlp.act", False, 0, (7, 11)),
+    ],
+    "twins_pcpvt": [
+        ("blocks.0.0.mlp.fc1", False, 0, (16, 16)),
+        ("blocks.2.0.mlp.fc1", False, 0, (4, 4)),
+    ],
+    "twins_svt": [
+        ("blocks.1.0.mlp.fc1", False, 0, (8, 8)),
+        ("blocks.3.1.mlp.fc1", False, 0, (2, 2)),
+    ],
+    "coat_lite": [
+        ("serial_blocks1.0.mlp.fc1", False, 1, (16, 16)),
+        ("serial_blocks3.1.mlp.fc1", False, 1, (4, 4)),
+    ],
+    "coat": [("serial_blocks2.0.mlp.fc1", False, 1, (8, 8))],
+}
+
+
+@pytest.fixture(scope="module")
+def built():
+    cache = {}
+
+    def get(arch):
+        if arch not in cache:
+            factory, size = TIMM_ARCHS[arch]
+            cache[arch] = (factory(), images(size))
+        return cache[arch]
+
+    return get
+
+
+def hooked(model, path, x, use_input=False):
+    """Independent capture: a plain hook, full forward."""
+    module = dict(model.named_modules())[path]
+    store = []
+    if use_input:
+        handle = module.register_forward_pre_hook(lambda m, a: store.append(a[0]))
+    else:
+        handle = module.register_forward_hook(lambda m, a, o: store.append(o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return store[0]
+
+
+BLOCK_PARAMS = [(a, p, i, n) for a, cases in BLOCK_CASES.items() for p, i, n in cases]
+
+
+@pytest.mark.parametrize("arch,path,index,names", BLOCK_PARAMS)
+def test_block_split_equals_forward_intermediates(built, arch, path, index, names):
+    model, x = built(arch)
+    layout = cv.resolve_layout(model, path, x)
+    raw = hooked(model, path, x)
+    if index is None:  # not a stage output: manual reshape with the grid timm reports
+        grid = tuple(model.forward_intermediates(x, intermediates_only=True)[2].shape[-2:])
+        expected = raw.reshape(raw.shape[0], *grid, -1).permute(0, 3, 1, 2)
+    else:
+        with torch.no_grad():
+            expected = model.forward_intermediates(x, intermediates_only=True)[index]
+    spatial, prefix = layout.split(raw)
+    assert layout.layer == path
+    assert layout.grid == tuple(expected.shape[-2:])
+    assert layout.prefix_names == names
+    assert layout.num_prefix_tokens == len(names)
+    torch.testing.assert_close(spatial, expected, rtol=0, atol=0)
+    if names:
+        assert prefix.shape == (x.shape[0], len(names), spatial.shape[1])
+    else:
+        assert prefix is None
+
+
+HIDDEN_PARAMS = [(a, *c) for a, cases in HIDDEN_CASES.items() for c in cases]
+
+
+@pytest.mark.parametrize("arch,path,use_input,n_prefix,grid", HIDDEN_PARAMS)
+def test_hidden_layer_split_equals_manual_reshape(built, arch, path, use_input, n_prefix, grid):
+    model, x = built(arch)
+    layout = cv.resolve_layout(model, path, x, attribute_to_layer_input=use_input)
+    raw = hooked(model, path, x, use_input)
+    tokens = raw.reshape(raw.shape[0], -1, raw.shape[-1])  # Swin MLP may be (B, h*w, C)
+    h, w = grid
+    assert layout.kind == "BNC"
+    assert layout.grid == grid
+    assert layout.num_prefix_tokens == n_prefix
+    assert tokens.shape[1] == n_prefix + h * w
+    manual = tokens[:, n_prefix:].reshape(raw.shape[0], h, w, -1).permute(0, 3, 1, 2)
+    spatial, prefix = layout.split(raw)
+    torch.testing.assert_close(spatial, manual, rtol=0, atol=0)
+    if n_prefix:
+        torch.testing.assert_close(prefix, tokens[:, :n_prefix], rtol=0, atol=0)
+
+
+def test_eva02_swiglu_hidden_width(built):
+    model, x = built("eva02")
+    fc1 = cv.resolve_layout(model, "blocks.0.mlp.fc1", x)
+    hidden = cv.resolve_layout(model, "blocks.0.mlp.fc2", x, attribute_to_layer_input=True)
+    assert fc1.num_channels == 2 * hidden.num_channels  # packed [gate, value]
+
+
+def test_swin_block_is_bhwc_and_window_attention_is_refused(built):
+    model, x = built("swin")
+    layout = cv.resolve_layout(model, "layers.1.blocks.1", x)
+    assert (layout.kind, layout.grid, layout.num_prefix_tokens) == ("BHWC", (7, 11), 0)
+    for path in ("layers.1.blocks.1.attn", "layers.0.blocks.0.attn.qkv"):
+        with pytest.raises(ValueError, match="windows"):
+            cv.resolve_layout(model, path, x)
+
+
+def test_pit_stage_tuple_carries_the_cls_token(built):
+    model, x = built("pit")
+    layout = cv.resolve_layout(model, "transformers.1", x)
+    out = hooked(model, "transformers.1", x)
+    spatial, prefix = layout.split(out)
+    assert (layout.kind, layout.element, layout.prefix_element) == ("BCHW", 0, 1)
+    assert prefix is out[1]
+    assert spatial is out[0]
+    conv = cv.resolve_layout(model, "transformers.1.pool.conv", x)
+    assert (conv.kind, conv.grid) == ("BCHW", (4, 4))  # pooling opens stage 1: 7x7 -> 4x4
+
+
+@pytest.mark.parametrize(
+    "arch,path",
+    [
+        ("cait", "blocks_token_only.0"),
+        ("cait", "blocks_token_only.0.mlp.fc1"),
+        ("vit_map", "attn_pool"),
+        ("vit_map", "attn_pool.q"),
+        ("vit", "head"),
+        ("vit", "fc_norm"),
+        ("resnet", "global_pool"),
+        ("resnet", "fc"),
+    ],
+)
+def test_non_spatial_layers_raise(built, arch, path):
+    model, x = built(arch)
+    with pytest.raises(ValueError, match="not spatial|no patch|pooled"):
+        cv.resolve_layout(model, path, x)
+
+
+def test_coat_shared_module_calls(built):
+    """coat_tiny's parallel blocks share one MLP across scales 2-4: it runs three times per
+    block, once per scale; ``call`` selects which, each with its own grid."""
+    model, x = built("coat")
+    module = model.parallel_blocks[0].mlp2
+    assert module is model.parallel_blocks[0].mlp3 is model.parallel_blocks[0].mlp4
+    store = []
+    handle = module.fc1.register_forward_hook(lambda m, a, o: store.append(o))
+    with torch.no_grad():
+        model(x)
+    handle.remove()
+    assert len(store) == 3
+    for call, grid in enumerate([(8, 8), (4, 4), (2, 2)]):
+        layout = cv.resolve_layout(model, "parallel_blocks.0.mlp2.fc1", x, call=call)
+        assert (layout.grid, layout.num_prefix_tokens, layout.call) == (grid, 1, call)
+        spatial, _ = layout.split(store[call])
+        manual = store[call][:, 1:].reshape(2, *grid, -1).permute(0, 3, 1, 2)
+        torch.testing.assert_close(spatial, manual, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="ran 3 time"):
+        cv.resolve_layout(model, "parallel_blocks.0.mlp2.fc1", x, call=3)
+
+
+def test_coat_parallel_block_tuple_element(built):
+    model, x = built("coat")
+    default = cv.resolve_layout(model, "parallel_blocks.1", x)
+    third = cv.resolve_layout(model, "parallel_blocks.1", x, element=2)
+    assert (default.element, default.grid) == (0, (16, 16))
+    assert (third.element, third.grid, third.prefix_names) == (2, (4, 4), ("cls",))
+
+
+def test_split_rejects_other_input_size(built):
+    model, x = built("vit_dynamic")
+    layout = cv.resolve_layout(model, "blocks.0", x)
+    other = hooked(model, "blocks.0", images((32, 32)))
+    with pytest.raises(ValueError, match="resolve the layout again"):
+        layout.split(other)
+
+
+def test_unknown_layer_lists_close_matches(built):
+    model, x = built("vit")
+    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc1"):
+        cv.resolve_layout(model, "blocks.1.mlp.fc", x)
+    with pytest.raises(TypeError, match="dotted path"):
+        cv.resolve_layout(model, 3, x)
+
+
+# ----------------------------------------------------------------------------- open_clip
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_open_clip_tower(batch_first):
+    tower = open_clip_tower(batch_first)
+    x = images((32, 32))
+    reference = open_clip_tower(True)
+    with torch.no_grad():
+        expected = reference.forward_intermediates(x, intermediates_only=True)[
+            "image_intermediates"
+        ]
+    for index in range(2):
+        path = f"transformer.resblocks.{index}"
+        layout = cv.resolve_layout(tower, path, x)
+        assert layout.kind == ("BNC" if batch_first else "NBC")
+        assert (layout.grid, layout.prefix_names) == ((4, 4), ("cls",))
+        spatial, prefix = layout.split(hooked(tower, path, x))
+        torch.testing.assert_close(spatial, expected[index], rtol=1e-5, atol=1e-5)
+        assert prefix.shape == (2, 1, 32)
+    fc = cv.resolve_layout(tower, "transformer.resblocks.1.mlp.c_fc", x)
+    raw = hooked(tower, "transformer.resblocks.1.mlp.c_fc", x)
+    tokens = raw if batch_first else raw.transpose(0, 1)
+    manual = tokens[:, 1:].reshape(2, 4, 4, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(fc.split(raw)[0], manual, rtol=0, atol=0)
+
+
+def test_open_clip_nbc_with_batch_equal_to_tokens():
+    """(N, B, C) with B == N: the axis order comes from the transformer's batch_first flag."""
+    tower = open_clip_tower(batch_first=False)
+    x = images((32, 32), batch=17)  # 17 tokens = 1 cls + 4x4
+    layout = cv.resolve_layout(tower, "transformer.resblocks.0", x)
+    assert layout.kind == "NBC"
+
+
+def test_open_clip_full_model_unwraps_to_vision_tower():
+    model = open_clip_model()
+    x = images((32, 32))
+    for path in ("transformer.resblocks.1", "visual.transformer.resblocks.1"):
+        layout = cv.resolve_layout(model, path, x)
+        assert (layout.layer, layout.grid, layout.prefix_names) == (
+            "visual.transformer.resblocks.1",
+            (4, 4),
+            ("cls",),
+        )
+
+
+def test_open_clip_timm_trunk():
+    tower = open_clip_timm_trunk()
+    x = images((32, 32))
+    for path in ("trunk.blocks.1", "blocks.1"):
+        layout = cv.resolve_layout(tower, path, x)
+        assert (layout.layer, layout.grid, layout.prefix_names) == (
+            "trunk.blocks.1",
+            (4, 4),
+            ("cls",),
+        )
+    with torch.no_grad():
+        expected = tower.trunk.forward_intermediates(x, intermediates_only=True)[1]
+    torch.testing.assert_close(layout.split(hooked(tower, "trunk.blocks.1", x))[0], expected)
+
+
+def test_default_inputs_use_the_models_size(built):
+    model, _ = built("deit_distilled")
+    layout = cv.resolve_layout(model, "blocks.0")
+    assert layout.grid == (4, 4)
