@@ -1,8 +1,30 @@
-"""captum_vit: what Vision Transformers learn, as a Captum extension."""
+"""captum_vit: what Vision Transformers learn, as a Captum extension.
+
+Public names are imported lazily (PEP 562): ``import captum_vit`` stays cheap and each
+submodule loads on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .capture import LayerTap, capture_layers
 from .layout import TokenLayout, resolve_layout
 from .models import ImageModel, input_config
+
+_LAZY = {
+    "FeatureVisualization": ".feature_viz",
+    "PatchActivationMap": ".activation_map",
+    "TopActivatingExamples": ".top_examples",
+    "ExampleSet": ".top_examples",
+    "SpatialLocalityProbe": ".locality",
+    "LocalityReport": ".locality",
+    "PoolingReport": ".locality",
+    "objectives": ".objectives",
+    "zoo": ".zoo",
+    "render": ".render",
+}
 
 __all__ = [
     "ImageModel",
@@ -11,6 +33,25 @@ __all__ = [
     "capture_layers",
     "input_config",
     "resolve_layout",
+    *_LAZY,
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        try:
+            module = importlib.import_module(_LAZY[name], __name__)
+        except ModuleNotFoundError as error:
+            if error.name != __name__ + _LAZY[name]:
+                raise
+            raise AttributeError(f"captum_vit.{name} is not available yet") from error
+        value = module if module.__name__.endswith("." + name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'captum_vit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,134 @@
+"""Shared plumbing of the public layer methods (FeatureVisualization, PatchActivationMap,
+TopActivatingExamples, SpatialLocalityProbe): model wrapping, image checks, layout
+resolution per input size, unit checks, and the truncated forward to the layer.
+
+Subclasses get, with ``_LayerMethod.__init__(self, model, layer, ...)``:
+
+* ``self.wrapped``: :class:`~captum_vit.models.ImageModel` (takes [0, 1] images);
+* ``self.vision``: the user's (unwrapped) vision model; layer paths are relative to it;
+* ``self.layer_name`` / ``self.layer``: dotted path and module of the layer;
+* ``self.normalize(images)``; ``self.check_images(images)``;
+* ``self.layout_for(images)``: the :class:`~captum_vit.layout.TokenLayout` for that input
+  size (cached per size);
+* ``self.forward_to_layer(images, grad=...)``: the layer's raw output (early exit), with
+  the model in eval mode and parameter gradients off, restored afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from captum.attr import LayerAttribution
+from torch import nn
+
+from .capture import LayerTap, find_module, preserved_state
+from .layout import TokenLayout, resolve_layout
+from .models import ImageModel, check_images, fixed_input_size
+
+__all__ = ["_LayerMethod", "as_unit_tensor"]
+
+
+class _LayerMethod(LayerAttribution):
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module | str,
+        *,
+        attribute_to_layer_input: bool = False,
+        call: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        image_size: int | Sequence[int] | None = None,
+    ) -> None:
+        wrapped = ImageModel(model, mean=mean, std=std, image_size=image_size)
+        self.wrapped = wrapped
+        self.vision = wrapped.model
+        self.layer_name, module = find_module(self.vision, layer)
+        LayerAttribution.__init__(self, wrapped, module)
+        self.attribute_to_layer_input = attribute_to_layer_input
+        self.call = call
+        self._fixed_size = fixed_input_size(self.vision)
+        self._layouts: dict[tuple[int, int], TokenLayout] = {}
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.wrapped.image_size
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.wrapped.mean.to(images)) / self.wrapped.std.to(images)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        check_images(images, size=self._fixed_size)
+
+    def device(self) -> torch.device:
+        param = next(self.vision.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def layout_for(self, images: torch.Tensor) -> TokenLayout:
+        """Layout of the layer for images of this size (resolved once per size)."""
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size not in self._layouts:
+            probe = self.normalize(images[:2].detach())
+            self._layouts[size] = resolve_layout(
+                self.vision,
+                self.layer_name,
+                probe,
+                attribute_to_layer_input=self.attribute_to_layer_input,
+                call=self.call,
+            )
+        return self._layouts[size]
+
+    def tap(self, *, call: int | None = None) -> LayerTap:
+        """A :class:`LayerTap` on this layer of the unwrapped model (early exit)."""
+        return LayerTap(
+            self.vision,
+            self.layer_name,
+            attribute_to_layer_input=self.attribute_to_layer_input,
+            call=self.call if call is None else call,
+        )
+
+    def forward_to_layer(self, images: torch.Tensor, *, grad: bool = False) -> Any:
+        """The layer's raw output for [0, 1] images; the forward stops at the layer."""
+        with preserved_state(self.vision), torch.set_grad_enabled(grad), self.tap() as tap:
+            return tap.run(self.normalize(images))[0]
+
+
+def as_unit_tensor(
+    target: int | Sequence[int] | torch.Tensor, num_channels: int, *, name: str = "target"
+) -> torch.Tensor:
+    """Units as a 1-D long tensor, checked against the layer width.
+
+    Raises:
+        TypeError: not an int, a sequence of ints or an integer tensor.
+        IndexError: a unit is outside ``[0, num_channels)``.
+    """
+    if isinstance(target, bool):
+        raise TypeError(f"{name} must be an int, a list of ints or a 1-D tensor, got bool")
+    if isinstance(target, int):
+        units = torch.tensor([target])
+    elif isinstance(target, torch.Tensor):
+        if target.is_floating_point() or target.dim() > 1:
+            raise TypeError(
+                f"{name} as a tensor must be 1-D integer, got {target.dtype} "
+                f"with shape {tuple(target.shape)}"
+            )
+        units = target.reshape(-1).long().cpu()
+    elif isinstance(target, Sequence) and all(
+        isinstance(u, int) and not isinstance(u, bool) for u in target
+    ):
+        units = torch.tensor(list(target), dtype=torch.long)
+    else:
+        raise TypeError(
+            f"{name} must be an int, a list of ints or a 1-D tensor, got {type(target).__name__}"
+        )
+    if units.numel() == 0:
+        raise ValueError(f"{name} is empty")
+    bad = units[(units < 0) | (units >= num_channels)]
+    if bad.numel():
+        raise IndexError(
+            f"{name} unit {int(bad[0])} is out of range: the layer has {num_channels} "
+            f"channels (valid 0..{num_channels - 1})"
+        )
+    return units
