@@ -1,0 +1,151 @@
+"""PatchActivationMap: where on the image a unit (or a direction) of a layer fires."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from captum.attr import LayerAttribution
+
+from ._base import _LayerMethod, as_unit_tensor
+from .layout import TokenLayout
+
+__all__ = ["PatchActivationMap", "unit_maps"]
+
+Target = int | Sequence[int] | torch.Tensor
+
+
+class PatchActivationMap(_LayerMethod):
+    """Activation of one unit (channel) or one direction of a layer at every patch token.
+
+    Works on every token layout the package resolves: ViT-style token sequences with
+    prefix tokens (``BNC``; cls / dist / registers are excluded from the map), older
+    sequence-first open_clip (``NBC``), Swin's ``BHWC`` blocks and its ``(B, H*W, C)``
+    MLP layers, PiT stages and CNN feature maps (``BCHW``). Layers without a patch grid
+    (pooled features, CaiT class-attention blocks, attention-pool queries, windowed
+    attention) raise a ``ValueError``.
+
+    Args:
+        model: a timm / open_clip image model (a CLIP model is reduced to its vision tower).
+        layer: the layer, as a module or a dotted path (``"blocks.5.mlp.fc1"``).
+        attribute_to_layer_input: use the layer's input instead of its output (for
+            example the input of ``mlp.fc2``, the post-activation hidden layer).
+        call: for modules run several times per forward (CoaT), which call to use.
+        mean, std, image_size: override the model's own normalization / input size.
+            Images passed to :meth:`attribute` are RGB in [0, 1].
+
+    Examples::
+
+        >>> pam = PatchActivationMap(model, "blocks.5.mlp.fc1")
+        >>> maps = pam.attribute(images, target=17)                   # (B, h, w)
+        >>> up = pam.attribute(images, target=17, interpolate=True)   # (B, H, W)
+        >>> maps, cls = pam.attribute(images, target=17, return_prefix=True)
+    """
+
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        target: Target | None = None,
+        *,
+        interpolate: bool = False,
+        interpolate_mode: str = "bilinear",
+        return_prefix: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Patch-wise activation maps of ``target`` for a batch of images.
+
+        Args:
+            inputs: ``(B, 3, H, W)`` RGB images in [0, 1].
+            target: what to map:
+
+                * an ``int``: that unit for every image;
+                * a list of ``B`` ints or a 1-D integer tensor of length ``B``: one unit
+                  per image;
+                * a float tensor ``(C,)``: a direction in channel space (the map is the
+                  dot product of every token with it; it is not normalized), or ``(B, C)``
+                  one direction per image.
+            interpolate: return the maps upsampled to the input size ``(B, H, W)``
+                (Captum's :meth:`LayerAttribution.interpolate` on the ``(B, 1, h, w)``
+                form), instead of the patch grid ``(B, h, w)``.
+            interpolate_mode: mode of ``torch.nn.functional.interpolate``.
+            return_prefix: also return the prefix tokens' values of the same target.
+
+        Returns:
+            ``(B, h, w)`` maps (``(B, H, W)`` with ``interpolate=True``), detached, on
+            the model's device. With ``return_prefix=True`` a tuple ``(maps, prefix)``
+            where ``prefix`` is ``(B, P)``: the target's value at each prefix token in
+            sequence order (names in ``self.layout_for(inputs).prefix_names``, e.g.
+            ``("cls", "dist")``); ``P = 0`` for layers without prefix tokens.
+
+        Raises:
+            ValueError: invalid images, a non-spatial layer, a target whose length does
+                not match the batch or whose direction does not match the layer width.
+            IndexError: a unit outside the layer's channels.
+            TypeError: a target of another type.
+        """
+        if target is None:
+            raise ValueError(
+                "target is required: a unit (int), one unit per image, or a direction "
+                "tensor (C,) in the layer's channel space"
+            )
+        self.check_images(inputs)
+        images = inputs.to(self.device())
+        layout = self.layout_for(images)
+        spatial, prefix = layout.split(self.forward_to_layer(images))
+        selector = _target_selector(target, layout, images.shape[0])
+        maps = selector(spatial).float()
+        if interpolate:
+            maps = LayerAttribution.interpolate(
+                maps.unsqueeze(1), tuple(images.shape[-2:]), interpolate_mode
+            ).squeeze(1)
+        if not return_prefix:
+            return maps
+        if prefix is None:
+            prefix_values = maps.new_zeros(images.shape[0], 0)
+        else:
+            prefix_values = selector(prefix.transpose(1, 2).unsqueeze(-1)).float().squeeze(-1)
+        return maps, prefix_values
+
+
+def unit_maps(spatial: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+    """``spatial[b, units[b]]`` for every image: ``(B, C, h, w)`` -> ``(B, h, w)``."""
+    batch = torch.arange(spatial.shape[0], device=spatial.device)
+    return spatial[batch, units.to(spatial.device)]
+
+
+def _target_selector(target: Target, layout: TokenLayout, batch: int):
+    """A function ``(B, C, h, w) -> (B, h, w)`` picking the target from feature maps."""
+    channels = layout.num_channels
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        return _direction_selector(target, channels, batch)
+    units = as_unit_tensor(target, channels)
+    if isinstance(target, int) or _is_scalar(target):
+        units = units.expand(batch)
+    if units.numel() != batch:
+        raise ValueError(
+            f"target has {units.numel()} units for {batch} images: give one int for all "
+            "images or exactly one unit per image"
+        )
+    return lambda spatial: unit_maps(spatial, units)
+
+
+def _is_scalar(target: Target) -> bool:
+    return isinstance(target, torch.Tensor) and target.dim() == 0
+
+
+def _direction_selector(direction: torch.Tensor, channels: int, batch: int):
+    if direction.dim() == 1:
+        direction = direction.unsqueeze(0).expand(batch, -1)
+    if direction.dim() != 2 or direction.shape != (batch, channels):
+        raise ValueError(
+            f"a direction target must have shape ({channels},) or ({batch}, {channels}) "
+            f"(the layer has {channels} channels, the batch {batch} images), got "
+            f"{tuple(direction.shape)}"
+        )
+    if not torch.isfinite(direction).all():
+        raise ValueError("the direction target contains NaN or inf values")
+
+    def select(spatial: torch.Tensor) -> torch.Tensor:
+        weights = direction.to(spatial.device, spatial.dtype)
+        return torch.einsum("bchw,bc->bhw", spatial, weights)
+
+    return select

@@ -1,0 +1,421 @@
+"""TopActivatingExamples: a streaming top-k of the images that excite each unit most.
+
+One pass over any iterable of batches keeps, for every unit at once, the ``k`` best
+images' scores, stream indices and patch maps. Per batch: one forward that stops at the
+layer, the per-image per-unit scores as one tensor reduction, and one vectorized merge of
+``[kept, new]`` candidates; there is no Python loop over units or images, and memory is
+``O(units * k * h * w)`` whatever the stream's length.
+
+Ordering: candidates are ranked by score (descending), ties by the smaller global index,
+so the result is deterministic and the same for one process and for any split of the data
+over processes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from os import PathLike
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ._base import _LayerMethod, as_unit_tensor
+from .capture import preserved_state
+
+__all__ = ["ExampleSet", "TopActivatingExamples"]
+
+_SCORES = ("mean", "max")
+
+
+@dataclass
+class ExampleSet:
+    """The top-k images of a set of units.
+
+    Attributes:
+        channels: ``(C,)`` long, the units (channel indices of the layer).
+        scores: ``(C, k)`` float, descending per unit. Slots that no image filled (fewer
+            than ``k`` images seen) hold ``-inf``.
+        indices: ``(C, k)`` long, global positions of the images in the data (counting
+            images from 0 in iteration order, see
+            :meth:`TopActivatingExamples.attribute`); ``-1`` in unfilled slots.
+        maps: ``(C, k, h, w)`` float, the unit's activation at every patch of each kept
+            image (zeros in unfilled slots).
+        layer: dotted path of the layer.
+        score: ``"mean"`` or ``"max"``, how a map was reduced to a score.
+        num_images: how many images were scanned (all processes together).
+    """
+
+    channels: torch.Tensor
+    scores: torch.Tensor
+    indices: torch.Tensor
+    maps: torch.Tensor
+    layer: str = ""
+    score: str = "mean"
+    num_images: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def k(self) -> int:
+        return self.scores.shape[1]
+
+    def unit(self, unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scores, indices, maps)`` of one unit (by channel index), unfilled slots
+        dropped.
+
+        Raises:
+            IndexError: the unit is not among :attr:`channels`.
+        """
+        rows = (self.channels == unit).nonzero()
+        if rows.numel() == 0:
+            raise IndexError(
+                f"unit {unit} is not in this ExampleSet (channels {self._describe_channels()})"
+            )
+        row = int(rows[0, 0])
+        filled = self.indices[row] >= 0
+        return self.scores[row, filled], self.indices[row, filled], self.maps[row, filled]
+
+    def _describe_channels(self) -> str:
+        values = self.channels.tolist()
+        return str(values) if len(values) <= 8 else f"{values[:4]} ... {values[-2:]}"
+
+    def save(self, path: str | PathLike) -> None:
+        """Write the set to ``path`` (a ``torch.save`` file of tensors and plain values)."""
+        torch.save(
+            {
+                "format": "captum_vit.ExampleSet/1",
+                "channels": self.channels.cpu(),
+                "scores": self.scores.cpu(),
+                "indices": self.indices.cpu(),
+                "maps": self.maps.cpu(),
+                "layer": self.layer,
+                "score": self.score,
+                "num_images": self.num_images,
+                "extra": self.extra,
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | PathLike) -> ExampleSet:
+        """Read a set written by :meth:`save` (tensors only; no code is unpickled).
+
+        Raises:
+            ValueError: the file is not a saved ExampleSet.
+        """
+        data = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(data, dict) or data.get("format") != "captum_vit.ExampleSet/1":
+            raise ValueError(f"{path} is not an ExampleSet saved by ExampleSet.save")
+        data.pop("format")
+        return cls(**data)
+
+
+class TopActivatingExamples(_LayerMethod):
+    """The k images of a data stream that excite each unit of a layer most.
+
+    Args:
+        model: a timm / open_clip image model (a CLIP model is reduced to its vision tower).
+        layer: module or dotted path; any spatial layer :class:`PatchActivationMap` takes.
+        k: how many images to keep per unit.
+        attribute_to_layer_input, call, mean, std, image_size: as for
+            :class:`~captum_vit.PatchActivationMap`.
+
+    Examples::
+
+        >>> ex = TopActivatingExamples(model, "blocks.6.mlp.fc1", k=10)
+        >>> result = ex.attribute(dataloader)                # every unit of the layer
+        >>> result.scores.shape, result.maps.shape           # (768, 10), (768, 10, 14, 14)
+        >>> result.save("fc1_top10.pt")
+    """
+
+    def __init__(self, model: torch.nn.Module, layer: torch.nn.Module | str, k: int = 10, **kwargs):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int (images kept per unit), got {k!r}")
+        super().__init__(model, layer, **kwargs)
+        self.k = k
+
+    def attribute(
+        self,
+        data: Iterable[Any] | torch.Tensor,
+        target: int | list[int] | torch.Tensor | None = None,
+        *,
+        score: str = "mean",
+        show_progress: bool = False,
+        offset: int | None = None,
+    ) -> ExampleSet:
+        """Scan ``data`` once and keep each unit's top-k images.
+
+        Args:
+            data: an iterable of batches, each one of: a ``(B, 3, H, W)`` tensor of RGB
+                images in [0, 1]; a tuple / list whose first element is such a tensor
+                (``(images, labels)``, as a DataLoader over a labelled dataset yields); a
+                dict with an ``"image"`` tensor. A single 4-D tensor is one batch. A dict
+                may carry ``"index"`` (``(B,)`` ints): the images' global indices, used
+                instead of stream positions.
+            target: ``None`` for every unit of the layer, or a unit / list / 1-D tensor
+                of units.
+            score: how a unit's patch map becomes one number per image: ``"mean"`` over
+                the patch tokens (the paper's; prefix tokens excluded) or ``"max"``.
+            show_progress: show a tqdm progress bar over batches.
+            offset: global index of this process's first image. Image ``i`` of the
+                stream (counting from 0) gets index ``offset + i``. Default: 0 in one
+                process; under ``torch.distributed`` each rank's shard is taken to be a
+                contiguous block in rank order, so rank ``r`` gets the number of images
+                all lower ranks scanned. With a ``DistributedSampler`` (interleaved
+                shards) yield ``"index"`` in dict batches instead.
+
+        Returns:
+            :class:`ExampleSet`; under ``torch.distributed`` every rank gets the same,
+            exactly merged result (the one a single process would get over all data).
+            When fewer than ``k`` images were seen, the remaining slots have score
+            ``-inf``, index ``-1`` and an all-zero map.
+
+        Raises:
+            ValueError: unknown score, a non-spatial layer, invalid images, batches of
+                different patch grids, or an empty stream.
+            IndexError: a unit outside the layer's channels.
+        """
+        if score not in _SCORES:
+            raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
+            raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+        top: _RunningTopK | None = None
+        seen = 0
+        indexed: bool | None = None  # whether the batches carry their own indices
+        device = self.device()
+        with preserved_state(self.vision), torch.no_grad():
+            for images, given_index in _batches(data, show_progress):
+                self.check_images(images)
+                images = images.to(device, non_blocking=True)
+                layout = self.layout_for(images)
+                if top is None:
+                    top = _RunningTopK(layout.grid, self._units(target, layout), self.k, device)
+                elif layout.grid != top.grid:
+                    raise ValueError(
+                        f"images of size {tuple(images.shape[-2:])} give a {layout.grid} "
+                        f"patch grid, but earlier batches gave {top.grid}: all images of "
+                        "one scan must share a patch grid"
+                    )
+                indexed = _check_indexed(indexed, given_index is not None, offset)
+                if given_index is None:
+                    positions = torch.arange(seen, seen + images.shape[0], device=device)
+                else:
+                    positions = _as_index(given_index, images.shape[0], device)
+                with self.tap() as tap:
+                    output = tap.run(self.normalize(images))[0]
+                spatial, _ = layout.split(output)
+                top.add(spatial, positions, score)
+                seen += images.shape[0]
+        if indexed:
+            offset = 0
+        return self._finish(top, seen, target, score, offset)
+
+    def _units(self, target: Any, layout: Any) -> torch.Tensor:
+        if target is None:
+            return torch.arange(layout.num_channels)
+        return as_unit_tensor(target, layout.num_channels)
+
+    def _finish(
+        self, top: _RunningTopK | None, seen: int, target: Any, score: str, offset: int | None
+    ) -> ExampleSet:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            top, seen, rank_offset = _share_shapes(top, seen, target, self.k)
+            offset = rank_offset if offset is None else offset
+        if top is None:
+            raise ValueError("the data yielded no images: nothing to rank")
+        result = top.result(offset or 0)
+        if distributed:
+            result = _gather_and_merge(result, self.k)
+        return ExampleSet(
+            channels=top.units.cpu(),
+            scores=result[0].cpu(),
+            indices=result[1].cpu(),
+            maps=result[2].cpu(),
+            layer=self.layer_name,
+            score=score,
+            num_images=seen,
+        )
+
+
+class _RunningTopK:
+    """Kept candidates of every unit, merged batch by batch."""
+
+    def __init__(
+        self, grid: tuple[int, int], units: torch.Tensor, k: int, device: torch.device
+    ) -> None:
+        self.grid = tuple(grid)
+        self.units = units.to(device)
+        count, (h, w) = units.numel(), grid
+        self.scores = torch.full((count, k), float("-inf"), device=device)
+        self.indices = torch.full((count, k), -1, dtype=torch.long, device=device)
+        self.maps = torch.zeros(count, k, h * w, device=device)
+
+    def add(self, spatial: torch.Tensor, positions: torch.Tensor, score: str) -> None:
+        batch = spatial.shape[0]
+        if self.units.numel() != spatial.shape[1]:
+            spatial = spatial.index_select(1, self.units)
+        maps = spatial.flatten(2).transpose(0, 1).float()  # (units, B, h*w)
+        new_scores = maps.mean(2) if score == "mean" else maps.amax(2)
+        new_indices = positions.view(1, batch).expand(len(maps), batch)
+        self.scores, self.indices, self.maps = merge_top_k(
+            (self.scores, self.indices, self.maps), (new_scores, new_indices, maps), self.k
+        )
+
+    @property
+    def k(self) -> int:
+        return self.scores.shape[1]
+
+    def result(self, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        indices = torch.where(self.indices >= 0, self.indices + offset, self.indices)
+        h, w = self.grid
+        return self.scores, indices, self.maps.view(len(self.maps), self.k, h, w)
+
+
+def merge_top_k(
+    kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Merge two candidate sets ``(scores (U, n), indices (U, n), maps (U, n, ...))`` into
+    the best ``k`` per row: score descending, ties by the smaller index (empty slots,
+    index -1 with score -inf, last)."""
+    scores = torch.cat([kept[0], new[0]], dim=1)
+    indices = torch.cat([kept[1], new[1]], dim=1)
+    # Two stable sorts give the lexicographic order (score desc, index asc); empty
+    # slots are keyed past every real index so they never win a tie.
+    tie_key = torch.where(indices < 0, torch.iinfo(torch.long).max, indices)
+    order = torch.sort(tie_key, dim=1, stable=True).indices
+    by_score = torch.sort(scores.gather(1, order), dim=1, descending=True, stable=True).indices
+    best = order.gather(1, by_score[:, :k])
+    maps_best = _take(kept[2], new[2], best)
+    return scores.gather(1, best), indices.gather(1, best), maps_best
+
+
+def _take(kept_maps: torch.Tensor, new_maps: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
+    """Rows ``best`` of ``cat([kept_maps, new_maps], 1)`` without building the whole cat."""
+    n_kept = kept_maps.shape[1]
+    rest = kept_maps.shape[2:]
+    if n_kept == 0:
+        return new_maps.gather(1, best.view(*best.shape, *[1] * len(rest)).expand(-1, -1, *rest))
+    from_kept = best < n_kept
+    expand = (-1, -1, *rest)
+    view = (*best.shape, *[1] * len(rest))
+    kept_part = kept_maps.gather(1, best.clamp(max=n_kept - 1).view(view).expand(expand))
+    new_part = new_maps.gather(1, (best - n_kept).clamp(min=0).view(view).expand(expand))
+    return torch.where(from_kept.view(view), kept_part, new_part)
+
+
+def _batches(data: Any, show_progress: bool) -> Iterable[tuple[torch.Tensor, Any]]:
+    if isinstance(data, torch.Tensor):
+        data = [data]
+    total = len(data) if hasattr(data, "__len__") else None
+    bar = tqdm(data, total=total, disable=not show_progress, unit="batch", desc="top examples")
+    for position, batch in enumerate(bar):
+        yield _images_of(batch, position)
+
+
+def _images_of(batch: Any, position: int) -> tuple[torch.Tensor, Any]:
+    if isinstance(batch, torch.Tensor):
+        images, index = batch, None
+    elif isinstance(batch, Mapping):
+        if "image" not in batch:
+            raise ValueError(
+                f"batch {position} is a dict without an 'image' key (keys: "
+                f"{sorted(map(str, batch))}); yield {{'image': tensor, ...}}"
+            )
+        images, index = batch["image"], batch.get("index")
+    elif isinstance(batch, (tuple, list)) and batch:
+        images, index = batch[0], None
+    else:
+        raise TypeError(
+            f"batch {position} is a {type(batch).__name__}: yield (B, 3, H, W) image "
+            "tensors, (images, labels) tuples or dicts with an 'image' key"
+        )
+    if isinstance(images, torch.Tensor) and images.dim() == 3:
+        raise ValueError(
+            f"batch {position} is a single image {tuple(images.shape)}: the data must yield "
+            "batches (B, 3, H, W); iterating a tensor of images yields single images, so "
+            "pass the tensor itself or a DataLoader"
+        )
+    return images, index
+
+
+def _check_indexed(indexed: bool | None, has_index: bool, offset: int | None) -> bool:
+    if indexed is not None and indexed != has_index:
+        raise ValueError(
+            "some batches carry an 'index' and others do not: either every batch yields "
+            "its images' global indices or none does"
+        )
+    if has_index and offset is not None:
+        raise ValueError("offset applies to stream positions; batches with 'index' need none")
+    return has_index
+
+
+def _as_index(index: Any, batch: int, device: torch.device) -> torch.Tensor:
+    index = torch.as_tensor(index, device=device)
+    if index.is_floating_point() or index.shape != (batch,):
+        raise ValueError(
+            f"the batch's 'index' must be {batch} integers (one per image), got "
+            f"{index.dtype} of shape {tuple(index.shape)}"
+        )
+    if (index < 0).any():
+        raise ValueError("image indices must be >= 0")
+    return index.long()
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _share_shapes(
+    top: _RunningTopK | None, seen: int, target: Any, k: int
+) -> tuple[_RunningTopK | None, int, int]:
+    """Share every rank's image count, grid and units; give ranks that saw no image an
+    empty candidate set of the common shape. Returns (top, total images, rank offset)."""
+    dist = torch.distributed
+    device = _collective_device()
+    h, w = top.grid if top is not None else (0, 0)
+    units = top.units.numel() if top is not None else 0
+    meta = torch.tensor([seen, h, w, units], device=device)
+    metas = [torch.empty_like(meta) for _ in range(dist.get_world_size())]
+    dist.all_gather(metas, meta)
+    metas = torch.stack(metas).cpu()
+    rank = dist.get_rank()
+    offset = int(metas[:rank, 0].sum())
+    shapes = {tuple(m[1:].tolist()) for m in metas if m[0] > 0}
+    if len(shapes) > 1:
+        raise ValueError(
+            f"ranks disagree on (h, w, units): {sorted(shapes)}; every rank must scan "
+            "images of one size for the same target"
+        )
+    if not shapes:
+        return None, 0, offset
+    if top is None:
+        h, w, count = shapes.pop()
+        units = torch.arange(count) if target is None else as_unit_tensor(target, 2**62)
+        top = _RunningTopK((h, w), units, k, device)
+    return top, int(metas[:, 0].sum()), offset
+
+
+def _gather_and_merge(
+    result: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dist = torch.distributed
+    device = _collective_device()
+    gathered = []
+    for tensor in result:
+        local = tensor.contiguous().to(device)
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        gathered.append(torch.cat(parts, dim=1))
+    scores, indices, maps = gathered
+    empty = (scores[:, :0], indices[:, :0], maps[:, :0])
+    merged = merge_top_k(empty, (scores, indices, maps), k)
+    return tuple(t.to(result[0].device) for t in merged)
