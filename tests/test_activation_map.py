@@ -1,0 +1,212 @@
+"""PatchActivationMap against an independent oracle: the test's own hook on the layer, the
+prefix tokens dropped by hand, the tokens reshaped to the grid."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from archs import TIMM_ARCHS, open_clip_model, open_clip_tower
+from captum.attr import LayerAttribution
+
+import captum_vit as cv
+
+
+def hooks_left(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def manual_output(model, layer, x, *, pre=False):
+    """The layer's output (or first input) from a plain forward hook, full forward."""
+    module = dict(model.named_modules())[layer]
+    seen = []
+    if pre:
+        handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    else:
+        handle = module.register_forward_hook(lambda m, a, o: seen.append(o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def tokens_to_grid(tokens, prefix, h, w):
+    """(B, N, C) with `prefix` leading tokens -> (B, C, h, w), (B, prefix, C)."""
+    batch, _, channels = tokens.shape
+    grid = tokens[:, prefix:].reshape(batch, h, w, channels).permute(0, 3, 1, 2)
+    return grid, tokens[:, :prefix]
+
+
+# (arch, layer, how to turn the raw output into (B, C, h, w) + prefix (B, P, C))
+CASES = {
+    "vit": ("blocks.1.mlp.fc1", lambda o: tokens_to_grid(o, 1, 4, 4)),
+    "deit_distilled": ("blocks.1", lambda o: tokens_to_grid(o, 2, 4, 4)),
+    "dinov2_reg": ("blocks.0.mlp.fc1", lambda o: tokens_to_grid(o, 5, 4, 4)),
+    # Swin at 56x84: stage 0 grid 14x21, stage 1 grid 7x11 (padded merge).
+    "swin": ("layers.1.blocks.1", lambda o: (o.permute(0, 3, 1, 2), None)),
+    "swin-mlp": ("layers.0.blocks.1.mlp.fc1", lambda o: tokens_to_grid(o, 0, 14, 21)),
+    "pit": ("transformers.1.blocks.0.mlp.fc1", lambda o: tokens_to_grid(o, 1, 4, 4)),
+    "pit-stage": ("transformers.1", lambda o: (o[0], o[1])),
+    "resnet": ("layer2", lambda o: (o, None)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_maps_equal_manual_hook_reshape(case):
+    arch = case.split("-")[0]
+    factory, size = TIMM_ARCHS[arch]
+    model = factory()
+    layer, to_grid = CASES[case]
+    x = torch.rand(3, 3, *size, generator=torch.Generator().manual_seed(1))
+    pam = cv.PatchActivationMap(model, layer)
+    grid, prefix = to_grid(manual_output(model, layer, pam.normalize(x)))
+    units = [0, 3, grid.shape[1] - 1]
+    maps, prefix_values = pam.attribute(x, target=units, return_prefix=True)
+    expected = grid[torch.arange(3), torch.tensor(units)]
+    torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-5)
+    if prefix is None:
+        assert prefix_values.shape == (3, 0)
+    else:
+        torch.testing.assert_close(prefix_values, prefix[torch.arange(3), :, torch.tensor(units)])
+    single = pam.attribute(x, target=2)
+    torch.testing.assert_close(single, grid[:, 2], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_open_clip_tower_both_sequence_conventions(batch_first):
+    tower = open_clip_tower(batch_first=batch_first)
+    x = torch.rand(2, 3, 32, 32)
+    layer = "transformer.resblocks.1.mlp.c_fc"
+    pam = cv.PatchActivationMap(tower, layer)
+    assert pam.layout_for(x).kind == ("BNC" if batch_first else "NBC")
+    out = manual_output(tower, layer, pam.normalize(x))
+    if not batch_first:
+        out = out.transpose(0, 1)
+    grid, prefix = tokens_to_grid(out, 1, 4, 4)
+    maps, cls = pam.attribute(x, target=torch.tensor([5, 7]), return_prefix=True)
+    torch.testing.assert_close(maps, grid[torch.arange(2), torch.tensor([5, 7])])
+    torch.testing.assert_close(cls[:, 0], prefix[torch.arange(2), 0, torch.tensor([5, 7])])
+
+
+def test_full_clip_model_uses_its_vision_tower():
+    clip = open_clip_model()
+    x = torch.rand(2, 3, 32, 32)
+    pam = cv.PatchActivationMap(clip, "transformer.resblocks.0")
+    out = manual_output(clip.visual, "transformer.resblocks.0", pam.normalize(x))
+    grid, _ = tokens_to_grid(out, 1, 4, 4)
+    torch.testing.assert_close(pam.attribute(x, target=9), grid[:, 9])
+
+
+def test_direction_targets_and_layer_input():
+    factory, size = TIMM_ARCHS["vit"]
+    model = factory()
+    x = torch.rand(2, 3, *size)
+    pam = cv.PatchActivationMap(model, "blocks.1.mlp.fc1")
+    grid, prefix = tokens_to_grid(
+        manual_output(model, "blocks.1.mlp.fc1", pam.normalize(x)), 1, 4, 4
+    )
+    direction = torch.randn(grid.shape[1], generator=torch.Generator().manual_seed(0))
+    maps, cls = pam.attribute(x, target=direction, return_prefix=True)
+    torch.testing.assert_close(
+        maps, (grid * direction.view(1, -1, 1, 1)).sum(1), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(cls[:, 0], prefix[:, 0] @ direction, atol=1e-5, rtol=1e-5)
+    per_image = torch.randn(2, grid.shape[1])
+    torch.testing.assert_close(
+        pam.attribute(x, target=per_image),
+        (grid * per_image.view(2, -1, 1, 1)).sum(1),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+    hidden = cv.PatchActivationMap(model, "blocks.1.mlp.fc2", attribute_to_layer_input=True)
+    torch.testing.assert_close(
+        hidden.attribute(x, target=4), F.gelu(grid[:, 4]), atol=1e-6, rtol=1e-6
+    )
+
+
+def test_interpolate_matches_bilinear_and_captum_interpolate():
+    factory, size = TIMM_ARCHS["vit_dynamic"]  # 40x64 input, 5x8 grid: non-square
+    model = factory()
+    x = torch.rand(2, 3, *size)
+    pam = cv.PatchActivationMap(model, "blocks.0")
+    maps = pam.attribute(x, target=1)
+    assert maps.shape == (2, 5, 8)
+    up = pam.attribute(x, target=1, interpolate=True)
+    assert up.shape == (2, *size)
+    expected = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(up, expected[:, 0])
+    torch.testing.assert_close(
+        LayerAttribution.interpolate(maps[:, None], size, "bilinear")[:, 0], up
+    )
+
+
+@pytest.mark.parametrize(
+    "arch, layer, words",
+    [
+        ("cait", "blocks_token_only.0", "not spatial"),
+        ("vit_map", "attn_pool", "not spatial"),
+        ("vit", "head", "not spatial"),
+        ("swin", "layers.0.blocks.1.attn", "windows"),
+    ],
+)
+def test_non_spatial_layers_are_refused(arch, layer, words):
+    factory, size = TIMM_ARCHS[arch]
+    model = factory()
+    pam = cv.PatchActivationMap(model, layer)
+    with pytest.raises(ValueError, match=words):
+        pam.attribute(torch.rand(2, 3, *size), target=0)
+    assert hooks_left(model) == 0
+
+
+def test_bad_targets_and_images_give_clear_errors():
+    factory, size = TIMM_ARCHS["vit"]
+    model = factory()
+    pam = cv.PatchActivationMap(model, "blocks.1.mlp.fc1")  # 128 channels
+    x = torch.rand(2, 3, *size)
+    with pytest.raises(IndexError, match="out of range"):
+        pam.attribute(x, target=128)
+    with pytest.raises(ValueError, match="one unit per image"):
+        pam.attribute(x, target=[1, 2, 3])
+    with pytest.raises(ValueError, match=r"shape \(128,\)"):
+        pam.attribute(x, target=torch.randn(64))
+    with pytest.raises(ValueError, match="target is required"):
+        pam.attribute(x)
+    with pytest.raises(TypeError):
+        pam.attribute(x, target="cls")
+    with pytest.raises(ValueError, match="NaN"):
+        pam.attribute(torch.full((1, 3, *size), float("nan")), target=0)
+    with pytest.raises(ValueError, match="takes 32x32"):
+        pam.attribute(torch.rand(1, 3, 48, 48), target=0)
+
+
+def test_model_left_as_found_also_after_an_exception():
+    factory, size = TIMM_ARCHS["vit"]
+    model = factory().train()
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    x = torch.rand(2, 3, *size)
+    copy = x.clone()
+    pam = cv.PatchActivationMap(model, "blocks.1")
+    pam.attribute(x, target=0, interpolate=True, return_prefix=True)
+    assert torch.equal(x, copy)
+    assert hooks_left(model) == 0 and model.training and model.blocks[1].training
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+    calls = []
+
+    def fail_on_second_call(module, args, output):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("user hook failure")
+
+    fresh = cv.PatchActivationMap(model, "blocks.1")
+    handle = model.patch_embed.register_forward_hook(fail_on_second_call)
+    try:
+        with pytest.raises(RuntimeError, match="user hook failure"):
+            fresh.attribute(x, target=0)  # layout forward succeeds, the map forward fails
+    finally:
+        handle.remove()
+    assert hooks_left(model) == 0 and model.training
+    assert [p.requires_grad for p in model.parameters()] == flags

@@ -1,0 +1,224 @@
+"""TopActivatingExamples against a brute-force ranking of every (unit, image) pair, computed
+from the test's own hook on a full forward; the distributed merge against one process."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from archs import TIMM_ARCHS
+
+import captum_vit as cv
+from captum_vit.top_examples import ExampleSet
+
+LAYER = "blocks.1.mlp.fc1"  # 128 channels, 4x4 grid, 1 cls token
+
+
+def vit():
+    factory, size = TIMM_ARCHS["vit"]
+    return factory(), size
+
+
+def stream(count, size, seed=0):
+    return torch.rand(count, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def brute_force(model, images, k, *, score="mean", units=None, mean_std=(0.5, 0.5)):
+    """Every image's full map by a plain hook; rank (score desc, index asc) in Python.
+    ``mean_std`` defaults to timm's normalization of vit_tiny_patch16_224."""
+    seen = []
+    module = dict(model.named_modules())[LAYER]
+    handle = module.register_forward_hook(lambda m, a, o: seen.append(o))
+    with torch.no_grad():
+        model((images - mean_std[0]) / mean_std[1])
+    handle.remove()
+    tokens = seen[0][:, 1:]  # drop cls
+    batch, _, channels = tokens.shape
+    maps = tokens.reshape(batch, 4, 4, channels).permute(3, 0, 1, 2)  # (C, B, 4, 4)
+    units = range(channels) if units is None else units
+    scores, indices, kept = [], [], []
+    for unit in units:
+        per_image = maps[unit].flatten(1)
+        values = per_image.mean(1) if score == "mean" else per_image.amax(1)
+        ranked = sorted(range(batch), key=lambda i: (-float(values[i]), i))[:k]
+        pad = k - len(ranked)
+        scores.append([float(values[i]) for i in ranked] + [float("-inf")] * pad)
+        indices.append(ranked + [-1] * pad)
+        kept.append(torch.stack([maps[unit, i] for i in ranked] + [torch.zeros(4, 4)] * pad))
+    return torch.tensor(scores), torch.tensor(indices), torch.stack(kept)
+
+
+def assert_same(result, expected):
+    scores, indices, maps = expected
+    assert torch.equal(result.indices, indices)
+    torch.testing.assert_close(result.scores, scores, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(result.maps, maps, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "count, batch_size, k, score",
+    [(13, 4, 5, "mean"), (13, 5, 3, "max"), (7, 7, 4, "mean"), (3, 2, 6, "mean"), (9, 1, 2, "max")],
+)
+def test_streaming_top_k_equals_brute_force(count, batch_size, k, score):
+    model, size = vit()
+    images = stream(count, size)
+    ex = cv.TopActivatingExamples(model, LAYER, k=k, mean=(0.5,) * 3, std=(0.25,) * 3)
+    batches = list(images.split(batch_size))  # last batch partial when count % batch_size
+    result = ex.attribute(batches, score=score)
+    assert result.scores.shape == (128, k) and result.maps.shape == (128, k, 4, 4)
+    assert torch.equal(result.channels, torch.arange(128))
+    assert result.num_images == count and result.score == score and result.layer == LAYER
+    assert_same(result, brute_force(model, images, k, score=score, mean_std=(0.5, 0.25)))
+    if k > count:  # unfilled slots
+        assert (result.indices[:, count:] == -1).all()
+        assert torch.isinf(result.scores[:, count:]).all()
+        assert len(result.unit(0)[1]) == count
+
+
+def test_batch_formats_subsets_and_ties():
+    model, size = vit()
+    base = stream(5, size, seed=3)
+    images = torch.cat([base, base[1:3]])  # images 5, 6 duplicate 1, 2: exact score ties
+    units = [3, 0, 127]
+    ex = cv.TopActivatingExamples(model, LAYER, k=4)
+    data = [images[:2], (images[2:4], torch.tensor([0, 1])), {"image": images[4:], "label": 0}]
+    result = ex.attribute(iter(data), target=units)  # a generator: no len()
+    assert torch.equal(result.channels, torch.tensor(units))
+    assert_same(result, brute_force(model, images, 4, units=units))
+    # A single 4-D tensor is one batch.
+    assert_same(ex.attribute(images, target=units), brute_force(model, images, 4, units=units))
+
+
+def test_given_indices_and_offset():
+    model, size = vit()
+    images = stream(6, size)
+    expected = brute_force(model, images, 3)
+    ex = cv.TopActivatingExamples(model, LAYER, k=3)
+    reordered = [
+        {"image": images[[4, 0, 2]], "index": torch.tensor([4, 0, 2])},
+        {"image": images[[5, 1, 3]], "index": [5, 1, 3]},
+    ]
+    assert_same(ex.attribute(reordered), expected)
+    shifted = ex.attribute(images.split(4), offset=100)
+    assert torch.equal(shifted.indices, expected[1] + 100)
+    with pytest.raises(ValueError, match="every batch"):
+        ex.attribute([reordered[0], images[:2]])
+
+
+def test_forward_stops_at_the_layer_and_model_is_left_as_found():
+    model, size = vit()
+    model.train()
+    flags = [p.requires_grad for p in model.parameters()]
+    later = []
+    handle = model.blocks[1].mlp.fc2.register_forward_hook(lambda m, a, o: later.append(1))
+    images = stream(4, size)
+    copy = images.clone()
+    try:
+        cv.TopActivatingExamples(model, LAYER, k=2).attribute(images.split(2))
+        assert later == []  # nothing after the layer ran
+    finally:
+        handle.remove()
+    assert torch.equal(images, copy)
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+    def bad_batches():
+        yield images[:2]
+        yield torch.full((1, 3, *size), float("nan"))
+
+    with pytest.raises(ValueError, match="NaN"):
+        cv.TopActivatingExamples(model, LAYER, k=2).attribute(bad_batches())
+    assert model.training and [p.requires_grad for p in model.parameters()] == flags
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_bad_arguments():
+    model, size = vit()
+    with pytest.raises(ValueError, match="k must be"):
+        cv.TopActivatingExamples(model, LAYER, k=0)
+    ex = cv.TopActivatingExamples(model, LAYER, k=2)
+    images = stream(2, size)
+    with pytest.raises(ValueError, match="score must be"):
+        ex.attribute([images], score="median")
+    with pytest.raises(IndexError, match="out of range"):
+        ex.attribute([images], target=[0, 128])
+    with pytest.raises(ValueError, match="no images"):
+        ex.attribute([])
+    with pytest.raises(ValueError, match="'image' key"):
+        ex.attribute([{"pixels": images}])
+    with pytest.raises(ValueError, match="single image"):
+        ex.attribute(list(images))
+    with pytest.raises(ValueError, match="not spatial"):
+        cv.TopActivatingExamples(model, "head", k=2).attribute([images])
+
+
+def test_dynamic_size_grid_change_is_refused():
+    factory, size = TIMM_ARCHS["vit_dynamic"]
+    ex = cv.TopActivatingExamples(factory(), "blocks.0", k=2)
+    with pytest.raises(ValueError, match="share a patch grid"):
+        ex.attribute([torch.rand(2, 3, *size), torch.rand(2, 3, 32, 32)])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model, size = vit()
+    result = cv.TopActivatingExamples(model, LAYER, k=3).attribute([stream(4, size)], target=[1, 2])
+    path = tmp_path / "top.pt"
+    result.save(path)
+    loaded = ExampleSet.load(path)
+    for name in ("channels", "scores", "indices", "maps"):
+        assert torch.equal(getattr(loaded, name), getattr(result, name))
+    assert (loaded.layer, loaded.score, loaded.num_images) == (LAYER, "mean", 4)
+    torch.save({"a": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an ExampleSet"):
+        ExampleSet.load(tmp_path / "other.pt")
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        model, size = vit()
+        images = stream(11, size, seed=5)
+        ex = cv.TopActivatingExamples(model, LAYER, k=4)
+        # Contiguous shards (5 + 6 images), default offsets from the ranks' counts.
+        shard = images[:5] if rank == 0 else images[5:]
+        ex.attribute(shard.split(2)).save(f"{out_dir}/contiguous{rank}.pt")
+        # Interleaved shards, as a DistributedSampler makes them: the data yields indices.
+        mine = torch.arange(rank, 11, 2)
+        batches = [{"image": images[i], "index": i} for i in mine.split(3)]
+        ex.attribute(batches, score="max").save(f"{out_dir}/interleaved{rank}.pt")
+        # One rank with nothing to scan, and k above the total (3 images).
+        ex6 = cv.TopActivatingExamples(model, LAYER, k=6)
+        ex6.attribute([images[:3]] if rank == 0 else []).save(f"{out_dir}/empty{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_merge_equals_one_process(tmp_path):
+    mp.spawn(_distributed_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    model, size = vit()
+    images = stream(11, size, seed=5)
+    expected = {
+        "contiguous": brute_force(model, images, 4),
+        "interleaved": brute_force(model, images, 4, score="max"),
+        "empty": brute_force(model, images[:3], 6),
+    }
+    for name, reference in expected.items():
+        for rank in (0, 1):
+            result = ExampleSet.load(tmp_path / f"{name}{rank}.pt")
+            assert_same(result, reference)
+            assert result.num_images == (3 if name == "empty" else 11)
