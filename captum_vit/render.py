@@ -1,0 +1,365 @@
+"""Rendering: heat-map overlays of activation maps on their images, and per-unit grids
+"feature visualization | top-k images with their overlays", as PIL images / PNG files.
+
+Conventions follow :mod:`captum.attr.visualization`: ``sign`` is one of ``"positive"``,
+``"negative"``, ``"absolute_value"``, ``"all"``, and maps are scaled to [-1, 1] by the same
+cumulative-sum threshold with ``outlier_perc`` (the largest values holding that percentage
+of the total mass saturate). :func:`captum_arrays` gives the ``(H, W, 1)`` / ``(H, W, 3)``
+numpy arrays that ``captum.attr.visualization.visualize_image_attr`` takes. Images in and
+out are RGB in [0, 1], ``(3, H, W)`` tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import matplotlib
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = [
+    "captum_arrays",
+    "example_grid",
+    "heatmap",
+    "image_grid",
+    "normalize_map",
+    "overlay",
+    "save_png",
+    "to_pil",
+    "unit_grid",
+]
+
+_SIGNS = ("positive", "negative", "absolute_value", "all")
+_DEFAULT_CMAP = {
+    "positive": "inferno",
+    "absolute_value": "inferno",
+    "negative": "Blues",
+    "all": "bwr",
+}
+
+
+def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
+    """A ``(3, H, W)`` tensor or ``(H, W, 3)`` array in [0, 1] as an RGB PIL image."""
+    if isinstance(image, torch.Tensor):
+        image = _check_image(image).permute(1, 2, 0).cpu().numpy()
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"expected a (3, H, W) tensor or (H, W, 3) array, got {array.shape}")
+    return Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
+
+
+def save_png(image: Image.Image | torch.Tensor, path: str | PathLike) -> None:
+    """Save a PIL image or a ``(3, H, W)`` tensor in [0, 1] as a PNG file."""
+    (image if isinstance(image, Image.Image) else to_pil(image)).save(path, format="PNG")
+
+
+def normalize_map(
+    values: torch.Tensor,
+    *,
+    sign: str = "positive",
+    outlier_perc: float = 2.0,
+    vmax: float | None = None,
+) -> torch.Tensor:
+    """Scale a map to [-1, 1] the way Captum's visualization does.
+
+    Values are first filtered by ``sign`` (``"positive"`` keeps ``max(v, 0)``,
+    ``"negative"`` ``min(v, 0)``, ``"absolute_value"`` ``|v|``, ``"all"`` everything), then
+    divided by a threshold and clipped: ``vmax`` when given (use one for several maps
+    that must share a scale), else the smallest ``|v|`` at which the sorted cumulative
+    sum of ``|v|`` reaches ``100 - outlier_perc`` percent of the total.
+
+    Returns:
+        A float tensor of the same shape in [-1, 1] for ``"all"``, else in [0, 1] (as in
+        Captum, ``"negative"`` maps the most negative values to 1). An all-zero map
+        stays zero.
+    """
+    if sign not in _SIGNS:
+        raise ValueError(f"sign must be one of {_SIGNS}, got {sign!r}")
+    values = _filter_sign(values.detach().float(), sign)
+    threshold = float(vmax) if vmax is not None else _threshold(values.abs(), outlier_perc)
+    if threshold == 0 or not np.isfinite(threshold):
+        return torch.zeros_like(values)
+    threshold = -abs(threshold) if sign == "negative" else abs(threshold)
+    return (values / threshold).clamp(-1, 1)
+
+
+def _filter_sign(values: torch.Tensor, sign: str) -> torch.Tensor:
+    if sign == "positive":
+        return values.clamp(min=0)
+    if sign == "negative":
+        return values.clamp(max=0)
+    if sign == "absolute_value":
+        return values.abs()
+    return values
+
+
+def _threshold(magnitudes: torch.Tensor, outlier_perc: float) -> float:
+    if not 0 <= outlier_perc <= 100:
+        raise ValueError(f"outlier_perc must be in [0, 100], got {outlier_perc}")
+    ordered = magnitudes.flatten().double().sort().values
+    cumulative = ordered.cumsum(0)
+    if cumulative.numel() == 0 or cumulative[-1] == 0:
+        return 0.0
+    reached = cumulative >= cumulative[-1] * 0.01 * (100.0 - outlier_perc)
+    return float(ordered[int(reached.nonzero()[0, 0])])
+
+
+def heatmap(
+    values: torch.Tensor,
+    *,
+    cmap: str | None = None,
+    sign: str = "positive",
+    outlier_perc: float = 2.0,
+    vmax: float | None = None,
+) -> torch.Tensor:
+    """A ``(h, w)`` map as a ``(3, h, w)`` colour image through a matplotlib colormap
+    (default ``"inferno"``, ``"bwr"`` for ``sign="all"``); scaled by
+    :func:`normalize_map`."""
+    if values.dim() != 2:
+        raise ValueError(f"a map must be 2-D (h, w), got shape {tuple(values.shape)}")
+    scaled = normalize_map(values, sign=sign, outlier_perc=outlier_perc, vmax=vmax)
+    # Colormap input in [0, 1]: signed maps put zero at the middle.
+    position = (scaled + 1) / 2 if sign == "all" else scaled.abs()
+    colormap = matplotlib.colormaps[cmap or _DEFAULT_CMAP[sign]]
+    rgb = colormap(position.cpu().numpy())[..., :3]
+    return torch.from_numpy(rgb).float().permute(2, 0, 1)
+
+
+def overlay(
+    image: torch.Tensor,
+    activation_map: torch.Tensor,
+    *,
+    alpha: float = 0.6,
+    cmap: str | None = None,
+    sign: str = "positive",
+    outlier_perc: float = 2.0,
+    vmax: float | None = None,
+) -> torch.Tensor:
+    """Blend the heat map of ``activation_map`` over ``image``.
+
+    Args:
+        image: ``(3, H, W)`` RGB in [0, 1].
+        activation_map: ``(h, w)`` patch map (upsampled bilinearly to ``H x W``, as
+            ``PatchActivationMap(..., interpolate=True)`` does) or ``(H, W)``.
+        alpha: weight of the heat map (0: the image only; 1: the heat map only).
+        cmap, sign, outlier_perc, vmax: see :func:`heatmap` / :func:`normalize_map`.
+
+    Returns:
+        ``(3, H, W)`` float in [0, 1]: ``(1 - alpha) * image + alpha * heat``.
+
+    Examples::
+
+        >>> maps = PatchActivationMap(model, "blocks.6.mlp.fc1").attribute(images, target=17)
+        >>> to_pil(overlay(images[0], maps[0])).save("unit17.png")
+    """
+    image = _check_image(image)
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    upsampled = _resize_map(activation_map, tuple(image.shape[-2:]))
+    heat = heatmap(upsampled, cmap=cmap, sign=sign, outlier_perc=outlier_perc, vmax=vmax)
+    return ((1 - alpha) * image.detach().float().cpu() + alpha * heat).clamp(0, 1)
+
+
+def _resize_map(activation_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if activation_map.dim() != 2:
+        raise ValueError(
+            f"a map must be 2-D (h, w), got shape {tuple(activation_map.shape)}; "
+            "pass one image's map"
+        )
+    values = activation_map.detach().float().cpu()
+    if tuple(values.shape) == size:
+        return values
+    return F.interpolate(values[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+
+
+def _check_image(image: Any) -> torch.Tensor:
+    if not isinstance(image, torch.Tensor):
+        raise TypeError(f"an image must be a (3, H, W) tensor, got {type(image).__name__}")
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"an image must be (3, H, W) RGB in [0, 1], got {tuple(image.shape)}")
+    return image.detach().float().cpu()
+
+
+def captum_arrays(
+    activation_map: torch.Tensor, image: torch.Tensor
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(attr (H, W, 1), original_image (H, W, 3))`` numpy arrays for
+    ``captum.attr.visualization.visualize_image_attr`` (the map upsampled to the image).
+
+    Examples::
+
+        >>> from captum.attr import visualization as viz
+        >>> attr, img = captum_arrays(maps[0], images[0])
+        >>> viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="positive")
+    """
+    image = _check_image(image)
+    upsampled = _resize_map(activation_map, tuple(image.shape[-2:]))
+    return upsampled.numpy()[..., None], image.permute(1, 2, 0).numpy()
+
+
+def image_grid(
+    cells: Sequence[torch.Tensor | Image.Image] | torch.Tensor,
+    *,
+    ncols: int | None = None,
+    pad: int = 2,
+    background: tuple[int, int, int] = (255, 255, 255),
+    labels: Sequence[str] | None = None,
+) -> Image.Image:
+    """Tile images (``(3, H, W)`` tensors or PIL images, ``(N, 3, H, W)`` batch) in rows of
+    ``ncols`` (default: all in one row), each optionally with a caption underneath."""
+    pictures = [c if isinstance(c, Image.Image) else to_pil(c) for c in cells]
+    if not pictures:
+        raise ValueError("image_grid needs at least one image")
+    if labels is not None and len(labels) != len(pictures):
+        raise ValueError(f"{len(labels)} labels for {len(pictures)} images")
+    ncols = ncols or len(pictures)
+    width = max(p.width for p in pictures)
+    height = max(p.height for p in pictures)
+    font = ImageFont.load_default()
+    caption = _text_height(font) + 4 if labels is not None else 0
+    rows = -(-len(pictures) // ncols)
+    grid = Image.new(
+        "RGB",
+        (ncols * (width + pad) + pad, rows * (height + caption + pad) + pad),
+        background,
+    )
+    draw = ImageDraw.Draw(grid)
+    for position, picture in enumerate(pictures):
+        row, col = divmod(position, ncols)
+        x, y = pad + col * (width + pad), pad + row * (height + caption + pad)
+        grid.paste(picture, (x, y))
+        if labels is not None:
+            draw.text((x + 2, y + height + 2), labels[position], fill=(0, 0, 0), font=font)
+    return grid
+
+
+def _text_height(font: Any) -> int:
+    box = font.getbbox("Ag0.9")
+    return int(box[3] - box[1])
+
+
+def unit_grid(
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    *,
+    visualization: torch.Tensor | None = None,
+    scores: torch.Tensor | Sequence[float] | None = None,
+    originals: bool = False,
+    cell_size: int | None = None,
+    alpha: float = 0.6,
+    cmap: str | None = None,
+    sign: str = "positive",
+    outlier_perc: float = 2.0,
+    shared_scale: bool = True,
+) -> Image.Image:
+    """One unit's row: its feature visualization, then its top images with overlays.
+
+    Args:
+        images: ``(k, 3, H, W)`` the unit's top images, RGB in [0, 1].
+        maps: ``(k, h, w)`` (or ``(k, H, W)``) their activation maps.
+        visualization: optional ``(3, H', W')`` image for the first cell (for example
+            ``FeatureVisualization(...).attribute(target=unit)[0]``).
+        scores: optional ``k`` scores written under the overlays.
+        originals: add a row with the plain images above the overlays.
+        cell_size: side of every cell in pixels (default: the images' height).
+        alpha, cmap, sign, outlier_perc: see :func:`overlay`.
+        shared_scale: one colour scale for all ``k`` maps (threshold over all of them),
+            so that brightness compares across images; else one per map.
+
+    Returns:
+        A PIL image: ``[visualization] | overlay_1 | ... | overlay_k`` (one row, or two
+        with ``originals``).
+    """
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (k, 3, H, W), got {tuple(images.shape)}")
+    if maps.dim() != 3 or maps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"maps must be (k, h, w) with k = {images.shape[0]} (one per image), "
+            f"got {tuple(maps.shape)}"
+        )
+    if scores is not None and len(scores) != len(images):
+        raise ValueError(f"{len(scores)} scores for {len(images)} images")
+    size = cell_size or int(images.shape[-2])
+    vmax = None
+    if shared_scale:
+        filtered = _filter_sign(maps.detach().float().cpu(), sign)
+        vmax = _threshold(filtered.abs(), outlier_perc) or None
+    cells, labels = [], []
+    if visualization is not None:
+        cells.append(_resize_image(_check_image(visualization), size))
+        labels.append("visualization")
+    for index, (image, activation_map) in enumerate(zip(images, maps, strict=True)):
+        blended = overlay(
+            image,
+            activation_map,
+            alpha=alpha,
+            cmap=cmap,
+            sign=sign,
+            outlier_perc=outlier_perc,
+            vmax=vmax,
+        )
+        cells.append(_resize_image(blended, size))
+        labels.append("" if scores is None else f"{float(scores[index]):.3g}")
+    picture = image_grid(cells, labels=labels if scores is not None else None)
+    if not originals:
+        return picture
+    top = ([torch.ones(3, size, size)] if visualization is not None else []) + [
+        _resize_image(_check_image(image), size) for image in images
+    ]
+    first = image_grid(top)
+    both = Image.new("RGB", (picture.width, first.height + picture.height), (255, 255, 255))
+    both.paste(first, (0, 0))
+    both.paste(picture, (0, first.height))
+    return both
+
+
+def _resize_image(image: torch.Tensor, size: int) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == (size, size):
+        return image
+    return F.interpolate(image[None], size=(size, size), mode="bilinear", antialias=True)[0].clamp(
+        0, 1
+    )
+
+
+def example_grid(
+    examples: Any,
+    unit: int,
+    dataset: torch.Tensor | Sequence[Any],
+    *,
+    visualization: torch.Tensor | None = None,
+    **options: Any,
+) -> Image.Image:
+    """:func:`unit_grid` for one unit of an :class:`~captum_vit.ExampleSet`.
+
+    Args:
+        examples: the ``ExampleSet`` from ``TopActivatingExamples.attribute``.
+        unit: the unit (channel index of the layer, one of ``examples.channels``).
+        dataset: the images the set's indices point into: an ``(N, 3, H, W)`` tensor, or
+            anything indexable by int giving an image tensor, an ``(image, label)``
+            tuple or a dict with an ``"image"`` key (a map-style dataset).
+        visualization: optional ``(3, H, W)`` image for the first cell.
+        **options: passed on to :func:`unit_grid` (``originals``, ``cell_size``, ...).
+
+    Examples::
+
+        >>> result = TopActivatingExamples(model, layer, k=8).attribute(loader)
+        >>> example_grid(result, 17, dataset, visualization=viz[0]).save("unit17.png")
+    """
+    scores, indices, maps = examples.unit(unit)
+    if len(indices) == 0:
+        raise ValueError(f"unit {unit} has no kept examples (the scan saw no images)")
+    images = torch.stack([_image_at(dataset, int(i)) for i in indices])
+    return unit_grid(images, maps, visualization=visualization, scores=scores, **options)
+
+
+def _image_at(dataset: Any, index: int) -> torch.Tensor:
+    item = dataset[index]
+    if isinstance(item, Mapping):
+        item = item["image"]
+    elif isinstance(item, (tuple, list)):
+        item = item[0]
+    return _check_image(item)
