@@ -240,7 +240,13 @@ class TopActivatingExamples(_LayerMethod):
 
 
 class _RunningTopK:
-    """Kept candidates of every unit, merged batch by batch."""
+    """Kept candidates of every unit, merged batch by batch.
+
+    Scores and indices are kept ranked; the maps live in a store of ``k`` slots per unit
+    that a rank points into (``slots``), so a batch only writes the maps of the
+    candidates that enter the top-k (few, once the scan is under way) instead of moving
+    every kept map.
+    """
 
     def __init__(
         self, grid: tuple[int, int], units: torch.Tensor, k: int, device: torch.device
@@ -250,61 +256,80 @@ class _RunningTopK:
         count, (h, w) = units.numel(), grid
         self.scores = torch.full((count, k), float("-inf"), device=device)
         self.indices = torch.full((count, k), -1, dtype=torch.long, device=device)
-        self.maps = torch.zeros(count, k, h * w, device=device)
-
-    def add(self, spatial: torch.Tensor, positions: torch.Tensor, score: str) -> None:
-        batch = spatial.shape[0]
-        if self.units.numel() != spatial.shape[1]:
-            spatial = spatial.index_select(1, self.units)
-        maps = spatial.flatten(2).transpose(0, 1).float()  # (units, B, h*w)
-        new_scores = maps.mean(2) if score == "mean" else maps.amax(2)
-        new_indices = positions.view(1, batch).expand(len(maps), batch)
-        self.scores, self.indices, self.maps = merge_top_k(
-            (self.scores, self.indices, self.maps), (new_scores, new_indices, maps), self.k
-        )
+        self.slots = torch.arange(k, device=device).repeat(count, 1)
+        self.store = torch.zeros(count, k, h * w, device=device)
+        self.all_units = None
 
     @property
     def k(self) -> int:
         return self.scores.shape[1]
 
+    def add(self, spatial: torch.Tensor, positions: torch.Tensor, score: str) -> None:
+        """Merge a batch: ``spatial`` (B, C, h, w) of the layer, ``positions`` (B,)."""
+        batch, k = spatial.shape[0], self.k
+        picked = spatial if self._all_units(spatial) else spatial[:, self.units]
+        reduced = picked.mean((2, 3)) if score == "mean" else picked.amax((2, 3))
+        new_scores = reduced.float().t()  # (units, B)
+        new_indices = positions.view(1, batch).expand(len(new_scores), batch)
+        scores = torch.cat([self.scores, new_scores], dim=1)
+        indices = torch.cat([self.indices, new_indices], dim=1)
+        best = rank_candidates(scores, indices, k)
+        from_kept = best < k
+        # Ranks kept from before keep their slots; each entering candidate takes the slot
+        # of an evicted one. The ranking keeps the old order, so the kept old ranks are a
+        # prefix of each row; evicted slots and entering candidates, both listed in
+        # row-major order with equal counts per row, pair up within each unit.
+        ranks_kept = from_kept.sum(1, keepdim=True)
+        still_kept = torch.arange(k, device=best.device) < ranks_kept
+        slots = self.slots.gather(1, best.clamp(max=k - 1))
+        rows, ranks = (~from_kept).nonzero(as_tuple=True)
+        if len(rows):
+            free = self.slots[~still_kept]
+            slots[rows, ranks] = free
+            images = best[rows, ranks] - k
+            entering = spatial[images, self.units[rows]].flatten(1)
+            self.store[rows, free] = entering.to(self.store.dtype)
+        self.scores, self.indices, self.slots = (
+            scores.gather(1, best),
+            indices.gather(1, best),
+            slots,
+        )
+
+    def _all_units(self, spatial: torch.Tensor) -> bool:
+        if self.all_units is None:
+            count = spatial.shape[1]
+            self.all_units = self.units.numel() == count and bool(
+                (self.units == torch.arange(count, device=self.units.device)).all()
+            )
+        return self.all_units
+
     def result(self, offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         indices = torch.where(self.indices >= 0, self.indices + offset, self.indices)
         h, w = self.grid
-        return self.scores, indices, self.maps.view(len(self.maps), self.k, h, w)
+        maps = self.store.gather(1, self.slots.unsqueeze(2).expand(-1, -1, h * w))
+        return self.scores, indices, maps.view(len(maps), self.k, h, w)
 
 
-def merge_top_k(
-    kept: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    new: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-    k: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Merge two candidate sets ``(scores (U, n), indices (U, n), maps (U, n, ...))`` into
-    the best ``k`` per row: score descending, ties by the smaller index (empty slots,
-    index -1 with score -inf, last)."""
-    scores = torch.cat([kept[0], new[0]], dim=1)
-    indices = torch.cat([kept[1], new[1]], dim=1)
-    # Two stable sorts give the lexicographic order (score desc, index asc); empty
-    # slots are keyed past every real index so they never win a tie.
+def rank_candidates(scores: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
+    """Columns of the best ``k`` candidates per row, best first: score descending, ties
+    by the smaller index; empty slots (index -1) last among equal scores."""
+    # Two stable sorts give the lexicographic order (score desc, index asc).
     tie_key = torch.where(indices < 0, torch.iinfo(torch.long).max, indices)
     order = torch.sort(tie_key, dim=1, stable=True).indices
     by_score = torch.sort(scores.gather(1, order), dim=1, descending=True, stable=True).indices
-    best = order.gather(1, by_score[:, :k])
-    maps_best = _take(kept[2], new[2], best)
-    return scores.gather(1, best), indices.gather(1, best), maps_best
+    return order.gather(1, by_score[:, :k])
 
 
-def _take(kept_maps: torch.Tensor, new_maps: torch.Tensor, best: torch.Tensor) -> torch.Tensor:
-    """Rows ``best`` of ``cat([kept_maps, new_maps], 1)`` without building the whole cat."""
-    n_kept = kept_maps.shape[1]
-    rest = kept_maps.shape[2:]
-    if n_kept == 0:
-        return new_maps.gather(1, best.view(*best.shape, *[1] * len(rest)).expand(-1, -1, *rest))
-    from_kept = best < n_kept
-    expand = (-1, -1, *rest)
-    view = (*best.shape, *[1] * len(rest))
-    kept_part = kept_maps.gather(1, best.clamp(max=n_kept - 1).view(view).expand(expand))
-    new_part = new_maps.gather(1, (best - n_kept).clamp(min=0).view(view).expand(expand))
-    return torch.where(from_kept.view(view), kept_part, new_part)
+def merge_top_k(
+    candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor], k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best ``k`` of candidate sets ``(scores (U, n), indices (U, n), maps (U, n, ...))``
+    per row, in :func:`rank_candidates` order."""
+    scores, indices, maps = candidates
+    best = rank_candidates(scores, indices, k)
+    view = (*best.shape, *[1] * (maps.dim() - 2))
+    picked = maps.gather(1, best.view(view).expand(-1, -1, *maps.shape[2:]))
+    return scores.gather(1, best), indices.gather(1, best), picked
 
 
 def _batches(data: Any, show_progress: bool) -> Iterable[tuple[torch.Tensor, Any]]:
@@ -415,7 +440,5 @@ def _gather_and_merge(
         parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
         dist.all_gather(parts, local)
         gathered.append(torch.cat(parts, dim=1))
-    scores, indices, maps = gathered
-    empty = (scores[:, :0], indices[:, :0], maps[:, :0])
-    merged = merge_top_k(empty, (scores, indices, maps), k)
+    merged = merge_top_k(tuple(gathered), k)
     return tuple(t.to(result[0].device) for t in merged)

@@ -1,0 +1,120 @@
+"""Images per second of TopActivatingExamples for ALL units of blocks.6.mlp.fc1 of ViT-Ti/16
+at 224 px, against
+
+* the Captum loop: ``captum.attr.LayerActivation`` (a full forward per batch) and a Python
+  loop over the 768 units, each merging its running top-k with ``torch.topk``;
+* a bare truncated forward (``LayerTap`` stops after the layer; no scoring, no top-k):
+  the limit any top-k scan over this layer can reach.
+
+The three are interleaved round by round on the same images and the median round is
+reported, because the machine may be shared. Goals: >= 3x the Captum loop, within 15% of
+the bare forward. Random weights (speed does not depend on them).
+
+    .venv/bin/python benchmarks/top_examples_speed.py [--batch 16] [--batches 4] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+from captum.attr import LayerActivation
+
+import captum_vit as cv
+from captum_vit.capture import LayerTap
+from captum_vit.models import ImageModel
+
+LAYER = "blocks.6.mlp.fc1"
+
+
+def captum_loop(wrapped: ImageModel, module: torch.nn.Module, batches, k: int):
+    activation = LayerActivation(wrapped, module)
+    scores = indices = maps = None
+    seen = 0
+    for images in batches:
+        tokens = activation.attribute(images)[:, 1:]  # (B, 196, 768), cls dropped
+        batch = tokens.shape[0]
+        if scores is None:
+            units = tokens.shape[2]
+            scores = [torch.full((k,), float("-inf")) for _ in range(units)]
+            indices = [torch.full((k,), -1) for _ in range(units)]
+            maps = [torch.zeros(k, tokens.shape[1]) for _ in range(units)]
+        positions = torch.arange(seen, seen + batch)
+        for unit in range(len(scores)):
+            unit_maps = tokens[:, :, unit]
+            candidates = torch.cat([scores[unit], unit_maps.mean(1)])
+            best = torch.topk(candidates, k).indices
+            indices[unit] = torch.cat([indices[unit], positions])[best]
+            maps[unit] = torch.cat([maps[unit], unit_maps])[best]
+            scores[unit] = candidates[best]
+        seen += batch
+    return torch.stack(scores), torch.stack(indices)
+
+
+def bare_forward(wrapped: ImageModel, batches):
+    with torch.no_grad(), LayerTap(wrapped.model, LAYER) as tap:
+        for images in batches:
+            tap.run((images - wrapped.mean) / wrapped.std)
+
+
+def timed(function) -> tuple[float, object]:
+    start = time.perf_counter()
+    value = function()
+    return time.perf_counter() - start, value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--batches", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    wrapped = ImageModel(model)
+    module = dict(model.named_modules())[LAYER]
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        torch.rand(args.batch, 3, 224, 224, generator=generator) for _ in range(args.batches)
+    ]
+    count = args.batch * args.batches
+    ours = cv.TopActivatingExamples(model, LAYER, k=args.k)
+
+    ours.attribute(batches[:1])  # warm-up (also resolves the layout once)
+    runs = {"TopActivatingExamples": [], "Captum loop": [], "bare truncated forward": []}
+    for _ in range(args.rounds):
+        seconds, result = timed(lambda: ours.attribute(batches))
+        runs["TopActivatingExamples"].append(seconds)
+        seconds, (scores, indices) = timed(lambda: captum_loop(wrapped, module, batches, args.k))
+        runs["Captum loop"].append(seconds)
+        seconds, _ = timed(lambda: bare_forward(wrapped, batches))
+        runs["bare truncated forward"].append(seconds)
+    same = torch.equal(result.indices, indices) and torch.allclose(result.scores, scores, atol=1e-5)
+
+    print(
+        f"ViT-Ti/16 224px, {LAYER} (768 units), k={args.k}, {count} images in batches of "
+        f"{args.batch}, {args.threads} threads, median of {args.rounds} interleaved rounds"
+    )
+    rate = {name: count / statistics.median(times) for name, times in runs.items()}
+    for name, value in rate.items():
+        spread = ", ".join(f"{count / t:.1f}" for t in runs[name])
+        print(f"  {name:24s} {value:7.2f} images/s   (rounds: {spread})")
+    print(
+        f"  speed-up vs Captum loop:        {rate['TopActivatingExamples'] / rate['Captum loop']:.2f}x"
+        "  (goal >= 3x)"
+    )
+    print(
+        "  share of bare forward speed:    "
+        f"{rate['TopActivatingExamples'] / rate['bare truncated forward']:.3f}  (goal >= 0.85)"
+    )
+    print(f"  same top-k as the Captum loop:  {same}")
+
+
+if __name__ == "__main__":
+    main()
