@@ -113,6 +113,17 @@ def main() -> None:
         "  share of bare forward speed:    "
         f"{rate['TopActivatingExamples'] / rate['bare truncated forward']:.3f}  (goal >= 0.85)"
     )
+    ours, captum, bare = runs.values()
+    per_round_captum = statistics.median(c / o for o, c in zip(ours, captum, strict=True))
+    per_round_bare = statistics.median(b / o for o, b in zip(ours, bare, strict=True))
+    print(
+        f"  per-round ratios (median): {per_round_captum:.2f}x the Captum loop, "
+        f"{per_round_bare:.3f} of the bare forward"
+    )
+    print(
+        "  ceiling vs Captum loop (Captum loop time / bare forward time): "
+        f"{rate['bare truncated forward'] / rate['Captum loop']:.2f}x"
+    )
     print(f"  same top-k as the Captum loop:  {same}")
 
 

@@ -14,7 +14,7 @@ over processes.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
@@ -54,7 +54,6 @@ class ExampleSet:
     layer: str = ""
     score: str = "mean"
     num_images: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -92,7 +91,6 @@ class ExampleSet:
                 "layer": self.layer,
                 "score": self.score,
                 "num_images": self.num_images,
-                "extra": self.extra,
             },
             path,
         )

@@ -91,6 +91,24 @@ def test_batch_formats_subsets_and_ties():
     assert_same(ex.attribute(images, target=units), brute_force(model, images, 4, units=units))
 
 
+@pytest.mark.parametrize(
+    "arch, layer", [("swin", "layers.1.blocks.0"), ("pit", "transformers.0"), ("resnet", "layer1")]
+)
+def test_other_layouts_keep_the_maps_patch_activation_map_gives(arch, layer):
+    factory, size = TIMM_ARCHS[arch]
+    model = factory()
+    images = torch.rand(5, 3, *size, generator=torch.Generator().manual_seed(2))
+    result = cv.TopActivatingExamples(model, layer, k=2).attribute(images.split(2), target=[0, 5])
+    pam = cv.PatchActivationMap(model, layer)
+    for row, unit in enumerate((0, 5)):
+        maps = pam.attribute(images, target=unit)
+        scores = maps.flatten(1).mean(1)
+        best = sorted(range(5), key=lambda i: (-float(scores[i]), i))[:2]
+        assert result.indices[row].tolist() == best
+        torch.testing.assert_close(result.maps[row], maps[best], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result.scores[row], scores[best], rtol=1e-5, atol=1e-6)
+
+
 def test_given_indices_and_offset():
     model, size = vit()
     images = stream(6, size)

@@ -72,6 +72,17 @@ def planted_model() -> torch.nn.Module:
     return model
 
 
+def visualize(model: torch.nn.Module, plain: dict) -> torch.Tensor | None:
+    """The planted unit's feature visualization (its optimum is a pure blue image), when
+    the FeatureVisualization module is available."""
+    try:
+        feature_viz = cv.FeatureVisualization(model, "patch_embed.proj", **plain)
+    except AttributeError as error:
+        print("no visualization cell:", error)
+        return None
+    return feature_viz.attribute(target=0, steps=60)[0]
+
+
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     images = photo_crops()
@@ -81,9 +92,9 @@ def main() -> None:
     blue = cv.TopActivatingExamples(model, "patch_embed.proj", k=6, **plain)
     result = blue.attribute(images.split(8), target=[0], show_progress=True)
     print("blue unit: top images", result.indices[0].tolist(), "scores", result.scores[0])
-    render.example_grid(result, 0, images, originals=True, cell_size=160).save(
-        OUT / "top_examples_blue_unit.png"
-    )
+    render.example_grid(
+        result, 0, images, visualization=visualize(model, plain), originals=True, cell_size=160
+    ).save(OUT / "top_examples_blue_unit.png")
 
     layer = "blocks.2.mlp.fc1"
     random_unit = cv.TopActivatingExamples(model, layer, k=6).attribute(images.split(8))
