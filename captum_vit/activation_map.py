@@ -90,8 +90,8 @@ class PatchActivationMap(_LayerMethod):
         self.check_images(inputs)
         images = inputs.to(self.device())
         layout = self.layout_for(images)
-        spatial, prefix = layout.split(self.forward_to_layer(images))
         selector = _target_selector(target, layout, images.shape[0])
+        spatial, prefix = layout.split(self.forward_to_layer(images))
         maps = selector(spatial).float()
         if interpolate:
             maps = LayerAttribution.interpolate(
