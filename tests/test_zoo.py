@@ -1,0 +1,276 @@
+"""The bundled zoo: synthetic data, the trained models, the training script, and the paper's
+foreground / background and frequency experiments (checked against hand-written oracles)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from captum_vit.models import input_config
+from captum_vit.zoo import (
+    BACKGROUNDS,
+    CLASSES,
+    SyntheticScenes,
+    fft_filter,
+    foreground_background,
+    frequency_sensitivity,
+    load_model,
+)
+from captum_vit.zoo.registry import read_metadata
+from captum_vit.zoo.train import main as train_main
+
+HELD_OUT_SEED = 1  # training uses seed 0
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: load_model(name) for name in ("vit", "cnn")}
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return SyntheticScenes(300, seed=HELD_OUT_SEED)
+
+
+def _manual_logits(model, images):
+    """Oracle forward: normalization written out from the stored config."""
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        return model((images - mean) / std)
+
+
+# ---- data -------------------------------------------------------------------------------
+def test_items_are_deterministic_and_match_batches():
+    data = SyntheticScenes(50, seed=3)
+    again = SyntheticScenes(50, seed=3)
+    other = SyntheticScenes(50, seed=4)
+    batch = data.batch([7, 2, 40])
+    for row, index in enumerate([7, 2, 40]):
+        item, twin = data[index], again[index]
+        assert torch.equal(item["image"], twin["image"])
+        assert torch.equal(item["image"], batch["image"][row])
+        assert torch.equal(item["mask"], batch["mask"][row])
+        assert item["label"] == int(batch["label"][row])
+        assert not torch.equal(item["image"], other[index]["image"])
+    assert data[-1]["label"] == data[49]["label"]
+    with pytest.raises(IndexError):
+        data[50]
+
+
+def test_item_contents_are_consistent():
+    data = SyntheticScenes(64, seed=5)
+    batch = data.batch(range(64))
+    images, masks = batch["image"], batch["mask"]
+    assert images.shape == (64, 3, 64, 64) and masks.shape == (64, 1, 64, 64)
+    assert images.dtype == torch.float32 and 0.0 <= images.min() and images.max() <= 1.0
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    area = masks.sum((1, 2, 3))
+    assert (area > 40).all() and (area < 64 * 64 / 2).all()
+    # The foreground is painted in one flat colour: every mask pixel has the same RGB.
+    for image, mask in zip(images, masks, strict=True):
+        pixels = image[:, mask[0] > 0]
+        assert (pixels - pixels[:, :1]).abs().max() < 1e-6
+    assert set(batch["label"].tolist()) == set(range(len(CLASSES)))
+    assert set(batch["background"].tolist()) <= set(range(len(BACKGROUNDS)))
+
+
+def test_shapes_are_what_the_labels_say():
+    """Planted geometry: rings and frames have a hole at their centre, circles and squares
+    do not, and a circle fills about pi/4 of its bounding box."""
+    data = SyntheticScenes(400, seed=6)
+    batch = data.batch(range(400))
+    for label, mask in zip(batch["label"].tolist(), batch["mask"][:, 0], strict=True):
+        ys, xs = torch.nonzero(mask, as_tuple=True)
+        cy, cx = int(ys.float().mean().round()), int(xs.float().mean().round())
+        name = CLASSES[label]
+        if name in ("ring", "frame"):
+            assert mask[cy, cx] == 0, name
+        if name in ("circle", "square", "cross"):
+            assert mask[cy, cx] == 1, name
+        if name == "circle":
+            box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+            assert abs(mask.sum() / box - math.pi / 4) < 0.06
+
+
+@pytest.mark.parametrize("bias, expected", [(1.0, 1.0), (0.0, 1 / 8), (0.5, 0.5 + 0.5 / 8)])
+def test_background_bias_knob(bias, expected):
+    data = SyntheticScenes(2000, seed=7, background_bias=bias)
+    own = np.mean([p["label"] == p["background"] for p in map(data._params, range(2000))])
+    assert abs(own - expected) < 0.04
+
+
+def test_fft_filter_against_sinusoids():
+    size = 64
+    y, x = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    # 8 cycles across 64 px = 0.125 cycles/px = 0.25 of the Nyquist frequency.
+    wave = 0.5 + 0.3 * torch.cos(2 * math.pi * 8 * x / size)
+    image = wave.expand(1, 3, size, size).clone()
+    assert torch.allclose(fft_filter(image, 0.3, "low"), image, atol=1e-5)
+    assert torch.allclose(fft_filter(image, 0.2, "low"), torch.full_like(image, 0.5), atol=1e-5)
+    assert torch.allclose(fft_filter(image, 0.2, "high"), image, atol=1e-5)
+    assert torch.allclose(fft_filter(image, 0.3, "high"), torch.full_like(image, 0.5), atol=1e-5)
+    # Low + high - mean gives the image back (no clamping in this range).
+    noise = 0.5 + 0.05 * torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    mean = noise.mean((-2, -1), keepdim=True)
+    total = fft_filter(noise, 0.4, "low") + fft_filter(noise, 0.4, "high") - mean
+    assert torch.allclose(total, noise, atol=1e-5)
+    with pytest.raises(ValueError, match="mode"):
+        fft_filter(image, 0.3, "band")
+    with pytest.raises(ValueError, match="Nyquist"):
+        fft_filter(image, 0.0, "low")
+
+
+def test_filter_knob_filters_the_items():
+    plain = SyntheticScenes(4, seed=8)
+    low = SyntheticScenes(4, seed=8, filter=("low", 0.2))
+    assert torch.allclose(low[2]["image"], fft_filter(plain[2]["image"], 0.2, "low"))
+    assert torch.equal(low[2]["mask"], plain[2]["mask"])
+    with pytest.raises(ValueError):
+        SyntheticScenes(4, filter=("low", 2.0))
+    with pytest.raises(ValueError, match="background_bias"):
+        SyntheticScenes(4, background_bias=1.5)
+
+
+# ---- bundled models ----------------------------------------------------------------------
+def test_bundled_models_load_offline_and_are_accurate(models, held_out):
+    batch = held_out.batch(range(len(held_out)))
+    for name, model in models.items():
+        assert not model.training
+        assert model.class_names == list(CLASSES)
+        cfg = input_config(model)
+        assert cfg.size == (64, 64) and cfg.mean == (0.5, 0.5, 0.5)
+        accuracy = (_manual_logits(model, batch["image"]).argmax(1) == batch["label"]).float()
+        assert accuracy.mean() >= 0.90, (name, accuracy.mean())
+        info = model.zoo_info
+        assert info["config"]["seed"] == 0 and info["config"]["eval_seed"] == HELD_OUT_SEED
+        assert info["train_seconds"] <= 30 * 60
+    with pytest.raises(ValueError, match="unknown zoo model"):
+        load_model("resnet50")
+
+
+def test_training_script_quick_mode_gives_a_loadable_model(tmp_path):
+    out = tmp_path / "cnn.safetensors"
+    assert train_main(["cnn", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    meta = read_metadata(out)
+    assert meta["info"]["config"]["steps"] == 3
+    assert meta["info"]["command"].startswith("python -m captum_vit.zoo.train cnn --quick")
+    model = load_model("cnn", out)
+    assert not model.training and model.class_names == list(CLASSES)
+    assert model(torch.zeros(2, 3, 64, 64)).shape == (2, len(CLASSES))
+    # The quick run really trained: its weights differ from the bundled ones and from init.
+    bundled = load_model("cnn")
+    assert not torch.equal(model.fc.weight, bundled.fc.weight)
+    with pytest.raises(ValueError, match="holds zoo model"):
+        load_model("vit", out)
+
+
+# ---- experiments ---------------------------------------------------------------------------
+def _oracle_foreground_background(model, data):
+    """Brute force: per image, cut the mask's bounding box with index slicing."""
+    hits = np.zeros((3, 2))
+    for index in range(len(data)):
+        item = data[index]
+        image, mask = item["image"], item["mask"][0]
+        ys, xs = np.nonzero(mask.numpy())
+        fg = torch.zeros_like(image)
+        box = (slice(None), slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
+        fg[box] = image[box]
+        bg = image.clone()
+        bg[box] = 0
+        logits = _manual_logits(model, torch.stack([image, fg, bg]))
+        top5 = logits.topk(5, dim=1).indices
+        hits[:, 0] += (top5[:, 0] == item["label"]).numpy()
+        hits[:, 1] += (top5 == item["label"]).any(1).numpy()
+    return 100 * hits / len(data)
+
+
+def test_foreground_background_matches_oracle_on_both_models(models):
+    data = SyntheticScenes(60, seed=HELD_OUT_SEED + 10)
+    for name, model in models.items():
+        model.train()
+        model.fc.weight.requires_grad_(True) if name == "cnn" else None
+        grads = {n: p.requires_grad for n, p in model.named_parameters()}
+        result = foreground_background(model, data, batch_size=25)
+        expected = _oracle_foreground_background(model, data)
+        got = np.array(
+            [
+                [result.full_top1, result.full_top5],
+                [result.foreground_top1, result.foreground_top5],
+                [result.background_top1, result.background_top5],
+            ]
+        )
+        np.testing.assert_allclose(got, expected, atol=1e-9)
+        assert result.num_images == 60 and result.region == "box"
+        assert result.normalized_foreground == pytest.approx(
+            100 * result.foreground_top5 / result.full_top5
+        )
+        # Left as found: train mode and requires_grad flags, no hooks.
+        assert model.training
+        assert grads == {n: p.requires_grad for n, p in model.named_parameters()}
+        assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+        model.eval()
+
+
+def test_foreground_background_on_bundled_models_reads_the_scene(models, held_out):
+    """Both models rely mainly on the foreground and also learned the planted background
+    shortcut (background-only accuracy above chance, 12.5%)."""
+    for name, model in models.items():
+        mask_result = foreground_background(model, held_out, region="mask", batch_size=150)
+        assert mask_result.foreground_top1 > 80, name
+        assert 12.5 + 10 < mask_result.background_top1 < mask_result.foreground_top1, name
+
+
+def test_foreground_background_accepts_tuples_and_rejects_bad_data(models):
+    model = models["cnn"]
+    batch = SyntheticScenes(20, seed=9).batch(range(20))
+    as_dict = foreground_background(model, [batch], region="mask")
+    as_tuple = foreground_background(
+        model, [(batch["image"], batch["label"], batch["mask"])], region="mask"
+    )
+    assert as_dict == as_tuple
+    with pytest.raises(ValueError, match="masks"):
+        foreground_background(model, [(batch["image"], batch["label"])])
+    with pytest.raises(ValueError, match="region"):
+        foreground_background(model, [batch], region="outline")
+    with pytest.raises(ValueError, match="do not match"):
+        foreground_background(model, [(batch["image"], batch["label"], batch["mask"][:3])])
+
+
+def test_frequency_sensitivity_matches_oracle_on_both_models(models):
+    data = SyntheticScenes(50, seed=HELD_OUT_SEED + 20)
+    batch = data.batch(range(50))
+    cutoffs = (0.1, 0.5, 1.0)
+    for name, model in models.items():
+        result = frequency_sensitivity(model, data, cutoffs, batch_size=20)
+        assert result.cutoffs == cutoffs and result.num_images == 50
+
+        def acc(images, model=model):
+            return (
+                100
+                * (_manual_logits(model, images).argmax(1) == batch["label"]).float().mean().item()
+            )
+
+        assert result.clean_top1 == pytest.approx(acc(batch["image"]))
+        for i, c in enumerate(cutoffs):
+            # Oracle filter written with numpy's FFT and an explicit radial mask.
+            spectrum = np.fft.fft2(batch["image"].numpy())
+            f = np.fft.fftfreq(64) / 0.5
+            radius = np.hypot(f[:, None], f[None, :])
+            low = np.fft.ifft2(spectrum * (radius <= c)).real.clip(0, 1)
+            high_mask = radius > c
+            high_mask[0, 0] = True
+            high = np.fft.ifft2(spectrum * high_mask).real.clip(0, 1)
+            assert result.low_pass_top1[i] == pytest.approx(
+                acc(torch.tensor(low, dtype=torch.float32)), abs=2.0
+            ), name
+            assert result.high_pass_top1[i] == pytest.approx(
+                acc(torch.tensor(high, dtype=torch.float32)), abs=2.0
+            ), name
+        # Cut-off 1.0 keeps the whole disc of frequencies up to Nyquist: almost the clean image.
+        assert abs(result.low_pass_top1[-1] - result.clean_top1) <= 6
+    with pytest.raises(ValueError, match="Nyquist"):
+        frequency_sensitivity(models["cnn"], data, cutoffs=(0.0,))
