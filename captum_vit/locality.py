@@ -1,0 +1,472 @@
+"""SpatialLocalityProbe: how much of each token's input comes from its own patch, per layer,
+and the paper's cls / patch pooling experiments (Ghiasi et al. 2022, section 4).
+
+Receptive-field locality of a layer: for a token at grid cell ``(i, j)``, take a fixed
+random projection ``r . t_ij`` of its features, its gradient with respect to the input
+image, and the ``|.|`` mass of that gradient summed per input region of the layer's own
+grid. Its share inside region ``(i, j)`` is 1 for a token that sees only its own patch and
+about ``1 / (h*w)`` for uniform mixing. The locality of a layer is the mean share over
+images and positions.
+
+How it is computed: the image is replicated along the batch, copy ``k`` probing one
+position, and the gradient of ``sum_k r . t_k[pos_k]`` with respect to the copies gives
+every copy's own field in one backward pass (copies never interact in eval mode). All
+layers are captured in one forward stopped after the deepest one, then one backward per
+layer runs on the retained graph; positions go in chunks of ``batch_size``.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+from captum.attr import LayerAttribution
+from torch import nn
+
+from ._pooling import run_pooling_experiments, token_pipeline
+from .capture import LayerTap, find_module, preserved_state
+from .layout import TokenLayout, resolve_layout
+from .locality_plot import plot_locality
+from .models import ImageModel, check_images, fixed_input_size
+from .reports import Accuracy, LocalityReport, PoolingReport
+
+__all__ = [
+    "Accuracy",
+    "LocalityReport",
+    "PoolingReport",
+    "SpatialLocalityProbe",
+    "find_blocks",
+    "plot_locality",
+]
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList)
+_BLOCK_WORDS = ("block", "bottleneck", "layer")
+_SITES = ("input", "output")
+
+
+def find_blocks(model: nn.Module) -> list[str]:
+    """Dotted paths of the model's blocks, in registration order.
+
+    A block is a child of an ``nn.Sequential`` / ``nn.ModuleList`` whose children are all
+    composite modules of one class named like a block (``Block``, ``ResidualAttentionBlock``,
+    ``SwinTransformerBlock``, ``BasicBlock``, ``Bottleneck``...); when such containers nest
+    (Swin stages of blocks) the innermost ones count.
+    """
+    containers = []
+    for name, module in model.named_modules():
+        if not isinstance(module, _CONTAINERS) or len(module) == 0:
+            continue
+        children = list(module.children())
+        kinds = {type(child) for child in children}
+        if len(kinds) != 1:
+            continue
+        kind = next(iter(kinds))
+        if (
+            issubclass(kind, _CONTAINERS)
+            or not any(True for _ in children[0].children())
+            or not any(word in kind.__name__.lower() for word in _BLOCK_WORDS)
+        ):
+            continue
+        containers.append((name, module))
+    blocks = []
+    for name, module in containers:
+        nested = any(
+            other != name and other.startswith(f"{name}.") for other, _ in containers if name
+        )
+        if nested:
+            continue
+        prefix = f"{name}." if name else ""
+        blocks += [prefix + child for child, _ in module.named_children()]
+    return blocks
+
+
+class SpatialLocalityProbe(LayerAttribution):
+    """Receptive-field locality per layer, and the paper's cls / patch pooling experiments.
+
+    Args:
+        model: a timm or open_clip vision model (or a CNN); it is never modified.
+        layers: ``None`` for every block (see :func:`find_blocks`; blocks without a patch
+            grid, such as CaiT's class-attention blocks, are skipped), or a layer / list of
+            layers (modules or dotted paths); reported in forward order.
+        mean, std, image_size: override the model's own normalization / input size.
+        seed: seed of the random feature projections.
+        batch_size: image copies (one probed position each) per forward / backward.
+        pooled_last_block: where to read the model's last block when the head reads only
+            its prefix (cls) tokens -- measured, not assumed: the head's gradient on that
+            block's patch tokens is exactly zero. ``"input"`` (default): its patch outputs
+            are dead ends that no prediction uses, so the spatial information the block
+            actually works on is the tokens it pools from, its input. ``"output"``: the
+            output anyway (those tokens still depend on the image, so their fields exist).
+
+    Examples::
+
+        >>> probe = SpatialLocalityProbe(timm.create_model("vit_tiny_patch16_224"))
+        >>> report = probe.attribute(images)               # every block, every position
+        >>> report.locality                                 # (12,)
+        >>> report.fields.shape                             # (12, 14, 14, 14, 14)
+        >>> pooling = probe.accuracy_experiments(loader)    # Table 1 of the paper
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: nn.Module | str | Sequence[nn.Module | str] | None = None,
+        *,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        image_size: int | Sequence[int] | None = None,
+        seed: int = 0,
+        batch_size: int = 16,
+        pooled_last_block: str = "input",
+    ) -> None:
+        if pooled_last_block not in _SITES:
+            raise ValueError(
+                f"pooled_last_block must be 'input' or 'output', got {pooled_last_block!r}"
+            )
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.wrapped = ImageModel(model, mean=mean, std=std, image_size=image_size)
+        self.vision = self.wrapped.model
+        self.blocks = find_blocks(self.vision)
+        self.default_layers = layers is None
+        if layers is None:
+            if not self.blocks:
+                raise ValueError(
+                    f"found no blocks in {type(self.vision).__name__}; pass layers=[...] "
+                    "(dotted paths or modules)"
+                )
+            names = list(self.blocks)
+        else:
+            if isinstance(layers, (str, nn.Module)):
+                layers = [layers]
+            names = [find_module(self.vision, layer)[0] for layer in layers]
+            if not names:
+                raise ValueError("layers is empty; pass None for every block")
+        self.layer_names = list(dict.fromkeys(names))
+        modules = [self.vision.get_submodule(name) for name in self.layer_names]
+        LayerAttribution.__init__(self, self.wrapped, modules)
+        self.seed = seed
+        self.batch_size = batch_size
+        self.pooled_last_block = pooled_last_block
+        self._fixed_size = fixed_input_size(self.vision)
+        self._plans: dict[tuple[int, int], _Plan] = {}
+
+    # ------------------------------------------------------------------ helpers
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.wrapped.mean.to(images)) / self.wrapped.std.to(images)
+
+    def _device(self) -> torch.device:
+        param = next(self.vision.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        check_images(images, size=self._fixed_size)
+        return images.detach().to(self._device(), torch.float32)
+
+    def _plan(self, images: torch.Tensor) -> _Plan:
+        """Layers, layouts, sites and projections for this input size (cached)."""
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        if size not in self._plans:
+            self._plans[size] = self._make_plan(images[:1])
+        return self._plans[size]
+
+    def _make_plan(self, image: torch.Tensor) -> _Plan:
+        probe = self.normalize(image)
+        names = _forward_order(self.vision, self.layer_names, probe)
+        last = self._last_spatial_block(probe)
+        pooled = last is not None and _head_ignores_patches(self.vision, last, probe)
+        layouts, sites, kept = [], [], []
+        for name in names:
+            site = "output"
+            if pooled and name == last[0] and self.pooled_last_block == "input":
+                site = "input"
+            try:
+                layout = resolve_layout(
+                    self.vision, name, probe, attribute_to_layer_input=site == "input"
+                )
+            except ValueError:
+                if self.default_layers:
+                    continue  # blocks without a patch grid (CaiT class attention)
+                raise
+            kept.append(name)
+            layouts.append(layout)
+            sites.append(site)
+        if not kept:
+            raise ValueError(
+                f"none of the blocks of {type(self.vision).__name__} has a patch grid; pass "
+                "spatial layers=[...]"
+            )
+        generator = torch.Generator().manual_seed(self.seed)
+        projections = [torch.randn(layout.num_channels, generator=generator) for layout in layouts]
+        return _Plan(kept, layouts, sites, projections)
+
+    def _last_spatial_block(self, probe: torch.Tensor) -> tuple[str, TokenLayout] | None:
+        for name in reversed(_forward_order(self.vision, self.blocks, probe)):
+            try:
+                return name, resolve_layout(self.vision, name, probe)
+            except ValueError:
+                continue
+        return None
+
+    # ------------------------------------------------------------------ locality
+
+    def attribute(self, inputs: torch.Tensor, positions: int | None = None) -> LocalityReport:
+        """Receptive-field locality of every probed layer.
+
+        Args:
+            inputs: ``(B, 3, H, W)`` RGB images in ``[0, 1]``.
+            positions: ``None`` probes every grid position; ``n`` probes a random sample
+                of ``n`` positions per layer (the same for every image; seeded by
+                ``seed``; layers with fewer cells probe them all).
+
+        Returns:
+            :class:`LocalityReport`: ``locality`` (L,), ``fields`` (L, h, w, h, w) (a list
+            of per-layer tensors when grids differ), ``grids``, ``sites``, ``positions``.
+
+        Raises:
+            ValueError / TypeError: invalid images, a requested layer without a patch grid,
+                ``positions`` not a positive int.
+        """
+        images = self._prepare(inputs)
+        if positions is not None and (
+            isinstance(positions, bool) or not isinstance(positions, int) or positions < 1
+        ):
+            raise ValueError(f"positions must be None or a positive int, got {positions!r}")
+        with preserved_state(self.vision):
+            plan = self._plan(images)
+            probed = _choose_positions(plan.layouts, positions, self.seed)
+            totals = [
+                torch.zeros(len(p), layout.grid[0] * layout.grid[1])
+                for p, layout in zip(probed, plan.layouts, strict=True)
+            ]
+            for site in _SITES:
+                group = [i for i, s in enumerate(plan.sites) if s == site]
+                if group:
+                    self._probe_group(images, plan, group, probed, totals)
+        return _locality_report(plan, probed, totals, images)
+
+    def _probe_group(
+        self,
+        images: torch.Tensor,
+        plan: _Plan,
+        group: list[int],
+        probed: list[torch.Tensor],
+        totals: list[torch.Tensor],
+    ) -> None:
+        """Accumulate field shares of the layers in ``group`` (all read at one site)."""
+        slots = max(len(probed[i]) for i in group)
+        jobs = [(b, s) for b in range(images.shape[0]) for s in range(slots)]
+        device = images.device
+        for start in range(0, len(jobs), self.batch_size):
+            chunk = torch.tensor(jobs[start : start + self.batch_size])
+            image_index, slot = chunk[:, 0], chunk[:, 1]
+            active = [i for i in group if bool((slot < len(probed[i])).any())]
+            copies = images[image_index.to(device)].clone().requires_grad_(True)
+            as_input = plan.sites[active[0]] == "input"
+            with (
+                torch.enable_grad(),
+                LayerTap(
+                    self.vision, [plan.names[i] for i in active], attribute_to_layer_input=as_input
+                ) as tap,
+            ):
+                values = tap.run(self.normalize(copies))
+                for order in reversed(range(len(active))):
+                    i = active[order]
+                    rows = (slot < len(probed[i])).nonzero().squeeze(1)
+                    cells = probed[i][slot[rows]]
+                    tokens = plan.layouts[i].tokens(values[order])
+                    score = tokens[rows.to(device), cells.to(device)] @ plan.projections[i].to(
+                        tokens
+                    )
+                    if not score.requires_grad:
+                        raise ValueError(
+                            f"the tokens of layer {plan.names[i]!r} do not depend on the image"
+                        )
+                    (grad,) = torch.autograd.grad(score.sum(), copies, retain_graph=order > 0)
+                    shares = _region_shares(grad[rows.to(device)], plan.layouts[i].grid)
+                    totals[i].index_add_(0, slot[rows], shares.cpu())
+
+    # ------------------------------------------------------------------ pooling
+
+    def accuracy_experiments(
+        self,
+        dataloader: Iterable,
+        isolate: Iterable[int] | int | None = None,
+        tear: Iterable[int] | int | None = None,
+        head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> PoolingReport:
+        """The paper's Table 1 experiments (and the "tear" sweep) on labelled images.
+
+        The model's own modules are re-run in the needed order; the model is not edited.
+
+        Args:
+            dataloader: iterable of ``(images, labels)`` batches, images ``(B, 3, H, W)``
+                in ``[0, 1]``, labels ``(B,)`` class indices.
+            isolate: numbers of blocks ``L`` the cls token runs alone (``None``: every
+                ``L`` in ``0..depth``; ``[]``: skip).
+            tear: numbers of blocks ``L`` after which all patch tokens are dropped
+                (``None``: every ``L`` in ``0..depth``; ``[]``: skip).
+            head: maps the model's pooled features to logits. Needed for open_clip towers
+                (a linear classifier or a zero-shot head on the image embedding); for timm
+                models it replaces the model's own head and gets the pre-logits features.
+
+        Returns:
+            :class:`PoolingReport`, accuracies as top-1 / top-5 percentages.
+
+        Raises:
+            ValueError: the experiment is undefined for this architecture (no cls token,
+                average / attention pooling, Swin, PiT, CaiT...), an ``L`` out of range,
+                bad images or labels.
+
+        Examples::
+
+            >>> report = probe.accuracy_experiments(loader, isolate=[0, 11], tear=[])
+            >>> report.natural, report.isolated_cls[11], report.patch_average
+        """
+        pipeline = token_pipeline(self.vision, head)
+        grids: dict[tuple[int, int], tuple[int, int]] = {}
+
+        def prepare(images: torch.Tensor) -> torch.Tensor:
+            return self.normalize(self._prepare(images))
+
+        def grid(images: torch.Tensor) -> tuple[int, int]:
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+            if size not in grids:
+                last = f"{_module_path(self.vision, pipeline.blocks[-1])}"
+                grids[size] = resolve_layout(self.vision, last, prepare(images[:1])).grid
+            return grids[size]
+
+        with preserved_state(self.vision):
+            return run_pooling_experiments(
+                pipeline, dataloader, prepare=prepare, grid=grid, isolate=isolate, tear=tear
+            )
+
+
+class _Plan:
+    """What the probe measures for one input size."""
+
+    def __init__(
+        self,
+        names: list[str],
+        layouts: list[TokenLayout],
+        sites: list[str],
+        projections: list[torch.Tensor],
+    ) -> None:
+        self.names = names
+        self.layouts = layouts
+        self.sites = sites
+        self.projections = projections
+
+
+def _module_path(model: nn.Module, module: nn.Module) -> str:
+    return find_module(model, module)[0]
+
+
+def _forward_order(model: nn.Module, names: Sequence[str], probe: torch.Tensor) -> list[str]:
+    """``names`` sorted by when each layer first runs (unrun layers raise)."""
+    with torch.no_grad(), LayerTap(model, list(names), watch=lambda *_: None) as tap:
+        tap.run(probe)
+        marks = [calls[0] for calls in tap.marks]
+    order = sorted(range(len(names)), key=lambda i: (marks[i], i))
+    return [names[i] for i in order]
+
+
+def _head_ignores_patches(
+    model: nn.Module, last: tuple[str, TokenLayout], probe: torch.Tensor
+) -> bool:
+    """Whether the model's output has exactly zero gradient on the patch tokens of its
+    last block (cls / token pooling), measured with a random projection of the output."""
+    name, layout = last
+    outputs: list[torch.Tensor] = []
+
+    def keep_root(path: str, _module: nn.Module, output: object) -> None:
+        if path == "":
+            outputs.append(output)
+
+    image = probe.clone().requires_grad_(True)
+    with (
+        torch.enable_grad(),
+        LayerTap(model, name, early_exit=False, watch=keep_root) as tap,
+    ):
+        (raw,) = tap.run(image)
+    result = outputs[-1] if outputs else None
+    if isinstance(result, (tuple, list)):
+        result = next((r for r in result if isinstance(r, torch.Tensor)), None)
+    if not isinstance(result, torch.Tensor) or not result.requires_grad:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.randn(result.shape, generator=generator).to(result)
+    (grad,) = torch.autograd.grad((result * weights).sum(), layout.select(raw), allow_unused=True)
+    if grad is None:
+        return True
+    if layout.element is not None:  # tuple outputs: put the gradient where the map was
+        grad = [grad if i == layout.element else item for i, item in enumerate(raw)]
+    return not bool(layout.tokens(grad).ne(0).any())
+
+
+def _choose_positions(
+    layouts: Sequence[TokenLayout], positions: int | None, seed: int
+) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed + 1)
+    chosen = []
+    for layout in layouts:
+        cells = layout.grid[0] * layout.grid[1]
+        if positions is None or positions >= cells:
+            chosen.append(torch.arange(cells))
+        else:
+            chosen.append(torch.randperm(cells, generator=generator)[:positions].sort().values)
+    return chosen
+
+
+def _region_matrix(cells: int, pixels: int, device: torch.device) -> torch.Tensor:
+    """``(cells, pixels)`` 0/1 matrix: pixel ``y`` belongs to cell ``floor(y*cells/pixels)``."""
+    owner = torch.arange(pixels, device=device) * cells // pixels
+    return (owner[None, :] == torch.arange(cells, device=device)[:, None]).float()
+
+
+def _region_shares(grad: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """``(k, 3, H, W)`` gradients -> ``(k, h*w)`` shares of ``|grad|`` per input region."""
+    mass = grad.abs().sum(1)
+    rows = _region_matrix(grid[0], mass.shape[-2], mass.device)
+    cols = _region_matrix(grid[1], mass.shape[-1], mass.device)
+    regions = torch.einsum("ay,kyx,bx->kab", rows, mass, cols).flatten(1)
+    return regions / regions.sum(1, keepdim=True)  # 0/0 -> NaN: no gradient at all
+
+
+def _locality_report(
+    plan: _Plan,
+    probed: list[torch.Tensor],
+    totals: list[torch.Tensor],
+    images: torch.Tensor,
+) -> LocalityReport:
+    count = images.shape[0]
+    fields, locality = [], []
+    for layout, cells, total in zip(plan.layouts, probed, totals, strict=True):
+        h, w = layout.grid
+        field = torch.full((h * w, h * w), math.nan)
+        field[cells] = total / count
+        own = field[cells, cells]
+        if torch.isnan(own).any():
+            warnings.warn(
+                f"some tokens of {layout.layer!r} have no gradient on the image; they are "
+                "left out of its locality",
+                stacklevel=3,
+            )
+        locality.append(own.nanmean())
+        fields.append(field.view(h, w, h, w))
+    grids = [layout.grid for layout in plan.layouts]
+    same = len(set(grids)) == 1
+    return LocalityReport(
+        layers=list(plan.names),
+        locality=torch.stack(locality),
+        fields=torch.stack(fields) if same else fields,
+        grids=grids,
+        sites=list(plan.sites),
+        positions=probed,
+        projections=list(plan.projections),
+        image_size=(int(images.shape[-2]), int(images.shape[-1])),
+        num_images=count,
+    )
