@@ -18,7 +18,7 @@ need a cls token that alone feeds the head and a plain stack of blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -195,11 +195,20 @@ def _check_sweep(values: Iterable[int] | None, depth: int, name: str) -> list[in
 
 
 def _batch(item: object) -> tuple[torch.Tensor, torch.Tensor]:
-    if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+    """``(images, labels)`` from a ``(images, labels, ...)`` sequence or a mapping with
+    ``image(s)`` / ``label(s)`` keys (as the zoo's SyntheticScenes batches)."""
+    if isinstance(item, Mapping):
+        images = item.get("image", item.get("images"))
+        labels = item.get("label", item.get("labels"))
+    elif isinstance(item, (tuple, list)) and len(item) >= 2:
+        images, labels = item[0], item[1]
+    else:
+        images = labels = None
+    if images is None or labels is None:
         raise TypeError(
-            f"accuracy_experiments needs batches of (images, labels); got {type(item).__name__}"
+            "accuracy_experiments needs batches of (images, labels) or dicts with 'image' "
+            f"and 'label' keys; got {type(item).__name__}"
         )
-    images, labels = item[0], item[1]
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
         raise TypeError("labels must be an integer tensor (B,) of class indices")
     if labels.dim() != 1 or labels.shape[0] != images.shape[0]:

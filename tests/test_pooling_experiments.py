@@ -1,0 +1,224 @@
+"""SpatialLocalityProbe.accuracy_experiments: known answers (isolation L=0 and tear after the
+last block are the natural model), oracles written with the model's own API (attention
+masks for isolation, forward_features + head by hand for the patch head), open_clip towers
+with a zero-shot head, errors and hygiene."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from archs import TIMM_ARCHS, open_clip_timm_trunk, open_clip_tower
+
+import captum_vit as cv
+
+DEPTH = 3
+
+
+def small_vit(name: str = "vit_tiny_patch16_224", **kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        name,
+        img_size=32,
+        patch_size=8,
+        depth=DEPTH,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=10,
+        **kwargs,
+    ).eval()
+
+
+def normalize(model, x):
+    mean = torch.tensor(model.pretrained_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(model.pretrained_cfg["std"]).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def labelled(logits_fn, count=24, batch=8, seed=0, num_classes=10):
+    """Batches of random images; half the labels are the model's own top-1 predictions
+    (so accuracies are neither 0 nor 100), half random."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(count, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        labels = logits_fn(x).argmax(-1)
+    labels[count // 2 :] = torch.randint(0, num_classes, (count - count // 2,), generator=generator)
+    return [(x[i : i + batch], labels[i : i + batch]) for i in range(0, count, batch)]
+
+
+def accuracy(logits, labels):
+    """Top-1 / top-5 in percent, written independently of the package."""
+    top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+    top1 = (top[:, 0] == labels).double().mean().item() * 100
+    top5 = (top == labels[:, None]).any(-1).double().mean().item() * 100
+    return top1, top5
+
+
+def concat(batches):
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+@torch.no_grad()
+def isolated_logits(model, x, blocks_isolated):
+    """Oracle: the full sequence with an attention mask that separates the prefix from the
+    patches in the first L blocks (the package runs them as separate sequences)."""
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(normalize(model, x))))
+    p, n = model.num_prefix_tokens, tokens.shape[1]
+    side = torch.arange(n) < p
+    mask = side[:, None] == side[None, :]
+    for index, block in enumerate(model.blocks):
+        tokens = block(tokens, attn_mask=mask) if index < blocks_isolated else block(tokens)
+    return model.forward_head(model.norm(tokens))
+
+
+@torch.no_grad()
+def torn_logits(model, x, after):
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(normalize(model, x))))
+    for index, block in enumerate(model.blocks):
+        if index == after:
+            tokens = tokens[:, : model.num_prefix_tokens]
+        tokens = block(tokens)
+    if after == len(model.blocks):
+        tokens = tokens[:, : model.num_prefix_tokens]
+    return model.forward_head(model.norm(tokens))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224"])
+def test_known_answers_and_oracles(name):
+    model = small_vit(name)
+    batches = labelled(lambda x: model(normalize(model, x)))
+    x, labels = concat(batches)
+    report = cv.SpatialLocalityProbe(model).accuracy_experiments(batches)
+    natural = accuracy(model(normalize(model, x)), labels)
+    assert 0 < natural[0] < 100
+    assert report.natural == pytest.approx(natural, abs=1e-9)
+    assert report.num_images == 24 and report.depth == DEPTH
+    assert sorted(report.isolated_cls) == sorted(report.tear) == list(range(DEPTH + 1))
+    # Exact known answers: nothing isolated / torn after the last block = natural.
+    assert report.isolated_cls[0] == report.natural
+    assert report.tear[DEPTH] == report.natural
+    for blocks in (1, DEPTH - 1, DEPTH):
+        assert report.isolated_cls[blocks] == pytest.approx(
+            accuracy(isolated_logits(model, x, blocks), labels), abs=1e-9
+        )
+    for after in (0, 1, DEPTH - 1):
+        assert report.tear[after] == pytest.approx(
+            accuracy(torn_logits(model, x, after), labels), abs=1e-9
+        )
+    # Patch head by hand: final tokens -> the model's own head on each position.
+    with torch.no_grad():
+        features = model.forward_features(normalize(model, x))
+        per_position = []
+        for position in range(16):
+            token = features[:, model.num_prefix_tokens + position]
+            if name.startswith("deit"):
+                logits = (model.head(token) + model.head_dist(token)) / 2
+            else:
+                logits = model.head(model.fc_norm(token))
+            per_position.append(accuracy(logits, labels))
+    top1 = torch.tensor([a[0] for a in per_position], dtype=torch.float32).view(4, 4)
+    top5 = torch.tensor([a[1] for a in per_position], dtype=torch.float32).view(4, 4)
+    torch.testing.assert_close(report.patch_accuracy, top1)
+    torch.testing.assert_close(report.patch_accuracy_top5, top5)
+    assert report.patch_average.top1 == pytest.approx(float(top1.double().mean()))
+    assert report.patch_average.top5 == pytest.approx(float(top5.double().mean()))
+    assert report.patch_max.top1 == pytest.approx(float(top1.max()))
+    row, col = report.patch_max_position
+    assert report.patch_accuracy[row, col] == top1.max()
+    print(report)
+
+
+def test_sweep_selection_and_dict_batches():
+    model = small_vit()
+    batches = labelled(lambda x: model(normalize(model, x)))
+    dicts = [{"image": images, "label": labels} for images, labels in batches]
+    probe = cv.SpatialLocalityProbe(model)
+    report = probe.accuracy_experiments(dicts, isolate=[2], tear=[])
+    assert list(report.isolated_cls) == [2] and report.tear == {}
+    full = probe.accuracy_experiments(batches, isolate=2, tear=1)
+    assert full.isolated_cls[2] == report.isolated_cls[2] and list(full.tear) == [1]
+
+
+def test_own_head_replaces_the_classifier():
+    model = small_vit()
+    torch.manual_seed(1)
+    head = torch.nn.Linear(32, 7)
+    batches = labelled(
+        lambda x: head(model.forward_head(model.forward_features(normalize(model, x)), True)),
+        num_classes=7,
+    )
+    x, labels = concat(batches)
+    report = cv.SpatialLocalityProbe(model).accuracy_experiments(
+        batches, isolate=[0], tear=[], head=head
+    )
+    with torch.no_grad():
+        logits = head(model.forward_head(model.forward_features(normalize(model, x)), True))
+    assert report.natural == pytest.approx(accuracy(logits, labels), abs=1e-9)
+    assert report.isolated_cls[0] == report.natural
+
+
+@pytest.mark.parametrize("kind", ["tower", "tower_nbc", "timm_trunk"])
+def test_open_clip_with_zero_shot_head(kind):
+    tower = {
+        "tower": open_clip_tower,
+        "tower_nbc": lambda: open_clip_tower(batch_first=False),
+        "timm_trunk": open_clip_timm_trunk,
+    }[kind]()
+    torch.manual_seed(2)
+    text = F.normalize(torch.randn(6, 16), dim=-1)
+
+    def head(embedding):
+        return F.normalize(embedding, dim=-1) @ text.T
+
+    wrapped = cv.ImageModel(tower)
+    batches = labelled(lambda x: head(wrapped(x)), num_classes=6)
+    x, labels = concat(batches)
+    probe = cv.SpatialLocalityProbe(tower)
+    report = probe.accuracy_experiments(batches, head=head)
+    with torch.no_grad():
+        natural = accuracy(head(wrapped(x)), labels)
+    assert report.natural == pytest.approx(natural, abs=1e-9)
+    assert report.isolated_cls[0] == report.natural == report.tear[2]
+    assert report.patch_accuracy.shape == (4, 4)
+    with pytest.raises(ValueError, match="head="):
+        probe.accuracy_experiments(batches)
+
+
+@pytest.mark.parametrize("name", ["vit_avg", "vit_map", "swin", "cait", "convit", "pit", "resnet"])
+def test_undefined_architectures_raise(name):
+    model = TIMM_ARCHS[name][0]()
+    with pytest.raises(ValueError, match="cls|token|pool|undefined"):
+        cv.SpatialLocalityProbe(model).accuracy_experiments([])
+
+
+def test_bad_arguments_and_hygiene():
+    # Heavy dropout and drop-path: in train mode every run would differ.
+    model = small_vit(drop_rate=0.5, proj_drop_rate=0.5, drop_path_rate=0.5).train()
+    model.head.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    batches = labelled(lambda x: model.eval()(normalize(model, x)))
+    x, labels = concat(batches)
+    with torch.no_grad():
+        natural = accuracy(model.eval()(normalize(model, x)), labels)
+    model.train()
+    probe = cv.SpatialLocalityProbe(model)
+    with pytest.raises(ValueError, match="out of range"):
+        probe.accuracy_experiments(batches, isolate=[DEPTH + 1])
+    with pytest.raises(TypeError, match="ints"):
+        probe.accuracy_experiments(batches, tear=[1.5])
+    with pytest.raises(TypeError, match="labels"):
+        probe.accuracy_experiments([torch.rand(2, 3, 32, 32)])
+    with pytest.raises(ValueError, match="class indices"):
+        probe.accuracy_experiments([(torch.rand(2, 3, 32, 32), torch.tensor([0, 10]))])
+    with pytest.raises(ValueError, match="no images"):
+        probe.accuracy_experiments([])
+    with pytest.raises(ValueError, match="32x32"):
+        probe.accuracy_experiments([(torch.rand(2, 3, 48, 48), torch.tensor([0, 1]))])
+    report = probe.accuracy_experiments(batches, isolate=[0], tear=[DEPTH])
+    assert report.natural == pytest.approx(natural, abs=1e-9)
+    assert report.isolated_cls[0] == report.tear[DEPTH] == report.natural
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+    for module in model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
