@@ -93,12 +93,17 @@ class SpatialLocalityProbe(LayerAttribution):
         mean, std, image_size: override the model's own normalization / input size.
         seed: seed of the random feature projections.
         batch_size: image copies (one probed position each) per forward / backward.
-        pooled_last_block: where to read the model's last block when the head reads only
-            its prefix (cls) tokens -- measured, not assumed: the head's gradient on that
-            block's patch tokens is exactly zero. ``"input"`` (default): its patch outputs
-            are dead ends that no prediction uses, so the spatial information the block
-            actually works on is the tokens it pools from, its input. ``"output"``: the
-            output anyway (those tokens still depend on the image, so their fields exist).
+        pooled_last_block: where to read the model's last block when its head reads only
+            the prefix (cls) tokens. Measured, not assumed: the model output's gradient on
+            that block's patch tokens is exactly zero (timm / DeiT / DINOv2 / ConViT / PiT /
+            CoaT / open_clip with cls pooling; not average-pooled ViTs, Swin, Twins, CaiT,
+            CNNs). ``"input"`` (default): those patch outputs are dead ends that no
+            prediction uses, and what the block does with spatial information is pool its
+            *input* patch tokens into cls, so its row reports the locality of the tokens it
+            pools. Its own attention then does not show in the row -- the paper's "last
+            layer acts as a global pooling" is what :meth:`accuracy_experiments` measures.
+            ``"output"``: read the dead patch outputs anyway (they do depend on the image:
+            only the head's gradient on them is zero), e.g. to see the block's own mixing.
 
     Examples::
 

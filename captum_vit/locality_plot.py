@@ -119,6 +119,7 @@ def _patch_axis(fig, ax, pooling: PoolingReport) -> None:
 
 
 def _field_axis(ax, name: str, item: LocalityReport, layer: int) -> None:
+    from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
     field = item.field(layer)
@@ -127,11 +128,13 @@ def _field_axis(ax, name: str, item: LocalityReport, layer: int) -> None:
     # Nearest probed position to the centre (all are probed unless positions=n).
     flat = cells[torch.argmin((cells // w - h // 2).abs() + (cells % w - w // 2).abs())]
     i, j = int(flat) // w, int(flat) % w
-    ax.imshow(field[i, j].numpy(), cmap="magma", vmin=0)
+    # Log colours: the own cell holds most of the mass, the spread is orders smaller.
+    shares = field[i, j].clamp_min(1e-4).numpy()
+    ax.imshow(shares, cmap="magma", norm=LogNorm(vmin=1e-4, vmax=1.0))
     ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5))
     ax.set_title(
         f"{name} {_short(item.layers[layer], item.sites[layer])}\n"
-        f"token ({i},{j}) own {float(field[i, j, i, j]):.2f}",
+        f"token ({i},{j}) own {float(field[i, j, i, j]):.2f} (log colours)",
         fontsize=7,
     )
     ax.set_xticks([])

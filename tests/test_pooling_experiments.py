@@ -222,3 +222,21 @@ def test_bad_arguments_and_hygiene():
     assert [p.requires_grad for p in model.parameters()] == flags
     for module in model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_zoo_vit_table1_numbers():
+    from captum_vit import zoo
+
+    if not (zoo.WEIGHTS_DIR / "vit.safetensors").is_file():
+        pytest.skip("the bundled zoo ViT weights are not trained yet (zoo issue)")
+    model = zoo.load_model("vit")
+    depth = len(model.blocks)
+    data = zoo.SyntheticScenes(256, seed=4242)
+    report = cv.SpatialLocalityProbe(model).accuracy_experiments(
+        data.batches(64), isolate=[0, depth - 1, depth], tear=[depth - 2, depth - 1, depth]
+    )
+    print(f"zoo ViT, {report.num_images} held-out SyntheticScenes images:\n{report}")
+    chance = 100 / len(model.class_names)
+    assert report.natural.top1 > 2 * chance
+    assert report.isolated_cls[0] == report.natural == report.tear[depth]
+    assert 0 <= report.patch_average.top1 <= report.patch_max.top1 <= 100
