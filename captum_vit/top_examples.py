@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ._base import _LayerMethod, as_unit_tensor
 from .capture import preserved_state
+from .layout import TokenLayout
 
 __all__ = ["ExampleSet", "TopActivatingExamples"]
 
@@ -166,6 +167,9 @@ class TopActivatingExamples(_LayerMethod):
         Returns:
             :class:`ExampleSet`; under ``torch.distributed`` every rank gets the same,
             exactly merged result (the one a single process would get over all data).
+            Every rank must call ``attribute`` with the same layer, target and image
+            size (a rank may have no batches); the merge is two ``all_gather`` calls of
+            the kept candidates (gloo on CPU, NCCL on the current CUDA device).
             When fewer than ``k`` images were seen, the remaining slots have score
             ``-inf``, index ``-1`` and an all-zero map.
 
@@ -209,7 +213,7 @@ class TopActivatingExamples(_LayerMethod):
             offset = 0
         return self._finish(top, seen, target, score, offset)
 
-    def _units(self, target: Any, layout: Any) -> torch.Tensor:
+    def _units(self, target: Any, layout: TokenLayout) -> torch.Tensor:
         if target is None:
             return torch.arange(layout.num_channels)
         return as_unit_tensor(target, layout.num_channels)
