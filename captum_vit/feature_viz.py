@@ -305,7 +305,7 @@ class FeatureVisualization(_LayerMethod):
                 image_param.after_step()
                 trace.append(per_image.detach().float())
                 if show_progress:
-                    bar.set_postfix(objective=f"{float(per_image.mean()):.4g}")
+                    bar.set_postfix(objective=f"{float(trace[-1].mean()):.4g}")
         return torch.stack(trace).cpu() if trace else torch.empty(0, draws.targets)
 
     # ------------------------------------------------------------------ helpers

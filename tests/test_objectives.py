@@ -184,3 +184,8 @@ def test_total_variation_matches_a_loop():
             anti = sum((img[i + 1, j] - img[i, j + 1]) ** 2 for i in range(4) for j in range(5))
             expected[b] += (right.sqrt() + down.sqrt() + diag.sqrt() + anti.sqrt()) / 3
     torch.testing.assert_close(obj.total_variation(x), expected)
+
+
+def test_total_variation_gradient():
+    x = torch.rand(2, 3, 5, 6, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(obj.total_variation, (x,))

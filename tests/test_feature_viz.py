@@ -1,0 +1,336 @@
+"""FeatureVisualization: known answers on a planted ViT, activation far above random images
+and photographs (random ViT and CNN), batched == separate, presets, hygiene."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from archs import TIMM_ARCHS, open_clip_model, open_clip_timm_trunk
+from fv_planted import (
+    PATCH,
+    SIZE,
+    UNIT,
+    best_shift_correlation,
+    patch_correlations,
+    planted_pattern,
+    planted_vit,
+)
+
+import captum_vit as cv
+import captum_vit.objectives as obj
+from captum_vit.transforms import ColorShift, FadingNoise, slot_generator
+
+
+def hooks_left(model):
+    return sum(
+        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+        for m in model.modules()
+    )
+
+
+def unit_activation(fv, images, units):
+    """Patch mean of each image's own unit, through a plain hook (not the package)."""
+    layout = fv.layout_for(images)
+    out = fv.forward_to_layer(images)
+    spatial, _ = layout.split(out)
+    return spatial.mean(dim=(2, 3))[torch.arange(len(units)), torch.tensor(units)]
+
+
+def photographs(size):
+    from skimage import data, transform
+
+    photos = [
+        data.astronaut(),
+        data.coffee(),
+        data.chelsea(),
+        data.rocket(),
+        data.hubble_deep_field(),
+    ]
+    out = [
+        torch.from_numpy(transform.resize(p, size, anti_aliasing=True).astype(np.float32))
+        for p in photos
+    ]
+    return torch.stack(out).permute(0, 3, 1, 2).contiguous()
+
+
+# --------------------------------------------------------------------------- known answers
+
+
+def test_planted_unit_recovers_its_pattern_with_the_paper_recipe():
+    model = planted_vit()
+    pattern = planted_pattern()
+    fv = cv.FeatureVisualization(model, "blocks.0.mlp.fc1")
+    image = fv.attribute(target=UNIT, preset="ghiasi2023", steps=40)[0]
+    # the roll jitter (up to 9 px here) may leave the pattern shifted against the grid
+    assert best_shift_correlation(image, pattern, limit=9) > 0.8
+    clean = fv.attribute(target=UNIT, preset="ghiasi2023", steps=30, transforms=[], copies=1)[0]
+    correlations = patch_correlations(clean, pattern)
+    assert correlations.shape == ((SIZE // PATCH) ** 2,)
+    assert correlations.min() > 0.85
+    other = fv.attribute(target=UNIT + 1, preset=None, steps=5)[0]  # a dead unit: no signal
+    assert patch_correlations(other, pattern).abs().max() < 0.3
+
+
+def test_neuron_objective_changes_only_its_own_patch():
+    model = planted_vit()
+    fv = cv.FeatureVisualization(model, "blocks.0.mlp.fc1")
+    start = torch.full((1, 3, SIZE, SIZE), 0.5)
+    image = fv.attribute(start, target=obj.neuron(UNIT, (0, 1)), preset=None, steps=20)[0]
+    change = (image - start[0]).abs()
+    outside = change.clone()
+    outside[:, :PATCH, PATCH:] = 0
+    assert change[:, :PATCH, PATCH:].sum() > 10
+    assert outside.max() == 0  # no gradient reaches the other patches
+    assert patch_correlations(image, planted_pattern())[1] > 0.85
+    # with the paper's TV (augmentations off) the change stays mostly in the patch (a
+    # quarter of the image); TV's small gradients at its border become full Adam steps
+    image = fv.attribute(
+        start, target=obj.neuron(UNIT, (0, 1)), preset="ghiasi2023", transforms=[], steps=20
+    )[0]
+    change = (image - start[0]).abs()
+    assert change[:, :PATCH, PATCH:].sum() > 0.7 * change.sum()
+
+
+def test_preset_none_is_plain_gradient_ascent():
+    """Oracle: Adam on the pixels by hand, with the same start image, hooked layer."""
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    images = fv.attribute(target=[3, 8], preset=None, steps=6, seed=4)
+    start = torch.rand((1, 3, 32, 32), generator=slot_generator(4, 0)).expand(2, -1, -1, -1)
+    x = start.clone().requires_grad_(True)
+    opt = torch.optim.Adam([x], lr=0.05)
+    module = dict(model.named_modules())["blocks.1.mlp.act"]
+    seen = {}
+    handle = module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
+    try:
+        for _ in range(6):
+            model((x - 0.5) / 0.5)
+            out = seen["out"][:, 1:].mean(1)
+            loss = -(out[0, 3] + out[1, 8])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                x.clamp_(0, 1)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(images, x.detach(), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- far above
+
+
+def test_random_vit_units_far_above_random_images_and_photographs():
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    units = [0, 5, 9]
+    baseline = torch.cat([torch.rand(16, 3, 32, 32), photographs((32, 32))])
+    with torch.no_grad():
+        layout = fv.layout_for(baseline)
+        base = layout.split(fv.forward_to_layer(baseline))[0].mean(dim=(2, 3))[:, units]
+    # with random weights the paper's roll jitter (5 px against 8 px patches) averages the
+    # objective out: random patch embeddings are not shift-invariant; without it:
+    images = fv.attribute(
+        target=units,
+        preset="ghiasi2023",
+        transforms=[ColorShift(), FadingNoise()],
+        steps=40,
+    )
+    reached = unit_activation(fv, images, units)
+    assert (reached > base.max(0).values + 3 * base.std(0) + 0.05).all(), (reached, base)
+    plain = unit_activation(fv, fv.attribute(target=units, preset=None, steps=30), units)
+    assert (plain > 5 * base.max(0).values).all()
+
+
+def test_random_cnn_units_far_above_random_images_and_photographs():
+    model = TIMM_ARCHS["resnet"][0]()
+    fv = cv.FeatureVisualization(model, "layer2", image_size=48)
+    units = [5, 9]
+    baseline = torch.cat([torch.rand(16, 3, 48, 48), photographs((48, 48))])
+    with torch.no_grad():
+        base = fv.forward_to_layer(baseline).mean(dim=(2, 3))[:, units]
+    images = fv.attribute(target=units, preset="ghiasi2023", steps=40)  # the full recipe
+    assert images.shape == (2, 3, 48, 48)
+    reached = unit_activation(fv, images, units)
+    assert (reached > 3 * base.max(0).values).all(), (reached, base)
+
+
+# --------------------------------------------------------------------------- batching
+
+
+@pytest.mark.parametrize("preset", ["ghiasi2023", "fast"])
+def test_batched_equals_separate(preset):
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    both = fv.attribute(target=[3, 17], preset=preset, steps=12, seed=7)
+    alone = [fv.attribute(target=u, preset=preset, steps=12, seed=7)[0] for u in (3, 17)]
+    torch.testing.assert_close(both, torch.stack(alone), atol=1e-4, rtol=0)
+    assert (both[0] - both[1]).abs().max() > 0.05  # different units, different images
+    other_seed = fv.attribute(target=3, preset=preset, steps=12, seed=8)[0]
+    assert (other_seed - alone[0]).abs().max() > 0.05
+    again = fv.attribute(target=[3, 17], preset=preset, steps=12, seed=7)
+    torch.testing.assert_close(again, both, atol=0, rtol=0)
+
+
+def test_images_per_target_and_diversity():
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    goal = obj.channel(3) + 0.5 * obj.diversity()
+    images, trace = fv.attribute(
+        target=[goal, obj.channel(9)],
+        images_per_target=2,
+        preset="fast",
+        steps=8,
+        return_trace=True,
+    )
+    assert images.shape == (4, 3, 32, 32) and trace.shape == (8, 4)
+    assert (images[0] - images[1]).abs().max() > 0.05  # image slots start apart
+    alone = fv.attribute(target=obj.channel(9), images_per_target=2, preset="fast", steps=8)
+    torch.testing.assert_close(images[2:], alone, atol=1e-4, rtol=0)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_transforms_off_makes_copies_identical():
+    """With transforms=[] the 8 copies are the same image, so 8 copies == 1 copy."""
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    eight = fv.attribute(target=[2, 4], preset="ghiasi2023", transforms=[], steps=6)
+    one = fv.attribute(target=[2, 4], preset="ghiasi2023", transforms=[], copies=1, steps=6)
+    torch.testing.assert_close(eight, one, atol=1e-5, rtol=0)
+
+
+def test_trace_inputs_sizes_and_every_preset():
+    model = TIMM_ARCHS["vit_dynamic"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.fc1")
+    for preset in ("ghiasi2023", "lucid", "fast", None):
+        images, trace = fv.attribute(
+            target=torch.tensor([1, 2]),
+            preset=preset,
+            steps=3,
+            image_size=(40, 64),
+            return_trace=True,
+        )
+        assert images.shape == (2, 3, 40, 64) and trace.shape == (3, 2)
+        assert images.min() >= 0 and images.max() <= 1
+    start = torch.rand(1, 3, 48, 48)
+    kept = start.clone()
+    images = fv.attribute(start, target=[1, 2], preset="fast", steps=2, show_progress=True)
+    assert images.shape == (2, 3, 48, 48)
+    torch.testing.assert_close(start, kept, atol=0, rtol=0)  # inputs not modified
+    # start images are where the optimization starts, in both parameterizations (Fourier:
+    # up to its clamp away from 0 and 1)
+    same = fv.attribute(start, target=1, preset="fast", lr=1e-9, steps=1)
+    torch.testing.assert_close(same[0], start[0], atol=1e-6, rtol=0)
+    same = fv.attribute(start, target=1, preset="lucid", lr=1e-9, steps=1)
+    torch.testing.assert_close(same[0], start[0].clamp(1e-3, 1 - 1e-3), atol=1e-4, rtol=0)
+
+
+def test_fixed_size_model_sees_resized_images():
+    model = TIMM_ARCHS["vit"][0]()  # takes 32x32 only
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    images = fv.attribute(target=5, preset="fast", image_size=48, steps=3)
+    assert images.shape == (1, 3, 48, 48)
+
+
+def test_class_logits_token_variants_and_cnn_layout():
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "head")  # logits: class visualization
+    images = fv.attribute(target=[7, 9], preset=None, steps=10)
+    with torch.no_grad():
+        logits = model((images - 0.5) / 0.5)
+    assert logits[0, 7] > logits[1, 7] and logits[1, 9] > logits[0, 9]
+    fv = cv.FeatureVisualization(model, "blocks.1")
+    for token in ("cls", "all", 0, (1, 2)):
+        assert fv.attribute(target=3, token=token, preset=None, steps=2).shape == (1, 3, 32, 32)
+    swin_factory, size = TIMM_ARCHS["swin"]
+    fv = cv.FeatureVisualization(swin_factory(), "layers.1.blocks.0")  # BHWC
+    assert fv.attribute(target=[1, 2], preset="fast", steps=2).shape == (2, 3, *size)
+
+
+def test_clip_text_direction_through_the_image_tower():
+    model = open_clip_model()
+    text = model.encode_text(
+        torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    )
+    text = text[0].detach()
+    fv = cv.FeatureVisualization(model, model.visual)  # the tower's output: the embedding
+    images = fv.attribute(target=obj.direction(text, cosine=True), preset=None, steps=40)
+    with torch.no_grad():
+        reached = torch.cosine_similarity(model.encode_image(fv.normalize(images)), text[None])
+        random = torch.cosine_similarity(
+            model.encode_image(fv.normalize(torch.rand(16, 3, 32, 32))), text[None]
+        )
+    assert reached > random.max() + 0.2
+    tower = open_clip_timm_trunk()
+    fv = cv.FeatureVisualization(tower, "head")  # a projected CLIP embedding (B, 16)
+    assert fv.attribute(target=[0, 3], preset=None, steps=2).shape == (2, 3, 32, 32)
+
+
+def test_clip_gets_the_presets_clip_learning_rate():
+    model = open_clip_model()
+    fv = cv.FeatureVisualization(model, "transformer.resblocks.1")
+    seen = []
+    original = torch.optim.Adam.__init__
+
+    def spy(self, params, lr=1e-3, **kwargs):
+        seen.append(lr)
+        original(self, params, lr=lr, **kwargs)
+
+    torch.optim.Adam.__init__ = spy
+    try:
+        fv.attribute(target=1, preset="ghiasi2023", steps=1)
+        fv.attribute(target=1, preset="ghiasi2023", steps=1, lr=0.3)
+        vit = cv.FeatureVisualization(TIMM_ARCHS["vit"][0](), "blocks.0")
+        vit.attribute(target=1, preset="ghiasi2023", steps=1)
+    finally:
+        torch.optim.Adam.__init__ = original
+    assert seen == [1.0, 0.3, 0.1]
+
+
+# --------------------------------------------------------------------------- hygiene, errors
+
+
+def test_model_left_as_found_also_after_errors():
+    model = TIMM_ARCHS["vit"][0]().train()
+    model.blocks[0].attn.qkv.weight.requires_grad_(False)
+    flags = [p.requires_grad for p in model.parameters()]
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    fv.attribute(target=[1, 2], preset="ghiasi2023", steps=2)
+    assert all(p.grad is None for p in model.parameters())
+
+    def broken(x, draws, step, steps):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fv.attribute(target=1, transforms=[broken], steps=2)
+    assert hooks_left(model) == 0
+    assert model.training and all(m.training for m in model.modules())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+def test_bad_arguments_raise():
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    with pytest.raises(IndexError, match="128 channels"):
+        fv.attribute(target=[1, 128], steps=1)
+    with pytest.raises(ValueError, match="unknown preset"):
+        fv.attribute(target=1, preset="nope", steps=1)
+    with pytest.raises(ValueError, match="start images"):
+        fv.attribute(torch.rand(3, 3, 32, 32), target=[1, 2], steps=1)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fv.attribute(torch.rand(1, 3, 32, 32) * 2, target=1, steps=1)
+    with pytest.raises(ValueError, match="NaN"):
+        fv.attribute(torch.full((1, 3, 32, 32), float("nan")), target=1, steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        fv.attribute(target=1, steps=0)
+    with pytest.raises(ValueError, match="empty"):
+        fv.attribute(target=[], steps=1)
+    with pytest.raises(TypeError):
+        fv.attribute(target=torch.tensor([0.5]), steps=1)
+    with pytest.raises(ValueError, match="outside the 4x4 grid"):
+        fv.attribute(target=1, token=(4, 4), steps=1)
+    with pytest.raises(ValueError, match="unknown layer"):
+        cv.FeatureVisualization(model, "blocks.9")

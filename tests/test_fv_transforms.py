@@ -1,0 +1,139 @@
+"""Batched augmentations, per-image-slot randomness, image parameterizations, presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_vit.params import FourierImage, PixelImage, make_param
+from captum_vit.presets import PRESETS, Preset, get_preset
+from captum_vit.transforms import (
+    ColorShift,
+    FadingNoise,
+    Flip,
+    Jitter,
+    Pad,
+    RandomDraws,
+    RandomRotate,
+    RandomScale,
+    RollJitter,
+    apply_transforms,
+    batched_roll,
+)
+
+
+def test_draws_do_not_depend_on_the_other_targets():
+    one = RandomDraws(3, targets=1, images=2, copies=4)
+    many = RandomDraws(3, targets=5, images=2, copies=4)
+    a, b = one.uniform((3,)), many.uniform((3,))
+    assert b.shape == (40, 3)
+    for target in range(5):
+        torch.testing.assert_close(b[target * 8 : (target + 1) * 8], a, atol=0, rtol=0)
+    assert not torch.equal(a[0], a[1])  # copies differ
+    assert not torch.equal(a[0], a[4])  # image slots differ
+    shared = RandomDraws(3, 2, 1, 4).integers(-5, 5, per_copy=False)
+    assert (shared == shared[0]).all()
+    init = RandomDraws(3, 3, 2, 1).per_image((3, 4, 4), torch.rand)
+    torch.testing.assert_close(init[0:2], init[2:4], atol=0, rtol=0)
+
+
+def test_batched_roll_equals_torch_roll_per_row():
+    x = torch.rand(4, 3, 6, 7)
+    sh, sw = torch.tensor([0, 2, -3, 5]), torch.tensor([1, -1, 6, 0])
+    expected = torch.stack(
+        [torch.roll(x[b], (int(sh[b]), int(sw[b])), dims=(-2, -1)) for b in range(4)]
+    )
+    torch.testing.assert_close(batched_roll(x, sh, sw), expected, atol=0, rtol=0)
+    same = batched_roll(x, torch.full((4,), 2), torch.full((4,), -1))
+    torch.testing.assert_close(same, torch.roll(x, (2, -1), dims=(-2, -1)), atol=0, rtol=0)
+
+
+def test_paper_transforms_follow_their_formulas():
+    x = torch.rand(8, 3, 16, 16)
+    draws = RandomDraws(0, 1, 1, 8)
+    shifted = ColorShift()(x, draws, 0, 10)
+    # recover (mu, sigma) per row and channel: the map is affine per channel
+    sigma = x.flatten(2).std(2) / shifted.flatten(2).std(2)
+    mu = (x - shifted * sigma[..., None, None]).flatten(2).mean(2)
+    assert ((sigma > torch.e**-1 - 1e-4) & (sigma < torch.e + 1e-4)).all()
+    assert ((mu > -1 - 1e-4) & (mu < 1 + 1e-4)).all()
+    assert sigma.std() > 0.1  # per row and channel, not one value
+    noise = FadingNoise(0.5)
+    first = noise(x, RandomDraws(0, 1, 1, 8), 0, 10) - x
+    last = noise(x, RandomDraws(0, 1, 1, 8), 9, 10) - x
+    assert first.flatten(2).std(2).max() < 1e-6  # one offset per row and channel
+    assert first.abs().max() > 0.05 and last.abs().max() == 0
+    pixel_noise = FadingNoise(0.5, per_pixel=True)(x, RandomDraws(0, 1, 1, 8), 0, 10) - x
+    assert pixel_noise.flatten(2).std(2).min() > 0.3
+    roll = RollJitter()  # 32/224 of 16 px: 2
+    assert roll.limit(16) == 2 and roll.limit(224) == 32
+    rolled = roll(x, RandomDraws(1, 1, 1, 8), 0, 10)
+    candidates = [
+        torch.roll(x, (dy, dx), dims=(-2, -1)) for dy in range(-2, 3) for dx in range(-2, 3)
+    ]
+    assert any(torch.equal(rolled, c) for c in candidates)  # one shift for all copies
+
+
+def test_lucid_transforms_batched_and_differentiable():
+    x = torch.rand(6, 3, 20, 20, requires_grad=True)
+    draws = RandomDraws(0, 2, 1, 3)
+    out = apply_transforms(
+        x, [Pad(3), Jitter(4), RandomScale(), RandomRotate(10), Flip(), Jitter(2)], draws, 0, 5
+    )
+    assert out.shape == (6, 3, 20, 20)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    crop = Jitter(3)(x, RandomDraws(2, 1, 1, 6), 0, 1)
+    matches = [
+        any(
+            torch.equal(crop[b], x[b, :, i : i + 17, j : j + 17])
+            for i in range(4)
+            for j in range(4)
+        )
+        for b in range(6)
+    ]
+    assert all(matches)
+    flipped = Flip(1.0)(x, draws, 0, 1)
+    torch.testing.assert_close(flipped, x.flip(-1))
+    same = RandomRotate(0)(x, draws, 0, 1)
+    torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+
+
+def test_fourier_image_round_trip_and_range():
+    images = torch.rand(2, 3, 12, 10) * 0.9 + 0.05
+    param = FourierImage.from_images(images)
+    torch.testing.assert_close(param.images(), images, atol=1e-5, rtol=0)
+    assert param.spectrum.shape == (2, 3, 12, 6, 2) and param.spectrum.requires_grad
+    plain = FourierImage.from_images(images, decorrelate=False)
+    torch.testing.assert_close(plain.images(), images, atol=1e-5, rtol=0)
+    random = make_param("fourier", RandomDraws(0, 2, 1, 1), (12, 10), None)
+    x = random.images()
+    assert x.shape == (2, 3, 12, 10) and 0 < x.min() and x.max() < 1
+    torch.testing.assert_close(x[0], x[1])  # one start per image slot, shared by targets
+
+
+def test_pixel_image_clamps_after_steps():
+    param = PixelImage(torch.rand(1, 3, 4, 4))
+    with torch.no_grad():
+        param.pixels += 2
+    param.after_step()
+    assert param.images().max() == 1
+    with pytest.raises(ValueError, match="param must be"):
+        make_param("wavelet", RandomDraws(0, 1, 1, 1), (4, 4), None)
+    with pytest.raises(ValueError, match="init must be"):
+        make_param("pixel", RandomDraws(0, 1, 1, 1), (4, 4), None, init="zeros")
+
+
+def test_presets():
+    paper = get_preset("ghiasi2023")
+    assert (paper.copies, paper.steps, paper.lr, paper.clip_lr) == (8, 400, 0.1, 1.0)
+    assert paper.betas == (0.5, 0.99) and paper.schedule == "cosine" and paper.tv_weight == 5e-5
+    names = [type(t).__name__ for t in paper.transforms((224, 224))]
+    assert names == ["ColorShift", "FadingNoise", "RollJitter"]
+    plain = get_preset(None)
+    assert plain.copies == 1 and plain.transforms((32, 32)) == [] and plain.tv_weight == 0
+    assert set(PRESETS) == {None, "ghiasi2023", "lucid", "fast"}
+    custom = Preset(copies=3)
+    assert get_preset(custom) is custom
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("paper")
