@@ -2,21 +2,26 @@
 
 ViT-Ti/16 at 224 (random weights), one image, all 12 blocks, all 196 positions. The probe
 (batched: one forward stopped after the deepest block for a chunk of image copies, one
-backward per layer) is timed end to end, layout resolution included. The naive loop does,
-for every (layer, position): one forward of the single image stopped at the layer (early
-exit, which is generous to it), one backward of the projected token, |grad| summed per
-patch. The naive loop is slow, so it is timed on ``--naive-positions`` positions of every
-layer and extrapolated linearly to 196 positions (its cost per position does not depend on
-the position); the script says so in its output. The naive fields of those positions are
-checked against the probe's (same projections, same images).
+backward per layer) is timed end to end once, layout resolution included. The naive loop
+does, for every (layer, position): one forward of the single image stopped at the layer
+(early exit, which is generous to it), one backward of the projected token, |grad| summed
+per patch; its cost per position does not depend on the position, so it is timed on a few
+positions per layer and extrapolated linearly to 196 (the output says so).
 
-    python benchmarks/locality_speed.py [--threads 2] [--naive-positions 4] [--batch-size 32]
+The machine is shared, so a single pair of timings is noisy. The robust figure comes from
+interleaved rounds: each round times the probe on one chunk of ``--batch-size`` positions
+(28 = 196 / 7, so the full grid is exactly 7 such chunks; layouts cached) and the naive loop
+on one position of every layer; medians are extrapolated to the full grid. Wall and CPU
+(process) times are both printed. The naive fields are checked against the probe's.
+
+    python benchmarks/locality_speed.py [--threads 2] [--rounds 5] [--batch-size 28]
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import time
 
 import timm
@@ -27,37 +32,35 @@ from captum_vit.layout import resolve_layout
 from captum_vit.locality import _region_shares
 
 
-def naive_fields(model, probe, image, report, positions_per_layer):
-    """One forward + one backward per (layer, position); returns per-layer shares of the
-    probed positions and the elapsed seconds."""
-    elapsed, rows = 0.0, []
-    normalize = probe.normalize
+def naive_fields(model, probe, image, report, layouts, positions_per_layer):
+    """One forward + one backward per (layer, position); per-layer shares of the given
+    positions. ``layouts`` are resolved beforehand (not timed)."""
+    rows = []
     for index, (name, site) in enumerate(zip(report.layers, report.sites, strict=True)):
-        layout = resolve_layout(
-            model, name, normalize(image), attribute_to_layer_input=site == "input"
-        )
-        r = report.projections[index]
-        cells = positions_per_layer[index]
         shares = []
-        start = time.perf_counter()
-        for cell in cells.tolist():
+        for cell in positions_per_layer[index].tolist():
             x = image.clone().requires_grad_(True)
             out = capture_layers(
-                model, name, normalize(x), grad=True, attribute_to_layer_input=site == "input"
+                model, name, probe.normalize(x), grad=True, attribute_to_layer_input=site == "input"
             )
-            score = layout.tokens(out)[0, cell] @ r
+            score = layouts[index].tokens(out)[0, cell] @ report.projections[index]
             (grad,) = torch.autograd.grad(score, x)
-            shares.append(_region_shares(grad, layout.grid)[0])
-        elapsed += time.perf_counter() - start
+            shares.append(_region_shares(grad, layouts[index].grid)[0])
         rows.append(torch.stack(shares))
-    return rows, elapsed
+    return rows
+
+
+def timed(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--naive-positions", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=28)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -67,45 +70,62 @@ def main() -> None:
     image = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
 
     probe = SpatialLocalityProbe(model, batch_size=args.batch_size)
-    start = time.perf_counter()
-    report = probe.attribute(image)
-    probe_time = time.perf_counter() - start
+    report, full_wall, full_cpu = timed(lambda: probe.attribute(image))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    layers = len(report.layers)
 
-    generator = torch.Generator().manual_seed(1)
-    cells = [
-        torch.randperm(196, generator=generator)[: args.naive_positions].sort().values
-        for _ in report.layers
-    ]
-    rows, naive_time = naive_fields(model, probe, image, report, cells)
-    naive_full = naive_time * 196 / args.naive_positions
-    worst = max(
-        float((report.fields[i].reshape(196, 196)[cells[i]] - rows[i]).abs().max())
-        for i in range(len(report.layers))
-    )
-
-    print(
-        f"vit_tiny_patch16_224, 224 px, 1 image, {len(report.layers)} layers x 196 positions, "
-        f"{args.threads} threads, batch_size {args.batch_size}"
-    )
-    print(f"  probe (batched, full grid)        {probe_time:8.1f} s   peak RSS {peak:.0f} MiB")
-    print(
-        f"  naive loop, measured              {naive_time:8.1f} s   "
-        f"({args.naive_positions} positions x {len(report.layers)} layers)"
-    )
-    print(
-        f"  naive loop, extrapolated to 196   {naive_full:8.1f} s   "
-        f"(linear: x 196/{args.naive_positions})"
-    )
-    print(f"  speed-up                          {naive_full / probe_time:8.2f} x")
-    print(f"  max |naive - probe| field share   {worst:.2e}")
-    print(
-        "  sites:",
-        ", ".join(
-            f"{n}:{s}" for n, s in zip(report.layers, report.sites, strict=True) if s != "output"
+    layouts = [
+        resolve_layout(
+            model, name, probe.normalize(image), attribute_to_layer_input=site == "input"
         )
-        or "all outputs",
+        for name, site in zip(report.layers, report.sites, strict=True)
+    ]
+    generator = torch.Generator().manual_seed(1)
+    probe_times, naive_times, worst = [], [], 0.0
+    for _ in range(args.rounds):
+        _, wall, cpu = timed(lambda: probe.attribute(image, positions=args.batch_size))
+        probe_times.append((wall, cpu))
+        cells = [torch.randint(196, (1,), generator=generator) for _ in range(layers)]
+        rows, wall, cpu = timed(
+            lambda c=cells: naive_fields(model, probe, image, report, layouts, c)
+        )
+        naive_times.append((wall, cpu))
+        for i in range(layers):
+            full_rows = report.fields[i].reshape(196, 196)[cells[i]]
+            worst = max(worst, float((full_rows - rows[i]).abs().max()))
+    chunks = 196 / args.batch_size
+    probe_wall = statistics.median(w for w, _ in probe_times) * chunks
+    probe_cpu = statistics.median(c for _, c in probe_times) * chunks
+    naive_wall = statistics.median(w for w, _ in naive_times) * 196
+    naive_cpu = statistics.median(c for _, c in naive_times) * 196
+
+    print(
+        f"vit_tiny_patch16_224, 224 px, 1 image, {layers} layers x 196 positions, "
+        f"{args.threads} threads, batch_size {args.batch_size}, {args.rounds} interleaved rounds"
     )
+    print(
+        f"  full-grid probe, one run            wall {full_wall:7.1f} s  cpu {full_cpu:7.1f} s"
+        f"  peak RSS {peak:.0f} MiB"
+    )
+    print(
+        f"  probe, median chunk x {chunks:.0f}            wall {probe_wall:7.1f} s  "
+        f"cpu {probe_cpu:7.1f} s"
+    )
+    print(
+        f"  naive loop, median 1 pos x 196      wall {naive_wall:7.1f} s  cpu {naive_cpu:7.1f} s"
+        f"  (measured on 1 position per layer per round, extrapolated linearly x 196)"
+    )
+    print(
+        f"  speed-up (interleaved medians)      wall {naive_wall / probe_wall:7.2f} x  "
+        f"cpu {naive_cpu / probe_cpu:7.2f} x"
+    )
+    print(
+        f"  speed-up (one full-grid run)        wall {naive_wall / full_wall:7.2f} x  "
+        f"cpu {naive_cpu / full_cpu:7.2f} x"
+    )
+    print(f"  max |naive - probe| field share     {worst:.2e}")
+    sites = [f"{n}:{s}" for n, s in zip(report.layers, report.sites, strict=True) if s != "output"]
+    print("  read at the input:", ", ".join(sites) or "none")
     print("  locality:", " ".join(f"{v:.3f}" for v in report.locality.tolist()))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from captum.attr import LayerAttribution
@@ -209,6 +210,8 @@ class SpatialLocalityProbe(LayerAttribution):
         return _Plan(kept, layouts, sites, projections)
 
     def _last_spatial_block(self, probe: torch.Tensor) -> tuple[str, TokenLayout] | None:
+        if not self.blocks:
+            return None
         for name in reversed(_forward_order(self.vision, self.blocks, probe)):
             try:
                 return name, resolve_layout(self.vision, name, probe)
@@ -350,20 +353,15 @@ class SpatialLocalityProbe(LayerAttribution):
             )
 
 
+@dataclass
 class _Plan:
-    """What the probe measures for one input size."""
+    """What the probe measures for one input size: layer names in forward order, their
+    layouts, sites ("output" / "input") and random feature projections."""
 
-    def __init__(
-        self,
-        names: list[str],
-        layouts: list[TokenLayout],
-        sites: list[str],
-        projections: list[torch.Tensor],
-    ) -> None:
-        self.names = names
-        self.layouts = layouts
-        self.sites = sites
-        self.projections = projections
+    names: list[str]
+    layouts: list[TokenLayout]
+    sites: list[str]
+    projections: list[torch.Tensor]
 
 
 def _module_path(model: nn.Module, module: nn.Module) -> str:
