@@ -35,7 +35,7 @@ ARCHS: dict[str, dict] = {
         "embed_dim": 128,
         "depth": 6,
         "num_heads": 4,
-        "mlp_ratio": 4.0,
+        "mlp_ratio": 2.0,
         "global_pool": "token",
         "class_token": True,
     },
@@ -56,7 +56,7 @@ def _check_name(name: str) -> None:
 
 def build_model(name: str, num_classes: int = len(CLASSES)) -> nn.Module:
     """A freshly initialized zoo model (random weights): ``"vit"`` is a timm
-    ``VisionTransformer`` (64 px, patch 8, 6 blocks, width 144, cls-token pooling), ``"cnn"``
+    ``VisionTransformer`` (64 px, patch 8, 6 blocks, width 128, 4 heads, MLP ratio 2, cls-token pooling), ``"cnn"``
     a timm ``ResNet`` with one basic block per stage (widths 32-256)."""
     _check_name(name)
     if name == "vit":

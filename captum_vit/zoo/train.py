@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..models import ImageModel
 from .data import SyntheticScenes
-from .registry import MODEL_NAMES, WEIGHTS_DIR, build_model, save_model
+from .registry import MODEL_NAMES, WEIGHTS_DIR, build_model, load_model, save_model
 
 __all__ = ["TrainConfig", "evaluate", "main", "train"]
 
@@ -48,7 +48,14 @@ class TrainConfig:
 
 #: Full-run settings per model; ``--quick`` overrides steps and sizes.
 DEFAULTS: dict[str, dict] = {
-    "vit": {"steps": 1400, "lr": 1e-3, "log_every": 100},
+    "vit": {
+        "steps": 3000,
+        "batch_size": 32,
+        "lr": 1e-3,
+        "warmup": 100,
+        "bf16": False,
+        "log_every": 250,
+    },
     "cnn": {"steps": 800, "lr": 2e-3, "bf16": False, "log_every": 100},
 }
 
@@ -72,15 +79,36 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(name: str, cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, dict]:
+def _total_seconds(record: dict | None) -> float:
+    """Wall-clock seconds of all stages of a training record (0 for none)."""
+    if record is None:
+        return 0.0
+    return record.get("total_train_seconds", record["train_seconds"])
+
+
+def train(
+    name: str, cfg: TrainConfig, log=print, init: str | Path | None = None
+) -> tuple[torch.nn.Module, dict]:
     """Train zoo model ``name`` with ``cfg``; returns the model (eval mode) and a record
-    (time, held-out accuracy, settings) for the weights' metadata and the model card."""
+    (time, held-out accuracy, settings) for the weights' metadata and the model card.
+
+    ``init``: continue from a weights file written by this script (a further stage with
+    its own warm-up and cosine schedule); its training images are the next unseen items of
+    the same seed, and its record is kept under ``"previous"``."""
     torch.manual_seed(cfg.seed)
-    model = build_model(name)
+    previous, first_item = None, 0
+    if init is not None:
+        model = load_model(name, init).train()
+        previous = model.zoo_info
+        config = previous["config"]
+        first_item = previous.get("last_item", config["steps"] * config["batch_size"])
+        if previous["config"]["seed"] != cfg.seed:
+            raise ValueError("a continued run must use the seed of the run it continues")
+    else:
+        model = build_model(name)
     classifier = ImageModel(model)  # normalizes [0, 1] images with the model's mean / std
-    data = SyntheticScenes(
-        cfg.steps * cfg.batch_size, seed=cfg.seed, background_bias=cfg.background_bias
-    )
+    last_item = first_item + cfg.steps * cfg.batch_size
+    data = SyntheticScenes(last_item, seed=cfg.seed, background_bias=cfg.background_bias)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
@@ -95,10 +123,11 @@ def train(name: str, cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, dict
         min(cfg.eval_images, 250), seed=cfg.eval_seed, background_bias=cfg.background_bias
     )
     model.train()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     running = []
     for step in range(cfg.steps):
-        batch = data.batch(range(step * cfg.batch_size, (step + 1) * cfg.batch_size))
+        offset = first_item + step * cfg.batch_size
+        batch = data.batch(range(offset, offset + cfg.batch_size))
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, cfg)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -119,6 +148,7 @@ def train(name: str, cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, dict
                 f"held-out acc {val:.1f}% (250 imgs)  {time.perf_counter() - start:.0f}s"
             )
     train_seconds = time.perf_counter() - start
+    cpu_seconds = time.process_time() - cpu_start
     model.eval()
     accuracy = evaluate(
         model,
@@ -126,6 +156,11 @@ def train(name: str, cfg: TrainConfig, log=print) -> tuple[torch.nn.Module, dict
     )
     record = {
         "train_seconds": round(train_seconds, 1),
+        "cpu_seconds": round(cpu_seconds, 1),
+        "total_train_seconds": round(train_seconds + _total_seconds(previous), 1),
+        "first_item": first_item,
+        "last_item": last_item,
+        "previous": previous,
         "held_out_top1": round(accuracy, 2),
         "held_out": f"SyntheticScenes({cfg.eval_images}, seed={cfg.eval_seed}, background_bias={cfg.background_bias})",
         "config": {k: v for k, v in vars(cfg).items()},
@@ -147,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument(
+        "--init", type=Path, default=None, help="continue from this weights file (next stage)"
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -162,11 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = dict(DEFAULTS[args.model])
     if args.quick:
         settings.update(steps=3, batch_size=8, warmup=1, eval_images=16, log_every=1)
-    if args.steps is not None:
-        settings["steps"] = args.steps
+    for key in ("steps", "lr", "warmup", "batch_size"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
     cfg = TrainConfig(seed=args.seed, **settings)
     out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
-    model, record = train(args.model, cfg, log=lambda msg: print(msg, flush=True))
+    model, record = train(args.model, cfg, log=lambda msg: print(msg, flush=True), init=args.init)
     record["command"] = "python -m captum_vit.zoo.train " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
