@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ._base import _LayerMethod
 from .capture import LayerTap, preserved_state
 from .layout import TokenLayout
-from .models import _is_open_clip, _pair
+from .models import _is_open_clip, _pair, check_images
 from .objectives import (
     BatchScorer,
     Objective,
@@ -329,8 +329,6 @@ class FeatureVisualization(_LayerMethod):
         return size
 
     def _start_images(self, inputs: Tensor, rows: int, size: tuple[int, int]) -> Tensor:
-        from .models import check_images
-
         check_images(inputs)
         if inputs.min() < 0 or inputs.max() > 1:
             raise ValueError("inputs must be RGB images in [0, 1]")

@@ -442,10 +442,9 @@ class _TotalVariation(torch.autograd.Function):
         channels = ctx.shape[1]
         out = grad.new_zeros(ctx.shape)
         for (plus, minus), d, norm in zip(_TV_DIRECTIONS, diffs, norms, strict=True):
-            weight = grad[:, None] / channels / norm.clamp_min(1e-12)
-            u = d * weight[..., None, None]
-            out[(..., *plus)] += u
-            out[(..., *minus)] -= u
+            weight = (grad[:, None] / channels / norm.clamp_min(1e-12))[..., None, None]
+            out[(..., *plus)].addcmul_(d, weight)
+            out[(..., *minus)].addcmul_(d, weight, value=-1)
         return out
 
 
