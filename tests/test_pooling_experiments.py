@@ -231,7 +231,7 @@ def test_zoo_vit_table1_numbers():
         pytest.skip("the bundled zoo ViT weights are not trained yet (zoo issue)")
     model = zoo.load_model("vit")
     depth = len(model.blocks)
-    data = zoo.SyntheticScenes(256, seed=4242)
+    data = zoo.SyntheticScenes(128, seed=4242)
     report = cv.SpatialLocalityProbe(model).accuracy_experiments(
         data.batches(64), isolate=[0, depth - 1, depth], tear=[depth - 2, depth - 1, depth]
     )
