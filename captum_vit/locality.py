@@ -184,7 +184,7 @@ class SpatialLocalityProbe(LayerAttribution):
         names = _forward_order(self.vision, self.layer_names, probe)
         last = self._last_spatial_block(probe)
         pooled = last is not None and _head_ignores_patches(self.vision, last, probe)
-        layouts, sites, kept = [], [], []
+        layouts, sites, kept, taps = [], [], [], []
         for name in names:
             site = "output"
             if pooled and name == last[0] and self.pooled_last_block == "input":
@@ -200,6 +200,9 @@ class SpatialLocalityProbe(LayerAttribution):
             kept.append(name)
             layouts.append(layout)
             sites.append(site)
+            taps.append((name, site == "input"))
+            if site == "input":
+                taps[-1] = self._input_tap(name, probe)
         if not kept:
             raise ValueError(
                 f"none of the blocks of {type(self.vision).__name__} has a patch grid; pass "
@@ -207,7 +210,27 @@ class SpatialLocalityProbe(LayerAttribution):
             )
         generator = torch.Generator().manual_seed(self.seed)
         projections = [torch.randn(layout.num_channels, generator=generator) for layout in layouts]
-        return _Plan(kept, layouts, sites, projections)
+        return _Plan(kept, layouts, sites, projections, taps)
+
+    def _input_tap(self, name: str, probe: torch.Tensor) -> tuple[str, bool]:
+        """Where to capture block ``name``'s input: the previous block's output when it is
+        the very same tensor (plain stacks), so it joins the forward of the other layers
+        instead of needing a forward of its own."""
+        order = _forward_order(self.vision, self.blocks, probe)
+        index = order.index(name) if name in order else 0
+        if index == 0:
+            return name, True
+        previous = order[index - 1]
+        with torch.no_grad(), LayerTap(self.vision, previous) as tap:
+            (before,) = tap.run(probe)
+        with (
+            torch.no_grad(),
+            LayerTap(self.vision, name, attribute_to_layer_input=True) as tap,
+        ):
+            (given,) = tap.run(probe)
+        if isinstance(before, torch.Tensor) and _same(before, given):
+            return previous, False
+        return name, True
 
     def _last_spatial_block(self, probe: torch.Tensor) -> tuple[str, TokenLayout] | None:
         if not self.blocks:
@@ -250,8 +273,8 @@ class SpatialLocalityProbe(LayerAttribution):
                 torch.zeros(len(p), layout.grid[0] * layout.grid[1])
                 for p, layout in zip(probed, plan.layouts, strict=True)
             ]
-            for site in _SITES:
-                group = [i for i, s in enumerate(plan.sites) if s == site]
+            for as_input in (False, True):
+                group = [i for i, tap in enumerate(plan.taps) if tap[1] == as_input]
                 if group:
                     self._probe_group(images, plan, group, probed, totals)
         return _locality_report(plan, probed, totals, images)
@@ -273,11 +296,13 @@ class SpatialLocalityProbe(LayerAttribution):
             image_index, slot = chunk[:, 0], chunk[:, 1]
             active = [i for i in group if bool((slot < len(probed[i])).any())]
             copies = images[image_index.to(device)].clone().requires_grad_(True)
-            as_input = plan.sites[active[0]] == "input"
+            as_input = plan.taps[active[0]][1]
             with (
                 torch.enable_grad(),
                 LayerTap(
-                    self.vision, [plan.names[i] for i in active], attribute_to_layer_input=as_input
+                    self.vision,
+                    [plan.taps[i][0] for i in active],
+                    attribute_to_layer_input=as_input,
                 ) as tap,
             ):
                 values = tap.run(self.normalize(copies))
@@ -356,12 +381,18 @@ class SpatialLocalityProbe(LayerAttribution):
 @dataclass
 class _Plan:
     """What the probe measures for one input size: layer names in forward order, their
-    layouts, sites ("output" / "input") and random feature projections."""
+    layouts, sites ("output" / "input"), random feature projections, and what to tap for
+    each: ``(module path, as_input)``."""
 
     names: list[str]
     layouts: list[TokenLayout]
     sites: list[str]
     projections: list[torch.Tensor]
+    taps: list[tuple[str, bool]]
+
+
+def _same(a: torch.Tensor, b: object) -> bool:
+    return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
 
 
 def _module_path(model: nn.Module, module: nn.Module) -> str:
