@@ -9,7 +9,7 @@ With ``--grid`` it also saves ``docs/images/zoo_vit_feature_viz.png``: the ViT's
 hidden units (``mlp.act``, the paper's layer) of an early, a middle and the last block, and
 its class logits.
 
-    python benchmarks/fv_transfer.py [--preset fast] [--per-class 4] [--grid]
+    python benchmarks/fv_transfer.py [--preset lucid] [--per-class 2] [--grid]
 """
 
 from __future__ import annotations
@@ -79,9 +79,9 @@ def save_grid(vit, preset: str, steps: int | None, seed: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--preset", default="lucid")
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's")
-    parser.add_argument("--per-class", type=int, default=4)
+    parser.add_argument("--per-class", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--grid", action="store_true", help="also save the ViT FV grid")

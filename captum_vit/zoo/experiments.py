@@ -344,5 +344,5 @@ def plot_frequency_sensitivity(
     ax.set_xlabel("cut-off (fraction of Nyquist)")
     ax.set_ylabel("top-1 accuracy (%)")
     ax.set_ylim(0, 105)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="center right")
     return ax.figure
