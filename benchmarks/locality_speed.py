@@ -14,11 +14,13 @@ interleaved rounds: each round times the probe on one chunk of ``--batch-size`` 
 on one position of every layer; medians are extrapolated to the full grid. Wall and CPU
 (process) times are both printed. The naive fields are checked against the probe's.
 
-Where the gain comes from: the probe runs ~1.55x fewer block passes (one shared forward per
-chunk instead of one forward per position and layer: 12 + 11 + 78 vs 156 block passes per
+Where the gain comes from: the probe runs ~1.7x fewer block passes (one shared forward per
+chunk instead of one forward per position and layer: 12 + 78 vs 156 block passes per
 position for ViT-Ti); the rest is batching away the per-operator threading overhead of
-batch-1 passes, which is large with 2 threads on a busy machine and nil with ``--threads 1``
-(measured on the shared 2-core machine: 15.7x at 2 threads, 1.1x wall / 1.6x CPU at 1).
+batch-1 passes, which is large with 2 threads on a busy machine and small with
+``--threads 1``. On the shared 2-core machine the 2-thread ratio moved between 5x and 16x
+with the load; at 1 thread it was 1.1x wall / 1.6x CPU (before the pooled last block
+shared the forward of the others).
 
     python benchmarks/locality_speed.py [--threads 2] [--rounds 5] [--batch-size 28]
 """
