@@ -67,28 +67,6 @@ class FeatureVisualization(_LayerMethod):
         >>> images, trace = fv.attribute(target=7, preset="fast", return_trace=True)
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: nn.Module | str,
-        *,
-        attribute_to_layer_input: bool = False,
-        call: int = 0,
-        mean: Sequence[float] | None = None,
-        std: Sequence[float] | None = None,
-        image_size: int | Sequence[int] | None = None,
-    ) -> None:
-        super().__init__(
-            model,
-            layer,
-            attribute_to_layer_input=attribute_to_layer_input,
-            call=call,
-            mean=mean,
-            std=std,
-            image_size=image_size,
-        )
-        self._flat: dict[tuple[int, int], int] = {}
-
     def tap(self, *, call: int | None = None) -> LayerTap:
         """A :class:`LayerTap` on the layer module itself, so the whole vision tower also
         works as the layer (its output, e.g. a CLIP image embedding, has no dotted path)."""
@@ -346,16 +324,17 @@ class FeatureVisualization(_LayerMethod):
     ) -> tuple[TokenLayout | None, int]:
         """The layer's layout at the model's input size, or ``None`` and the width for a
         non-spatial ``(B, C)`` layer (logits, pooled features, embeddings)."""
-        if size in self._flat:
-            return None, self._flat[size]
+        flat = self.__dict__.setdefault("_flat_widths", {})
+        if size in flat:
+            return None, flat[size]
         probe = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
         try:
             layout = self.layout_for(probe)
         except ValueError:
             output = self.forward_to_layer(probe)
             if isinstance(output, Tensor) and output.dim() == 2:
-                self._flat[size] = int(output.shape[1])
-                return None, self._flat[size]
+                flat[size] = int(output.shape[1])
+                return None, flat[size]
             raise
         return layout, layout.num_channels
 
