@@ -182,7 +182,8 @@ class SpatialLocalityProbe(LayerAttribution):
     def _make_plan(self, image: torch.Tensor) -> _Plan:
         probe = self.normalize(image)
         names = _forward_order(self.vision, self.layer_names, probe)
-        last = self._last_spatial_block(probe)
+        order = _forward_order(self.vision, self.blocks, probe) if self.blocks else []
+        last = _last_spatial_block(self.vision, order, probe)
         pooled = last is not None and _head_ignores_patches(self.vision, last, probe)
         layouts, sites, kept, taps = [], [], [], []
         for name in names:
@@ -202,7 +203,7 @@ class SpatialLocalityProbe(LayerAttribution):
             sites.append(site)
             taps.append((name, site == "input"))
             if site == "input":
-                taps[-1] = self._input_tap(name, probe)
+                taps[-1] = _input_tap(self.vision, order, name, probe)
         if not kept:
             raise ValueError(
                 f"none of the blocks of {type(self.vision).__name__} has a patch grid; pass "
@@ -211,36 +212,6 @@ class SpatialLocalityProbe(LayerAttribution):
         generator = torch.Generator().manual_seed(self.seed)
         projections = [torch.randn(layout.num_channels, generator=generator) for layout in layouts]
         return _Plan(kept, layouts, sites, projections, taps)
-
-    def _input_tap(self, name: str, probe: torch.Tensor) -> tuple[str, bool]:
-        """Where to capture block ``name``'s input: the previous block's output when it is
-        the very same tensor (plain stacks), so it joins the forward of the other layers
-        instead of needing a forward of its own."""
-        order = _forward_order(self.vision, self.blocks, probe)
-        index = order.index(name) if name in order else 0
-        if index == 0:
-            return name, True
-        previous = order[index - 1]
-        with torch.no_grad(), LayerTap(self.vision, previous) as tap:
-            (before,) = tap.run(probe)
-        with (
-            torch.no_grad(),
-            LayerTap(self.vision, name, attribute_to_layer_input=True) as tap,
-        ):
-            (given,) = tap.run(probe)
-        if isinstance(before, torch.Tensor) and _same(before, given):
-            return previous, False
-        return name, True
-
-    def _last_spatial_block(self, probe: torch.Tensor) -> tuple[str, TokenLayout] | None:
-        if not self.blocks:
-            return None
-        for name in reversed(_forward_order(self.vision, self.blocks, probe)):
-            try:
-                return name, resolve_layout(self.vision, name, probe)
-            except ValueError:
-                continue
-        return None
 
     # ------------------------------------------------------------------ locality
 
@@ -389,6 +360,37 @@ class _Plan:
     sites: list[str]
     projections: list[torch.Tensor]
     taps: list[tuple[str, bool]]
+
+
+def _last_spatial_block(
+    model: nn.Module, order: Sequence[str], probe: torch.Tensor
+) -> tuple[str, TokenLayout] | None:
+    """The last block (in forward order) that has a patch grid, with its layout."""
+    for name in reversed(order):
+        try:
+            return name, resolve_layout(model, name, probe)
+        except ValueError:
+            continue
+    return None
+
+
+def _input_tap(
+    model: nn.Module, order: Sequence[str], name: str, probe: torch.Tensor
+) -> tuple[str, bool]:
+    """Where to capture block ``name``'s input: the previous block's output when it is the
+    very same tensor (plain stacks), so it joins the forward of the other layers instead of
+    needing a forward of its own."""
+    index = order.index(name) if name in order else 0
+    if index == 0:
+        return name, True
+    previous = order[index - 1]
+    with torch.no_grad(), LayerTap(model, previous) as tap:
+        (before,) = tap.run(probe)
+    with torch.no_grad(), LayerTap(model, name, attribute_to_layer_input=True) as tap:
+        (given,) = tap.run(probe)
+    if isinstance(before, torch.Tensor) and _same(before, given):
+        return previous, False
+    return name, True
 
 
 def _same(a: torch.Tensor, b: object) -> bool:
