@@ -1,7 +1,10 @@
 """The ``captum-vit`` command (also ``python -m captum_vit``).
 
 Subcommands:
-  demo                  resolve token layouts of a set of timm / open_clip architectures
+  demo [--out DIR]      the main job: what the bundled zoo ViT learned (feature
+                        visualizations, top examples with patch maps, locality), written
+                        as PNGs and an HTML page
+  layouts               resolve token layouts of a set of timm / open_clip architectures
                         (random weights, small configurations, no network) and show the
                         early-exit capture
   layout MODEL LAYER    print the token layout of one layer of a timm model
@@ -49,7 +52,7 @@ def _small(name: str, kwargs: dict) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **base).eval()
 
 
-def demo() -> int:
+def layouts() -> int:
     print("captum_vit demo: token layouts measured in one forward pass (random weights)\n")
     print(f"{'model':34s} {'layer':26s} {'kind':5s} {'grid':>7s}  prefix")
     for name, layer, kwargs in _DEMO_MODELS:
@@ -87,7 +90,10 @@ def layout_command(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="captum-vit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="token layouts of many architectures, early-exit capture")
+    demo = sub.add_parser("demo", help="what the bundled zoo ViT learned (PNGs + HTML)")
+    demo.add_argument("--out", default="captum_vit_demo")
+    demo.add_argument("--steps", type=int, default=256)
+    sub.add_parser("layouts", help="token layouts of many architectures, early-exit capture")
     layout = sub.add_parser("layout", help="token layout of one layer of a timm model")
     layout.add_argument("model")
     layout.add_argument("layer")
@@ -95,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
     layout.add_argument("--pretrained", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "demo":
-        return demo()
+        from .demo import run_demo
+
+        run_demo(args.out, steps=args.steps)
+        return 0
+    if args.command == "layouts":
+        return layouts()
     try:
         return layout_command(args)
     except ValueError as error:
