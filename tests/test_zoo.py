@@ -160,11 +160,6 @@ def test_bundled_cnn_reaches_90_percent(models, held_out):
     assert _held_out_accuracy(models["cnn"], held_out) >= 0.90
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="acceptance point not met yet: the committed ViT reaches 80.4% (MODEL_CARD.md); "
-    "it needs a longer training run than the shared CPU allowed",
-)
 def test_bundled_vit_reaches_90_percent(models, held_out):
     assert _held_out_accuracy(models["vit"], held_out) >= 0.90
 
