@@ -138,3 +138,30 @@ def open_clip_timm_trunk() -> torch.nn.Module:
 def images(size: tuple[int, int], batch: int = 2, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, *size, generator=generator)
+
+
+def hooked(model: torch.nn.Module, path: str, x: torch.Tensor, use_input: bool = False):
+    """Independent capture for oracles: a plain hook on ``path``, full forward, no_grad."""
+    module = dict(model.named_modules())[path]
+    store = []
+    if use_input:
+        handle = module.register_forward_pre_hook(lambda m, a: store.append(a[0]))
+    else:
+        handle = module.register_forward_hook(lambda m, a, o: store.append(o))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return store[0]
+
+
+def hooks_left(model: torch.nn.Module) -> int:
+    """Number of forward / backward hooks registered on any module of ``model``."""
+    return sum(
+        len(m._forward_hooks)
+        + len(m._forward_pre_hooks)
+        + len(m._backward_hooks)
+        + len(getattr(m, "_backward_pre_hooks", {}))
+        for m in model.modules()
+    )

@@ -6,30 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from archs import TIMM_ARCHS, open_clip_model, open_clip_tower
+from archs import TIMM_ARCHS, hooked, hooks_left, open_clip_model, open_clip_tower
 from captum.attr import LayerAttribution
 
 import captum_vit as cv
-
-
-def hooks_left(model):
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
-
-
-def manual_output(model, layer, x, *, pre=False):
-    """The layer's output (or first input) from a plain forward hook, full forward."""
-    module = dict(model.named_modules())[layer]
-    seen = []
-    if pre:
-        handle = module.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    else:
-        handle = module.register_forward_hook(lambda m, a, o: seen.append(o))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return seen[0]
 
 
 def tokens_to_grid(tokens, prefix, h, w):
@@ -61,7 +41,7 @@ def test_maps_equal_manual_hook_reshape(case):
     layer, to_grid = CASES[case]
     x = torch.rand(3, 3, *size, generator=torch.Generator().manual_seed(1))
     pam = cv.PatchActivationMap(model, layer)
-    grid, prefix = to_grid(manual_output(model, layer, pam.normalize(x)))
+    grid, prefix = to_grid(hooked(model, layer, pam.normalize(x)))
     units = [0, 3, grid.shape[1] - 1]
     maps, prefix_values = pam.attribute(x, target=units, return_prefix=True)
     expected = grid[torch.arange(3), torch.tensor(units)]
@@ -81,7 +61,7 @@ def test_open_clip_tower_both_sequence_conventions(batch_first):
     layer = "transformer.resblocks.1.mlp.c_fc"
     pam = cv.PatchActivationMap(tower, layer)
     assert pam.layout_for(x).kind == ("BNC" if batch_first else "NBC")
-    out = manual_output(tower, layer, pam.normalize(x))
+    out = hooked(tower, layer, pam.normalize(x))
     if not batch_first:
         out = out.transpose(0, 1)
     grid, prefix = tokens_to_grid(out, 1, 4, 4)
@@ -94,7 +74,7 @@ def test_full_clip_model_uses_its_vision_tower():
     clip = open_clip_model()
     x = torch.rand(2, 3, 32, 32)
     pam = cv.PatchActivationMap(clip, "transformer.resblocks.0")
-    out = manual_output(clip.visual, "transformer.resblocks.0", pam.normalize(x))
+    out = hooked(clip.visual, "transformer.resblocks.0", pam.normalize(x))
     grid, _ = tokens_to_grid(out, 1, 4, 4)
     torch.testing.assert_close(pam.attribute(x, target=9), grid[:, 9])
 
@@ -104,9 +84,7 @@ def test_direction_targets_and_layer_input():
     model = factory()
     x = torch.rand(2, 3, *size)
     pam = cv.PatchActivationMap(model, "blocks.1.mlp.fc1")
-    grid, prefix = tokens_to_grid(
-        manual_output(model, "blocks.1.mlp.fc1", pam.normalize(x)), 1, 4, 4
-    )
+    grid, prefix = tokens_to_grid(hooked(model, "blocks.1.mlp.fc1", pam.normalize(x)), 1, 4, 4)
     direction = torch.randn(grid.shape[1], generator=torch.Generator().manual_seed(0))
     maps, cls = pam.attribute(x, target=direction, return_prefix=True)
     torch.testing.assert_close(

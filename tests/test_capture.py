@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from archs import TIMM_ARCHS, images
+from archs import TIMM_ARCHS, hooks_left, images
 
 import captum_vit as cv
 from captum_vit.capture import LayerTap, capture_layers, preserved_state
@@ -16,16 +16,6 @@ def vit12():
     return timm.create_model(
         "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=12, embed_dim=32, num_heads=2
     ).eval()
-
-
-def hooks_left(model):
-    return sum(
-        len(m._forward_hooks)
-        + len(m._forward_pre_hooks)
-        + len(m._backward_hooks)
-        + len(getattr(m, "_backward_pre_hooks", {}))
-        for m in model.modules()
-    )
 
 
 def count_calls(model):

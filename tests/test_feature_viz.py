@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from archs import TIMM_ARCHS, open_clip_model, open_clip_timm_trunk
+from archs import TIMM_ARCHS, hooks_left, open_clip_model, open_clip_timm_trunk
 from fv_planted import (
     PATCH,
     SIZE,
@@ -20,13 +20,6 @@ from fv_planted import (
 import captum_vit as cv
 import captum_vit.objectives as obj
 from captum_vit.transforms import ColorShift, FadingNoise, slot_generator
-
-
-def hooks_left(model):
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-        for m in model.modules()
-    )
 
 
 def unit_activation(fv, images, units):

@@ -11,6 +11,7 @@ import pytest
 import torch
 from archs import (
     TIMM_ARCHS,
+    hooked,
     images,
     open_clip_model,
     open_clip_timm_trunk,
@@ -109,22 +110,6 @@ def built():
         return cache[arch]
 
     return get
-
-
-def hooked(model, path, x, use_input=False):
-    """Independent capture: a plain hook, full forward."""
-    module = dict(model.named_modules())[path]
-    store = []
-    if use_input:
-        handle = module.register_forward_pre_hook(lambda m, a: store.append(a[0]))
-    else:
-        handle = module.register_forward_hook(lambda m, a, o: store.append(o))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return store[0]
 
 
 BLOCK_PARAMS = [(a, p, i, n) for a, cases in BLOCK_CASES.items() for p, i, n in cases]

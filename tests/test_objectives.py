@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archs import TIMM_ARCHS, images, open_clip_tower
+from archs import TIMM_ARCHS, hooked, images, open_clip_tower
 
 import captum_vit.objectives as obj
 from captum_vit.capture import capture_layers
 from captum_vit.layout import resolve_layout
-
-
-def hooked(model, layer, x):
-    """The layer's output through a hand-written hook (independent of LayerTap)."""
-    seen = {}
-    module = dict(model.named_modules())[layer]
-    handle = module.register_forward_hook(lambda m, a, o: seen.__setitem__("out", o))
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        handle.remove()
-    return seen["out"]
 
 
 def score(objective, model, layer, x, **kwargs):
