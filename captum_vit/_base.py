@@ -57,7 +57,7 @@ class _LayerMethod(LayerAttribution):
         return self.wrapped.image_size
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.wrapped.mean.to(images)) / self.wrapped.std.to(images)
+        return self.wrapped.normalize(images)
 
     def check_images(self, images: torch.Tensor) -> None:
         check_images(images, size=self._fixed_size)

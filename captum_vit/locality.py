@@ -162,7 +162,7 @@ class SpatialLocalityProbe(LayerAttribution):
     # ------------------------------------------------------------------ helpers
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return (images - self.wrapped.mean.to(images)) / self.wrapped.std.to(images)
+        return self.wrapped.normalize(images)
 
     def _device(self) -> torch.device:
         param = next(self.vision.parameters(), None)

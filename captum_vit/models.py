@@ -230,8 +230,12 @@ class ImageModel(nn.Module):
             "std", torch.tensor(self.config.std).view(1, 3, 1, 1), persistent=False
         )
 
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(images - mean) / std``: [0, 1] RGB images as the wrapped model takes them."""
+        return (images - self.mean.to(images)) / self.std.to(images)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model((images - self.mean.to(images)) / self.std.to(images))
+        return self.model(self.normalize(images))
 
     @property
     def image_size(self) -> tuple[int, int]:
