@@ -25,7 +25,7 @@ from torch import nn
 
 from .capture import LayerTap, find_module, preserved_state
 from .layout import TokenLayout, resolve_layout
-from .models import ImageModel, check_images, fixed_input_size
+from .models import ImageModel, check_images, fixed_input_size, model_device
 
 __all__ = ["_LayerMethod", "as_unit_tensor"]
 
@@ -63,8 +63,7 @@ class _LayerMethod(LayerAttribution):
         check_images(images, size=self._fixed_size)
 
     def device(self) -> torch.device:
-        param = next(self.vision.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        return model_device(self.vision)
 
     def layout_for(self, images: torch.Tensor) -> TokenLayout:
         """Layout of the layer for images of this size (resolved once per size)."""

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .capture import LayerTap, find_module, preserved_state
-from .models import ImageModel, unwrap_vision
+from .models import ImageModel, model_device, unwrap_vision
 
 __all__ = ["TokenLayout", "resolve_layout", "MAX_PREFIX_TOKENS"]
 
@@ -299,11 +299,9 @@ def _prefix_names(model: nn.Module, count: int) -> tuple[str, ...]:
 
 def _default_inputs(model: nn.Module) -> torch.Tensor:
     wrapped = ImageModel(model)
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(2, 3, *wrapped.image_size, generator=generator)
-    return wrapped.normalize(images).to(device)
+    return wrapped.normalize(images).to(model_device(model))
 
 
 def _batch_size(inputs: Any) -> int:

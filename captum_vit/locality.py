@@ -27,10 +27,10 @@ from captum.attr import LayerAttribution
 from torch import nn
 
 from ._pooling import run_pooling_experiments, token_pipeline
-from .capture import LayerTap, find_module, preserved_state
+from .capture import LayerTap, find_module, module_name, preserved_state
 from .layout import TokenLayout, resolve_layout
 from .locality_plot import plot_locality
-from .models import ImageModel, check_images, fixed_input_size
+from .models import ImageModel, check_images, fixed_input_size, model_device
 from .reports import Accuracy, LocalityReport, PoolingReport
 
 __all__ = [
@@ -165,8 +165,7 @@ class SpatialLocalityProbe(LayerAttribution):
         return self.wrapped.normalize(images)
 
     def _device(self) -> torch.device:
-        param = next(self.vision.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
+        return model_device(self.vision)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         check_images(images, size=self._fixed_size)
@@ -339,7 +338,7 @@ class SpatialLocalityProbe(LayerAttribution):
         def grid(images: torch.Tensor) -> tuple[int, int]:
             size = (int(images.shape[-2]), int(images.shape[-1]))
             if size not in grids:
-                last = f"{_module_path(self.vision, pipeline.blocks[-1])}"
+                last = f"{module_name(self.vision, pipeline.blocks[-1])}"
                 grids[size] = resolve_layout(self.vision, last, prepare(images[:1])).grid
             return grids[size]
 
@@ -395,10 +394,6 @@ def _input_tap(
 
 def _same(a: torch.Tensor, b: object) -> bool:
     return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-
-
-def _module_path(model: nn.Module, module: nn.Module) -> str:
-    return find_module(model, module)[0]
 
 
 def _forward_order(model: nn.Module, names: Sequence[str], probe: torch.Tensor) -> list[str]:

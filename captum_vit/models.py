@@ -20,6 +20,7 @@ __all__ = [
     "check_images",
     "fixed_input_size",
     "input_config",
+    "model_device",
     "unwrap_vision",
 ]
 
@@ -147,6 +148,12 @@ def input_config(
 
 def _is_open_clip(module: nn.Module) -> bool:
     return type(module).__module__.startswith("open_clip")
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's parameters (CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
 
 
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
