@@ -35,8 +35,8 @@ import torch
 
 import captum_vit as cv
 from captum_vit.capture import LayerTap
-from captum_vit.objectives import total_variation
-from captum_vit.transforms import ColorShift, FadingNoise, RandomDraws, RollJitter
+from captum_vit.optim.objectives import total_variation
+from captum_vit.optim.transforms import ColorShift, FadingNoise, RandomDraws, RollJitter
 
 LAYER = "blocks.3.mlp.fc1"
 

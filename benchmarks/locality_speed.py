@@ -37,7 +37,7 @@ import torch
 
 from captum_vit import SpatialLocalityProbe, capture_layers
 from captum_vit.layout import resolve_layout
-from captum_vit.locality import _region_shares
+from captum_vit.locality.probe import _region_shares
 
 
 def naive_fields(model, probe, image, report, layouts, positions_per_layer):

@@ -14,14 +14,14 @@ from .layout import TokenLayout, resolve_layout
 from .models import ImageModel, input_config
 
 _LAZY = {
-    "FeatureVisualization": ".feature_viz",
+    "FeatureVisualization": ".optim.feature_viz",
     "PatchActivationMap": ".activation_map",
     "TopActivatingExamples": ".top_examples",
     "ExampleSet": ".top_examples",
-    "SpatialLocalityProbe": ".locality",
-    "LocalityReport": ".locality",
-    "PoolingReport": ".locality",
-    "objectives": ".objectives",
+    "SpatialLocalityProbe": ".locality.probe",
+    "LocalityReport": ".locality.reports",
+    "PoolingReport": ".locality.reports",
+    "objectives": ".optim.objectives",
     "zoo": ".zoo",
     "render": ".render",
 }

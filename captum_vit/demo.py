@@ -22,9 +22,9 @@ import torch
 
 from . import zoo
 from .activation_map import PatchActivationMap
-from .feature_viz import FeatureVisualization
 from .locality import SpatialLocalityProbe, plot_locality
 from .models import ImageModel
+from .optim import FeatureVisualization
 from .render import image_grid, save_png, unit_grid
 from .top_examples import TopActivatingExamples
 

@@ -18,8 +18,8 @@ from fv_planted import (
 )
 
 import captum_vit as cv
-import captum_vit.objectives as obj
-from captum_vit.transforms import ColorShift, FadingNoise, slot_generator
+import captum_vit.optim.objectives as obj
+from captum_vit.optim.transforms import ColorShift, FadingNoise, slot_generator
 
 
 def unit_activation(fv, images, units):

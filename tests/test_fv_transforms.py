@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_vit.params import FourierImage, PixelImage, make_param
-from captum_vit.presets import PRESETS, Preset, get_preset
-from captum_vit.transforms import (
+from captum_vit.optim.params import FourierImage, PixelImage, make_param
+from captum_vit.optim.presets import PRESETS, Preset, get_preset
+from captum_vit.optim.transforms import (
     ColorShift,
     FadingNoise,
     Flip,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from archs import TIMM_ARCHS, hooked, images, open_clip_tower
 
-import captum_vit.objectives as obj
+import captum_vit.optim.objectives as obj
 from captum_vit.capture import capture_layers
 from captum_vit.layout import resolve_layout
 

@@ -1,5 +1,5 @@
-"""Figure of a :class:`~captum_vit.reports.LocalityReport` (and optionally a CNN's report
-and a :class:`~captum_vit.reports.PoolingReport`): locality per layer, the receptive field
+"""Figure of a :class:`~captum_vit.locality.reports.LocalityReport` (and optionally a CNN's report
+and a :class:`~captum_vit.locality.reports.PoolingReport`): locality per layer, the receptive field
 of the central token at a few depths, the accuracy sweeps and the per-position accuracy."""
 
 from __future__ import annotations

@@ -26,11 +26,11 @@ import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
-from ._pooling import run_pooling_experiments, token_pipeline
-from .capture import LayerTap, find_module, module_name, preserved_state
-from .layout import TokenLayout, resolve_layout
-from .locality_plot import plot_locality
-from .models import ImageModel, check_images, fixed_input_size, model_device
+from ..capture import LayerTap, find_module, module_name, preserved_state
+from ..layout import TokenLayout, resolve_layout
+from ..models import ImageModel, check_images, fixed_input_size, model_device
+from .plots import plot_locality
+from .pooling import run_pooling_experiments, token_pipeline
 from .reports import Accuracy, LocalityReport, PoolingReport
 
 __all__ = [

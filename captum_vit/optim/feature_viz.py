@@ -8,7 +8,7 @@ ascent) and every knob of it is an argument.
 
 Targets do not interfere: each image's loss term depends only on its own rows, Adam works
 per element, and every random draw (initial image, augmentations) is made per image slot
-and shared by all targets (see :class:`~captum_vit.transforms.RandomDraws`), so a unit
+and shared by all targets (see :class:`~captum_vit.optim.transforms.RandomDraws`), so a unit
 optimized alone with the same seed gives the same image as in a batch (up to the float
 rounding of batched matrix products).
 """
@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ._base import _LayerMethod
-from .capture import LayerTap, preserved_state
-from .layout import TokenLayout
-from .models import _is_open_clip, _pair, check_images
+from .._base import _LayerMethod
+from ..capture import LayerTap, preserved_state
+from ..layout import TokenLayout
+from ..models import _is_open_clip, _pair, check_images
 from .objectives import (
     BatchScorer,
     Objective,
@@ -115,7 +115,7 @@ class FeatureVisualization(_LayerMethod):
                 ``(B, 3, H, W)`` start images in [0, 1], ``B`` = 1 (shared) or the number
                 of returned images.
             target: a unit (int), several units (list or 1-D tensor), an
-                :class:`~captum_vit.objectives.Objective`, or a list mixing both. Ints
+                :class:`~captum_vit.optim.objectives.Objective`, or a list mixing both. Ints
                 become ``objectives.channel(unit, token)``.
             token: where int units are read: ``"patches"`` (mean over patch tokens, prefix
                 excluded: the paper), ``"cls"``, ``"all"``, a token index or a
@@ -123,7 +123,7 @@ class FeatureVisualization(_LayerMethod):
                 embedding vectors) take the unit directly.
             preset: ``"ghiasi2023"``, ``"lucid"``, ``"fast"``, ``None`` (plain gradient
                 ascent: no augmentation, no regularizer) or a
-                :class:`~captum_vit.presets.Preset`. Every field below overrides it.
+                :class:`~captum_vit.optim.presets.Preset`. Every field below overrides it.
             steps: optimization steps.
             image_size: ``(H, W)`` of the optimized images; default the size of
                 ``inputs``, else the model's. A fixed-size model sees the (augmented)

@@ -72,7 +72,7 @@ class Preset:
         init: pixel initialization without start images: ``"uniform"`` or ``"gray"``.
         copies: augmented copies of each image per step.
         transforms: ``size -> list of transforms`` (sizes scale with the image).
-        tv_weight: weight of :func:`~captum_vit.objectives.total_variation`.
+        tv_weight: weight of :func:`~captum_vit.optim.objectives.total_variation`.
         tv_on_augmented: take TV on the augmented copies (the paper) or on the images.
         objective_scale: factor on the objective (the paper's code: 1/8).
         optimizer: ``"adam"`` or ``"sgd"``.

@@ -14,7 +14,7 @@ An objective scores every row of a batch of layer activations. The primitives:
 
 Objectives combine with ``+``, ``-`` and scalar ``*``::
 
-    >>> import captum_vit.objectives as obj
+    >>> import captum_vit.optim.objectives as obj
     >>> goal = obj.channel(17) - 0.5 * obj.channel(3) + 1e-2 * obj.diversity()
 
 They work on every layout of :class:`~captum_vit.layout.TokenLayout` (BNC, NBC, BHWC,
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .layout import TokenLayout
+from ..layout import TokenLayout
 
 __all__ = [
     "Objective",

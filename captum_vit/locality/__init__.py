@@ -1,0 +1,19 @@
+"""Spatial information in a ViT: how local each layer's tokens are, and the paper's
+pooling experiments (natural, isolated cls, patch-token heads, tearing off the patches).
+
+``probe`` holds :class:`SpatialLocalityProbe`; ``pooling`` the Table-1 experiments;
+``reports`` the result types; ``plots`` their figure.
+"""
+
+from .plots import plot_locality
+from .probe import SpatialLocalityProbe, find_blocks
+from .reports import Accuracy, LocalityReport, PoolingReport
+
+__all__ = [
+    "Accuracy",
+    "LocalityReport",
+    "PoolingReport",
+    "SpatialLocalityProbe",
+    "find_blocks",
+    "plot_locality",
+]
