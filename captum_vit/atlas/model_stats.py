@@ -18,7 +18,10 @@ def layer_locality(
     its own patch), over the first ``count`` images and ``positions`` probed patches."""
     probe = SpatialLocalityProbe(model, layers, batch_size=32)
     report = probe.attribute(images.batch(range(min(count, len(images))))["image"], positions)
-    return {name: float(value) for name, value in zip(report.layers, report.locality.tolist())}
+    return {
+        name: float(value)
+        for name, value in zip(report.layers, report.locality.tolist(), strict=True)
+    }
 
 
 def pooling_table(

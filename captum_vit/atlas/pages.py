@@ -102,7 +102,7 @@ GLOSSARY = [
     (
         "patch activation map",
         "the unit's activation at each patch of an image, drawn as a heat "
-        "map over the image (colour bar next to each map): where in the image the unit fires.",
+        "map over the image (with a colour bar under the maps): where in the image the unit fires.",
     ),
     (
         "prefix tokens",
@@ -214,13 +214,13 @@ class _Site:
             f"most with patch activation maps, and its activation histogram. Feature "
             f"visualizations: preset <code>{_e(s['preset'])}</code>, "
             f"{_e(s['steps'] if s['steps'] is not None else 'the preset default')} steps, "
-            f"seed {s['seed']}. Terms:</p><dl class='explain'>{glossary}</dl>"
+            f"seed {s['seed']}. The terms are explained at the bottom of this page.</p>"
             "<h2>Layers</h2><p class='explain'>Units shown / units in the layer; the patch "
             "grid; the layer's <dfn>locality</dfn> (defined above; bar: 1 = fully local).</p>"
             "<table><tr><th>#</th><th>layer</th><th>units shown</th><th>grid</th>"
             f"<th>locality</th></tr>{''.join(rows)}</table>"
             f"<h2>Where the model pools spatial information (the paper's Table 1)</h2>"
-            f"{self.table_one(o['pooling'])}"
+            f"{self.table_one(o['pooling'])}<h2>Terms</h2><dl class='explain'>{glossary}</dl>"
         )
         return self.page(f"Atlas of {o['model']}", body, "")
 
