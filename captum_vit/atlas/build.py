@@ -192,6 +192,27 @@ def _check_arguments(k: int, batch_size: int, fv_batch: int) -> None:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
+def _check_units(units: str | int | Sequence[int], layer_info: dict) -> None:
+    """The unit choice against every layer's width (before anything is written)."""
+    if isinstance(units, str):
+        if units != "all":
+            raise ValueError(f"units must be 'all', N or a list of unit ids, got {units!r}")
+        return
+    if isinstance(units, int) and not isinstance(units, bool):
+        if units < 1:
+            raise ValueError(f"the number of most active units must be >= 1, got {units}")
+        return
+    if not units:
+        raise ValueError("the list of units is empty")
+    for name, info in layer_info.items():
+        bad = [u for u in units if not 0 <= int(u) < info["channels"]]
+        if bad:
+            raise ValueError(
+                f"unit {bad[0]} does not exist in layer {name} (it has units "
+                f"0..{info['channels'] - 1})"
+            )
+
+
 def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Path:
     k, batch_size, fv_batch = options["k"], options["batch_size"], options["fv_batch"]
     _check_arguments(k, batch_size, fv_batch)
@@ -201,6 +222,7 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
     layer_info = _check_layers(
         model, options["layers"] or default_layers(model), images.batch([0])["image"]
     )
+    _check_units(options["units"], layer_info)
     device = model_device(model)
     fv = FVSettings(options["preset"] or default_preset(device), options["steps"], options["seed"])
     get_preset(fv.preset)  # an unknown preset fails here, before anything is written
