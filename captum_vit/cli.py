@@ -15,6 +15,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -143,7 +144,8 @@ def atlas_command(args: argparse.Namespace) -> int:
     loaded = load_model(
         args.model, zoo_name=args.zoo, weights=args.weights, pretrained=args.pretrained
     )
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    local_rank = os.environ.get("LOCAL_RANK", "0")  # set by torchrun: one GPU per process
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     loaded.model.to(device)
     build_atlas(
         loaded,

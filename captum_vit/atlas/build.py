@@ -83,32 +83,49 @@ def _say(shard: Shard, text: str) -> None:
         print(text, flush=True)
 
 
+def _wanted_units(units: str | int | Sequence[int], channels: int) -> int:
+    if units == "all":
+        return channels
+    if isinstance(units, int):
+        return min(units, channels)
+    return len(set(units))
+
+
 def _estimate(
-    model, layers, images, pending_scans, pending_units, fv: FVSettings, batch_size, fv_batch, shard
+    model, images, layer_info, pending_scans, units, fv: FVSettings, options, files, shard
 ) -> str:
-    """One line: the estimated cost, measured on one batch and one optimization step."""
+    """One line, before the work: the estimated cost, from one timed forward of a batch
+    and the timed difference of one and two optimization steps of a chunk."""
+    batch_size, fv_batch = options["batch_size"], options["fv_batch"]
     start = time.perf_counter()
     batch = images.batch(range(min(batch_size, len(images))))["image"]
     with torch.no_grad():
         ImageModel(model)(batch.to(model_device(model)))
-    forward = time.perf_counter() - start
-    scan = forward * len(range(0, len(images), batch_size)) * len(pending_scans)
-    units = sum(len(u) for u in pending_units.values())
+    scan = (
+        (time.perf_counter() - start) * len(range(0, len(images), batch_size)) * len(pending_scans)
+    )
+    count = 0
+    for name, info in layer_info.items():
+        done = len(list((files.out / "layers" / name).glob("unit_*/unit.json")))
+        count += max(0, _wanted_units(units, info["channels"]) - done)
     steps = fv.steps or get_preset(fv.preset).steps
     optimize = 0.0
-    if units:
-        layer = next(name for name, u in pending_units.items() if u)
-        start = time.perf_counter()
-        one = FVSettings(fv.preset, 1, fv.seed, fv.image_size)
-        visualize_units(model, layer, pending_units[layer][:fv_batch], one)
-        optimize = (time.perf_counter() - start) * steps * -(-units // fv_batch)
+    if count:
+        name, info = next(iter(layer_info.items()))
+        chunk = list(range(min(fv_batch, info["channels"])))
+        times = []
+        for trial_steps in (1, 2):
+            start = time.perf_counter()
+            visualize_units(model, name, chunk, FVSettings(fv.preset, trial_steps, fv.seed))
+            times.append(time.perf_counter() - start)
+        per_step = max(times[1] - times[0], 0.1 * times[0])
+        optimize = (times[0] + per_step * (steps - 1)) * -(-count // fv_batch)
     total = (scan + optimize) / shard.world
-    device = model_device(model).type
     return (
-        f"estimated cost: about {total:.0f} s on {device} with {shard.world} process(es) "
-        f"(top-k scan of {len(images)} images at {len(pending_scans)} layer(s) ~{scan:.0f} s; "
-        f"feature visualization of {units} unit(s) x {steps} steps ~{optimize:.0f} s; "
-        "plus locality and Table 1)"
+        f"estimated cost: about {total:.0f} s on {model_device(model).type} with "
+        f"{shard.world} process(es) (top-k scan of {len(images)} images at "
+        f"{len(pending_scans)} layer(s) ~{scan:.0f} s; feature visualization of {count} "
+        f"unit(s) x {steps} steps ~{optimize:.0f} s; then locality, Table 1 and the pages)"
     )
 
 
@@ -258,9 +275,12 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
         if done:
             scans[name] = LayerScan.from_file(files.out / _scan_file(name))
 
-    estimate_needed = bool(pending_scans)
-    if estimate_needed:
-        _say(shard, f"{len(images)} images ({images.description}); {len(layer_info)} layer(s)")
+    _say(shard, f"{len(images)} images ({images.description}); {len(layer_info)} layer(s)")
+    if progress:
+        line = _estimate(
+            model, images, layer_info, pending_scans, options["units"], fv, options, files, shard
+        )
+        print(line, flush=True)
     for name in pending_scans:
         scans[name] = scan_layer(
             model, name, images, k=k, batch_size=batch_size, shard=shard, show_progress=progress
@@ -277,13 +297,6 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
         if shard.is_main
         else None
     )[0]
-    if progress:
-        print(
-            _estimate(
-                model, layer_info, images, pending_scans, pending, fv, batch_size, fv_batch, shard
-            ),
-            flush=True,
-        )
     _visualize(model, scans, images, pending, fv, fv_batch, files, shard, progress)
     shard.barrier()
     if shard.is_main:

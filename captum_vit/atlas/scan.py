@@ -93,6 +93,21 @@ class _ActivationRecorder:
         self.prefix.append(prefix.detach().float().cpu())
 
 
+class _Batches:
+    """This process's batches as dicts with the images' global indices (sized, so that
+    the progress bar shows an ETA)."""
+
+    def __init__(self, images, batches: list[list[int]]) -> None:
+        self.images, self.batches = images, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for indices in self.batches:
+            yield {"image": self.images.batch(indices)["image"], "index": torch.tensor(indices)}
+
+
 def scan_layer(
     model: torch.nn.Module,
     layer: str,
@@ -116,14 +131,9 @@ def scan_layer(
     layout = method.layout_for(probe)  # resolved before the hook is set: no extra records
     recorder = _ActivationRecorder(layout)
 
-    def stream():
-        for indices in mine:
-            batch = images.batch(indices)
-            yield {"image": batch["image"], "index": torch.tensor(indices)}
-
     handle = method.layer.register_forward_hook(recorder)
     try:
-        examples = method.attribute(stream(), show_progress=show_progress)
+        examples = method.attribute(_Batches(images, mine), show_progress=show_progress)
     finally:
         handle.remove()
     local = [
