@@ -119,7 +119,7 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
     atlas.add_argument("--weights", help="local checkpoint (.safetensors or torch state dict)")
     atlas.add_argument("--pretrained", action="store_true", help="timm's weights (network)")
     atlas.add_argument("--images", help="folder of image files (recursive); default zoo scenes")
-    atlas.add_argument("--scenes", type=int, default=512, help="zoo scenes without --images")
+    atlas.add_argument("--scenes", type=int, default=256, help="zoo scenes without --images")
     atlas.add_argument("--out", default="atlas", help="the atlas folder (default: atlas)")
     atlas.add_argument(
         "--layers", help="comma-separated dotted paths; default every MLP hidden layer"

@@ -142,7 +142,7 @@ def build_atlas(
     seed: int = 0,
     batch_size: int = 64,
     fv_batch: int = 8,
-    scenes: int = 512,
+    scenes: int = 256,
     show_progress: bool = True,
 ) -> Path:
     """Build (or resume, or extend) the atlas of ``model`` over ``images`` in ``out``.

@@ -25,7 +25,7 @@ def layer_locality(
 
 
 def pooling_table(
-    model: torch.nn.Module, images, *, count: int = 512, batch_size: int = 64
+    model: torch.nn.Module, images, *, count: int = 256, batch_size: int = 64
 ) -> dict:
     """The paper's Table 1 on the first ``count`` labelled images: natural accuracy, cls
     isolated for ``L`` blocks, patch average / best patch, and the tear sweep. Returns

@@ -216,7 +216,7 @@ class _Site:
             f"{_e(s['steps'] if s['steps'] is not None else 'the preset default')} steps, "
             f"seed {s['seed']}. The terms are explained at the bottom of this page.</p>"
             "<h2>Layers</h2><p class='explain'>Units shown / units in the layer; the patch "
-            "grid; the layer's <dfn>locality</dfn> (defined above; bar: 1 = fully local).</p>"
+            "grid; the layer's <dfn>locality</dfn> (see the terms below; bar: 1 = fully local).</p>"
             "<table><tr><th>#</th><th>layer</th><th>units shown</th><th>grid</th>"
             f"<th>locality</th></tr>{''.join(rows)}</table>"
             f"<h2>Where the model pools spatial information (the paper's Table 1)</h2>"

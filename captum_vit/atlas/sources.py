@@ -163,7 +163,7 @@ def weights_fingerprint(model: nn.Module) -> str:
 class ZooScenes:
     """The zoo's synthetic scenes (labelled) as an atlas image source."""
 
-    def __init__(self, count: int = 512, seed: int = 1) -> None:
+    def __init__(self, count: int = 256, seed: int = 1) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"the number of scenes must be a positive int, got {count!r}")
         self.scenes = zoo.SyntheticScenes(count, seed=seed)
@@ -288,7 +288,7 @@ def crop_fraction(model: nn.Module) -> float:
 
 
 def open_images(
-    model: nn.Module, folder: str | Path | None = None, *, scenes: int = 512
+    model: nn.Module, folder: str | Path | None = None, *, scenes: int = 256
 ) -> ImageFiles | ZooScenes:
     """The atlas's images: the files under ``folder`` prepared for ``model``, or (no
     folder) ``scenes`` zoo scenes."""
