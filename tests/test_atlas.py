@@ -41,8 +41,18 @@ def _photo_folder(root: Path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for these builds: the results do not depend on it, and on a shared
+    machine it avoids threads spinning against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def atlas(tmp_path_factory):
+def atlas(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("atlas")
     folder = _photo_folder(root / "photos")
     with pytest.warns(UserWarning, match="skipped 1 unreadable"):

@@ -58,10 +58,14 @@ def _tree(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
+    """The uninterrupted single-process run (in this process, one thread)."""
     out = tmp_path_factory.mktemp("reference") / "atlas"
-    result = _run(out)
-    assert result.returncode == 0, result.stderr
-    assert "estimated cost: about" in result.stdout
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*ARGS, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -84,6 +88,7 @@ def test_killed_run_resumes_to_identical_files(reference, tmp_path):
     assert not (out / "index.html").exists()  # nothing presented as finished
     result = _run(out)
     assert result.returncode == 0, result.stderr
+    assert "estimated cost: about" in result.stdout
     assert all(path.stat().st_mtime_ns == stamp for path, stamp in finished.items())
     assert _tree(out) == _tree(reference)
 
@@ -110,6 +115,15 @@ def _fails(capsys, *args: str, match: str) -> None:
 
 
 def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_bad_input(tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_bad_input(tmp_path, capsys):
     out = tmp_path / "atlas"
     base = ["atlas", "--zoo", "vit", "--out", str(out), "--scenes", "4"]
     _fails(capsys, *base, "--layers", "blocks.1.mlp.nope", match="blocks.1.mlp.nope")
