@@ -25,7 +25,7 @@ import torch
 from .capture import capture_layers
 from .layout import resolve_layout
 
-_DEMO_MODELS = [
+_LAYOUT_MODELS = [
     ("vit_tiny_patch16_224", "blocks.1.mlp.fc1", {}),
     ("deit_tiny_distilled_patch16_224", "blocks.1", {}),
     ("vit_small_patch14_reg4_dinov2", "blocks.1", {"img_size": 56, "patch_size": 14}),
@@ -58,7 +58,7 @@ def _small(name: str, kwargs: dict) -> torch.nn.Module:
 def layouts() -> int:
     print("captum_vit layouts: token layouts measured in one forward pass (random weights)\n")
     print(f"{'model':34s} {'layer':26s} {'kind':5s} {'grid':>7s}  prefix")
-    for name, layer, kwargs in _DEMO_MODELS:
+    for name, layer, kwargs in _LAYOUT_MODELS:
         model = _small(name, kwargs)
         layout = resolve_layout(model, layer, attribute_to_layer_input=layer.endswith("fc2"))
         grid = f"{layout.grid[0]}x{layout.grid[1]}"
