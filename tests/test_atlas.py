@@ -17,7 +17,7 @@ from PIL import Image
 from skimage import data as photos
 
 from captum_vit import capture_layers, zoo
-from captum_vit.atlas import ImageFiles, build_atlas, load_model
+from captum_vit.atlas import ImageFiles, build_atlas, default_layers, load_model
 from captum_vit.atlas.scan import LayerScan
 from captum_vit.atlas.units import select_units
 
@@ -219,3 +219,20 @@ def test_pages_in_headless_chromium(atlas, tmp_path):
         assert "not in this atlas" in browser.evaluate(
             "document.getElementById('search-result').textContent"
         )
+
+
+def small_vit() -> torch.nn.Module:
+    """A model named as ``module:function`` (this test module)."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+
+
+def test_models_named_as_module_function():
+    loaded = load_model("test_atlas:small_vit")
+    assert loaded.description == "test_atlas:small_vit" and not loaded.model.training
+    assert default_layers(loaded.model) == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_model("test_atlas:nope")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_model("no_such_module_xyz:build")
