@@ -56,11 +56,14 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
     """Return ``(dotted_path, module)`` for a layer given as a module or a dotted path.
 
     Paths are tried as given, then with the open_clip / timm-trunk prefixes
-    (``visual.``, ``trunk.``) added or removed, so ``"transformer.resblocks.3"`` works on a
-    full CLIP model and ``"visual.transformer.resblocks.3"`` on its vision tower.
+    (``visual.``, ``trunk.``) added or removed, so ``"conv1"`` works on a full CLIP model
+    and ``"visual.transformer.resblocks.3"`` on its vision tower. A path that names two
+    different modules that way (``"transformer.resblocks.3"`` on a full CLIP model: the
+    text transformer's block, and ``visual.transformer.resblocks.3``) is refused.
 
     Raises:
-        ValueError: the path names no module; the message lists the closest real names.
+        ValueError: the path names no module (the message lists the closest real names)
+            or is ambiguous (the message names the full paths).
         TypeError: ``layer`` is neither a string nor a module.
     """
     names = dict(model.named_modules())
@@ -76,14 +79,31 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
         raise TypeError(
             f"layer must be an nn.Module or a dotted path string, got {type(layer).__name__}"
         )
-    for candidate in _path_candidates(layer):
-        if candidate in names and candidate != "":
-            return candidate, names[candidate]
+    found = [c for c in dict.fromkeys(_path_candidates(layer)) if c and c in names]
+    if found:
+        if found[0] == layer:
+            longer = [c for c in found if c.endswith(f".{layer}") and names[c] is not names[layer]]
+            _refuse_ambiguous(model, layer, longer)
+        return found[0], names[found[0]]
     close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.5)
     hint = f" Closest names: {', '.join(close)}." if close else ""
     raise ValueError(
         f"unknown layer {layer!r} in {type(model).__name__}.{hint} "
         "See `dict(model.named_modules())` for every name."
+    )
+
+
+def _refuse_ambiguous(model: nn.Module, layer: str, others: list[str]) -> None:
+    """A path that names one module as given and another with a tower prefix added (the
+    text transformer ``transformer.resblocks.5`` of a full CLIP model and the image
+    tower's ``visual.transformer.resblocks.5``) must be spelled out."""
+    if not others:
+        return
+    choices = ", ".join(repr(name) for name in [layer, *others])
+    raise ValueError(
+        f"layer {layer!r} is ambiguous in {type(model).__name__}: it names {choices}. "
+        f"Pass the full path, e.g. {others[0]!r}"
+        + (" for the image tower" if others[0].startswith("visual.") else "")
     )
 
 

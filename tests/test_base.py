@@ -25,7 +25,7 @@ def test_layer_method_layout_and_forward_match_direct_capture():
 
 def test_layer_method_on_clip_uses_the_vision_tower():
     model = open_clip_model()
-    method = _LayerMethod(model, "transformer.resblocks.0")
+    method = _LayerMethod(model, "visual.transformer.resblocks.0")
     assert method.layer_name == "transformer.resblocks.0"
     assert method.vision is model.visual
     with pytest.raises(ValueError, match="32x32 images only"):

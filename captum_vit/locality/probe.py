@@ -26,9 +26,9 @@ import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
-from ..capture import LayerTap, find_module, module_name, preserved_state
+from ..capture import LayerTap, module_name, preserved_state
 from ..layout import TokenLayout, resolve_layout
-from ..models import ImageModel, check_images, fixed_input_size, model_device
+from ..models import ImageModel, check_images, fixed_input_size, model_device, vision_layer
 from .plots import plot_locality
 from .pooling import run_pooling_experiments, token_pipeline
 from .reports import Accuracy, LocalityReport, PoolingReport
@@ -147,7 +147,7 @@ class SpatialLocalityProbe(LayerAttribution):
         else:
             if isinstance(layers, (str, nn.Module)):
                 layers = [layers]
-            names = [find_module(self.vision, layer)[0] for layer in layers]
+            names = [vision_layer(model, layer)[0] for layer in layers]
             if not names:
                 raise ValueError("layers is empty; pass None for every block")
         self.layer_names = list(dict.fromkeys(names))
