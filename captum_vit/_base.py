@@ -143,7 +143,10 @@ class _LayerMethod(LayerAttribution):
     ) -> Any:
         """The layer's raw output for [0, 1] images; the forward stops at the layer."""
         extra = forward_args(additional_forward_args)
-        tap = self.tap(attribute_to_layer_input=attribute_to_layer_input)
+        if attribute_to_layer_input is None:
+            tap = self.tap()  # subclasses may tap another way (the whole tower as layer)
+        else:
+            tap = self.tap(attribute_to_layer_input=attribute_to_layer_input)
         with preserved_state(self.vision), torch.set_grad_enabled(grad), tap:
             return tap.run(self.normalize(images), *extra)[0]
 
