@@ -67,6 +67,8 @@ def vision_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modu
         return find_module(vision, layer)
     name, module = find_module(model, layer)  # raises for names both towers have
     prefix = module_name(model, tower) + "."
+    if module is tower:
+        return "", module  # the whole tower as the layer (its output: the embedding)
     if name.startswith(prefix):
         return name[len(prefix) :], module
     blocks = [n for n, _ in tower.named_modules() if n.endswith("resblocks.0")]
