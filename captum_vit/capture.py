@@ -81,9 +81,9 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
         )
     found = [c for c in dict.fromkeys(_path_candidates(layer)) if c and c in names]
     if found:
-        if found[0] == layer:
-            longer = [c for c in found if c.endswith(f".{layer}") and names[c] is not names[layer]]
-            _refuse_ambiguous(model, layer, longer)
+        if found[0] == layer:  # the same path inside a CLIP image tower is another module
+            towers = [c for c in found if c.startswith("visual.") and c.endswith(f".{layer}")]
+            _refuse_ambiguous(model, layer, [c for c in towers if names[c] is not names[layer]])
         return found[0], names[found[0]]
     close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.5)
     hint = f" Closest names: {', '.join(close)}." if close else ""
@@ -94,9 +94,10 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
 
 
 def _refuse_ambiguous(model: nn.Module, layer: str, others: list[str]) -> None:
-    """A path that names one module as given and another with a tower prefix added (the
-    text transformer ``transformer.resblocks.5`` of a full CLIP model and the image
-    tower's ``visual.transformer.resblocks.5``) must be spelled out."""
+    """A path that names one module as given and another inside the image tower ``visual``
+    (the text transformer ``transformer.resblocks.5`` of a full CLIP model and the image
+    tower's ``visual.transformer.resblocks.5``) must be spelled out. (``"head"`` of an
+    open_clip timm tower is its own projection, not ``trunk.head``: no ambiguity.)"""
     if not others:
         return
     choices = ", ".join(repr(name) for name in [layer, *others])
