@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import captum_vit as cv
 from captum_vit import zoo
+from captum_vit._accuracy import TopKCounter
 from captum_vit.capture import capture_layers
 from captum_vit.models import ImageModel
 from captum_vit.render import image_grid
@@ -43,7 +44,9 @@ def visualize_classes(model, name: str, per_class: int, preset: str, steps: int 
 
 @torch.no_grad()
 def top1(model, images, labels) -> float:
-    return 100.0 * (ImageModel(model).eval()(images).argmax(1) == labels).float().mean().item()
+    counter = TopKCounter(k=1)
+    counter.add(ImageModel(model).eval()(images), labels)
+    return float(counter.top1_percent())
 
 
 def active_units(model, layer: str, count: int) -> list[int]:
