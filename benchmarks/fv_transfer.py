@@ -53,8 +53,10 @@ def active_units(model, layer: str, count: int) -> list[int]:
     """The ``count`` hidden units of ``layer`` with the highest mean activation over patch
     tokens on held-out scenes."""
     images = zoo.SyntheticScenes(200, seed=1).batch(range(200))["image"]
-    acts = capture_layers(ImageModel(model), f"model.{layer}", images)  # (B, N, C)
-    return acts[:, 1:].mean((0, 1)).topk(count).indices.tolist()
+    wrapped = ImageModel(model)
+    acts = capture_layers(wrapped, f"model.{layer}", images)  # (B, N, C)
+    layout = cv.resolve_layout(wrapped, f"model.{layer}", images[:2])
+    return layout.tokens(acts).mean((0, 1)).topk(count).indices.tolist()
 
 
 def save_grid(vit, preset: str, steps: int | None, seed: int) -> Path:
