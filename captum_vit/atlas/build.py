@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._progress import resolve_progress
 from ..capture import find_module
 from ..layout import resolve_layout
 from ..locality.probe import find_blocks
@@ -143,7 +144,7 @@ def build_atlas(
     batch_size: int = 64,
     fv_batch: int = 8,
     scenes: int = 256,
-    show_progress: bool = True,
+    show_progress: bool | None = None,
 ) -> Path:
     """Build (or resume, or extend) the atlas of ``model`` over ``images`` in ``out``.
 
@@ -164,7 +165,8 @@ def build_atlas(
         preset, steps, seed: feature visualization (default preset: ``"fast"`` on CPU,
             ``"ghiasi2023"`` on GPU; default steps: the preset's).
         batch_size: images per forward of the scan. fv_batch: units optimized together.
-        show_progress: progress bars and the cost estimate.
+        show_progress: progress bars (``None``: when stderr is a terminal); unless
+            ``False``, the first process also prints the estimated cost before the work.
 
     Returns:
         The path of ``index.html``.
@@ -197,7 +199,7 @@ def build_atlas(
             batch_size=batch_size,
             fv_batch=fv_batch,
             scenes=scenes,
-            show_progress=show_progress and shard.is_main,
+            show_progress=show_progress,
         )
     finally:
         shard.close()
@@ -233,7 +235,8 @@ def _check_units(units: str | int | Sequence[int], layer_info: dict) -> None:
 def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Path:
     k, batch_size, fv_batch = options["k"], options["batch_size"], options["fv_batch"]
     _check_arguments(k, batch_size, fv_batch)
-    progress = options["show_progress"]
+    estimate = options["show_progress"] is not False and shard.is_main
+    progress = resolve_progress(options["show_progress"]) and shard.is_main
     if images is None or isinstance(images, (str, Path)):
         images = open_images(model, images, scenes=options["scenes"])
     layer_info = _check_layers(
@@ -276,7 +279,7 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
             scans[name] = LayerScan.from_file(files.out / _scan_file(name))
 
     _say(shard, f"{len(images)} images ({images.description}); {len(layer_info)} layer(s)")
-    if progress:
+    if estimate:
         line = _estimate(
             model, images, layer_info, pending_scans, options["units"], fv, options, files, shard
         )

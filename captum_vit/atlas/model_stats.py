@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..locality import SpatialLocalityProbe
+from ..locality import SpatialLocalityProbe, pooling_experiments
 from .shard import fixed_batches
 
 __all__ = ["layer_locality", "pooling_table"]
@@ -17,7 +17,8 @@ def layer_locality(
     """Receptive-field locality of each layer (share of a token's input gradient inside
     its own patch), over the first ``count`` images and ``positions`` probed patches."""
     probe = SpatialLocalityProbe(model, layers, batch_size=32)
-    report = probe.attribute(images.batch(range(min(count, len(images))))["image"], positions)
+    first = images.batch(range(min(count, len(images))))["image"]
+    report = probe.attribute(first, positions, show_progress=False)
     return {
         name: float(value)
         for name, value in zip(report.layers, report.locality.tolist(), strict=True)
@@ -42,7 +43,7 @@ def pooling_table(
             yield batch["image"], batch["label"]
 
     try:
-        report = SpatialLocalityProbe(model).accuracy_experiments(loader())
+        report = pooling_experiments(model, loader(), show_progress=False)
     except ValueError as error:
         return {"skipped": str(error)}
     return {
