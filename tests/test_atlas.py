@@ -193,13 +193,13 @@ def test_pages_in_headless_chromium(atlas, tmp_path):
         site / f"layers/{layer}/unit_{unit:04d}.html",
     ]
     with Browser() as browser:
-        for page in pages:
+        for number, page in enumerate(pages):
             browser.open(page)
             assert browser.errors() == [], page
             widths = browser.evaluate("[...document.images].map(i => i.complete && i.naturalWidth)")
             assert all(width and width > 0 for width in widths), (page, widths)
             assert browser.evaluate(_SMALLEST_TEXT) >= 12, page
-            assert _not_blank(browser.screenshot(tmp_path / f"{page.stem}.png")), page
+            assert _not_blank(browser.screenshot(tmp_path / f"{number}_{page.stem}.png")), page
         assert len(widths) == 1 + 2 * 3  # the unit page: visualization, 3 images + 3 maps
         assert browser.evaluate("document.querySelectorAll('svg text').length") >= 5
         browser.open(atlas)
