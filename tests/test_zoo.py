@@ -187,9 +187,11 @@ def test_training_script_quick_mode_gives_a_loadable_model(tmp_path):
 
 def test_vit_training_command_quick_mode_records_its_cost(tmp_path):
     out = tmp_path / "vit.safetensors"
-    assert train_main(["vit", "--quick", "--out", str(out), "--threads", "1"]) == 0
+    args = ["vit", "--quick", "--attention-init", "mimetic", "--label-smoothing", "0.1"]
+    assert train_main([*args, "--out", str(out), "--threads", "1"]) == 0
     info = read_metadata(out)["info"]
     assert info["config"]["steps"] == 3 and info["config"]["attention_init"] == "mimetic"
+    assert info["config"]["label_smoothing"] == 0.1
     assert info["cpu_seconds"] > 0 and info["threads"] == 1
     assert set(info["load_average_1min"]) == {"mean", "min", "max"}
     model = load_model("vit", out)

@@ -61,13 +61,10 @@ class TrainConfig:
 #: Full-run settings per model; ``--quick`` overrides steps and sizes.
 DEFAULTS: dict[str, dict] = {
     "vit": {
-        "steps": 4000,
-        "batch_size": 64,
-        "lr": 2e-3,
+        "steps": 3000,
+        "batch_size": 32,
+        "lr": 1e-3,
         "warmup": 100,
-        "betas": (0.9, 0.95),
-        "label_smoothing": 0.1,
-        "attention_init": "mimetic",
         "log_every": 250,
     },
     "cnn": {"steps": 800, "lr": 2e-3, "log_every": 100},
