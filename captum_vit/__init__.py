@@ -25,6 +25,8 @@ _LAZY = {
     "objectives": ".optim.objectives",
     "zoo": ".zoo",
     "render": ".render",
+    "atlas": ".atlas",
+    "build_atlas": ".atlas.build",
 }
 
 __all__ = [
