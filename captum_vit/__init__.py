@@ -22,6 +22,8 @@ _LAZY = {
     "LocalityReport": ".locality.reports",
     "PoolingReport": ".locality.reports",
     "objectives": ".optim.objectives",
+    "robust_activation": ".optim.quality",
+    "transfer_score": ".optim.quality",
     "zoo": ".zoo",
     "render": ".render",
 }
