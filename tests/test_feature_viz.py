@@ -19,6 +19,7 @@ from fv_planted import (
 
 import captum_vit as cv
 import captum_vit.optim.objectives as obj
+from captum_vit.optim.presets import get_preset
 from captum_vit.optim.transforms import ColorShift, FadingNoise, slot_generator
 
 
@@ -332,3 +333,58 @@ def test_bad_arguments_raise():
         fv.attribute(target=1, token=(4, 4), steps=1)
     with pytest.raises(ValueError, match="unknown layer"):
         cv.FeatureVisualization(model, "blocks.9")
+
+
+# --------------------------------------------------------------------------- recipe, cost
+
+
+def test_recipe_keywords_are_checked_in_one_place():
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    with pytest.raises(TypeError, match="did you mean 'copies'"):
+        fv.attribute(target=1, steps=1, copie=2)
+    with pytest.raises(ValueError, match="schedule must be"):
+        fv.attribute(target=1, steps=1, schedule="linear")
+    with pytest.raises(ValueError, match="images_per_target"):
+        fv.attribute(target=1, steps=1, images_per_target=0)
+    recipe = fv.recipe("fast", copies=3, transforms=[])
+    assert recipe.copies == 3 and recipe.transforms((32, 32)) == []
+    assert recipe.steps == get_preset("fast").steps
+    assert fv.recipe() == get_preset("ghiasi2023")  # a hidden layer: the paper's
+    logits = cv.FeatureVisualization(model, "head")
+    assert logits.recipe(spatial=False) == get_preset("robust")
+    images, trace = logits.attribute(target=[1, 2], steps=2, return_trace=True)
+    assert images.shape == (2, 3, 32, 32) and trace.shape == (2, 2)
+
+
+def test_a_long_run_says_what_it_will_cost(monkeypatch, caplog, capsys):
+    import captum_vit.optim.feature_viz as feature_viz
+
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    with caplog.at_level("INFO", logger="captum_vit"):
+        fv.attribute(target=[1, 2], preset="fast", steps=2, show_progress=False)
+    assert not caplog.records  # short: nothing to say
+    monkeypatch.setattr(feature_viz, "ESTIMATE_AFTER_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="captum_vit"):
+        fv.attribute(target=[1, 2], preset="fast", steps=3, show_progress=True)
+    message = caplog.records[-1].getMessage()
+    copies = get_preset("fast").copies
+    assert f"3 steps x 2 images x {copies} copies, about" in message
+    assert "about" in capsys.readouterr().err  # printed with the progress bar
+
+
+def test_progress_bar_on_by_default_when_stderr_is_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from captum_vit.optim._progress import default_progress
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    assert default_progress(None) is True and default_progress(False) is False
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert default_progress(None) is False and default_progress(True) is True

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -399,7 +400,7 @@ def _estimate_cost(first_step: float, recipe: Preset, draws: RandomDraws, bar: A
     )
     logger.info(message)
     if bar is not None:
-        bar.write(message)
+        bar.write(message, file=sys.stderr)
 
 
 def _duration(seconds: float) -> str:

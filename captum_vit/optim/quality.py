@@ -119,7 +119,8 @@ def transfer_score(
     independent classifier sees the class a visualization was made for.
 
     Args:
-        images: ``(N, 3, H, W)`` in [0, 1], resized to the judge's input size.
+        images: ``(N, 3, H, W)`` in [0, 1], resized to the judge's input size (its
+            declared one, if any).
         labels: ``N`` class indices.
         judge_model: a classifier (its own normalization is applied, see
             :class:`~captum_vit.ImageModel`); left as found (eval mode inside).
@@ -136,7 +137,10 @@ def transfer_score(
     labels = torch.as_tensor(labels).reshape(-1).long()
     if labels.numel() != images.shape[0]:
         raise ValueError(f"got {labels.numel()} labels for {images.shape[0]} images")
-    judge = ImageModel(judge_model)
+    try:
+        judge = ImageModel(judge_model)
+    except ValueError:  # no declared input size: the images' own
+        judge = ImageModel(judge_model, image_size=tuple(images.shape[-2:]))
     device = model_device(judge.model)
     size = judge.image_size
     correct = 0
