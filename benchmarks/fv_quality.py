@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument(
         "--tiny-layers", default="blocks.1.mlp.act,blocks.5.mlp.act,blocks.11.mlp.act"
     )
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", default="", help="comma list of: tiny, zoo, transfer")
     parser.add_argument("--grids", action="store_true", help="save docs/images/fv_zoo_*.png")
     args = parser.parse_args()

@@ -218,8 +218,9 @@ def _scenes() -> list[Tensor]:
 
 
 def magnitude_spectrum(source: str | Tensor, size: tuple[int, int]) -> Tensor:
-    """Mean Fourier magnitude ``(3, H, W // 2 + 1)`` (orthonormal ``rfft2`` per channel,
-    mean removed) of images resized to ``size``; computed on first use and kept in memory.
+    """Mean Fourier magnitude ``(3, H, W // 2 + 1)`` (orthonormal ``rfft2`` per channel of
+    ``image - 0.5``, so the DC term says how far colours stray from grey) of images resized
+    to ``size``; computed on first use and kept in memory.
 
     Args:
         source: ``"photos"`` (square crops of the ``skimage.data`` colour photographs),
@@ -249,8 +250,7 @@ def _mean_magnitude(images: list[Tensor], size: tuple[int, int]) -> Tensor:
     total = torch.zeros(3, size[0], size[1] // 2 + 1)
     for image in images:
         x = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
-        x = x - x.mean(dim=(-2, -1), keepdim=True)
-        total += torch.fft.rfft2(x, norm="ortho").abs()
+        total += torch.fft.rfft2(x - 0.5, norm="ortho").abs()
     return total / len(images)
 
 
