@@ -11,8 +11,9 @@ For every preset:
   (``--per-class`` images per class) judged by the zoo CNN, and the CNN's judged by the ViT
   (chance 12.5%).
 
-With ``--grids`` it saves ``docs/images/fv_zoo_<preset>.png`` from the same zoo images:
-rows = units of the early, middle and last block, then the class logits.
+With ``--grids`` it saves, from the same zoo images, ``docs/images/fv_zoo_units_<preset>.png``
+(rows: units of the early, middle and last block) and ``fv_zoo_logits_<preset>.png``
+(the class logits, ``--per-class`` images each).
 
 The machine may be shared: timings are wall times of this run; compare presets within one
 run. Reduced settings for a loaded machine, e.g.::
@@ -107,20 +108,26 @@ def transfer_rows(models, presets, scale, per_class, zoo_images):
 
 def save_grids(zoo_images, class_names):
     OUT.mkdir(parents=True, exist_ok=True)
-    for preset, rows in zoo_images.items():
-        cells, captions = [], []
-        for layer, units, images in rows:
-            cells.append(images)
-            if layer == "head":
-                captions += [class_names[u] for u in units]
-            else:
-                block = layer.split(".")[1]
-                captions += [f"b{block} u{u}" for u in units]
-        ncols = max(len(images) for _, _, images in rows)
-        big = F.interpolate(torch.cat(cells), scale_factor=2, mode="nearest")
-        path = OUT / f"fv_zoo_{preset or 'none'}.png"
-        image_grid(big, ncols=ncols, labels=captions).save(path)
-        print(f"saved {path}")
+    for preset, all_rows in zoo_images.items():
+        for kind in ("units", "logits"):
+            rows = [r for r in all_rows if (r[0] == "head") == (kind == "logits")]
+            if rows:
+                save_grid(rows, class_names, OUT / f"fv_zoo_{kind}_{preset or 'none'}.png")
+
+
+def save_grid(rows, class_names, path):
+    cells, captions = [], []
+    for layer, units, images in rows:
+        cells.append(images)
+        if layer == "head":
+            captions += [class_names[u] for u in units]
+        else:
+            block = layer.split(".")[1]
+            captions += [f"b{block} u{u}" for u in units]
+    ncols = max(len(images) for _, _, images in rows)
+    big = F.interpolate(torch.cat(cells), scale_factor=2, mode="nearest")
+    image_grid(big, ncols=ncols, labels=captions).save(path)
+    print(f"saved {path}")
 
 
 def main() -> None:
@@ -135,6 +142,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", default="", help="comma list of: tiny, zoo, transfer")
     parser.add_argument("--grids", action="store_true", help="save docs/images/fv_zoo_*.png")
+    parser.add_argument(
+        "--transfer-presets", default=None, help="presets of the transfer table (default: all)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     presets = [parse_preset(p) for p in args.presets.split(",")]
@@ -161,18 +171,21 @@ def main() -> None:
     if "zoo" not in skip:
         depth = len(models["vit"].blocks)
         layers = [f"blocks.{b}.mlp.act" for b in (0, depth // 2, depth - 1)]
-        chosen = {layer: active_units(models["vit"], layer, args.units) for layer in layers}
+        top = {layer: active_units(models["vit"], layer, args.units) for layer in layers}
         robust_rows(
             "zoo ViT, 64 px",
             models["vit"],
             layers,
-            chosen.__getitem__,
+            top.__getitem__,
             presets,
             args.steps_scale,
             zoo_images,
         )
     if "transfer" not in skip:
-        transfer_rows(models, presets, args.steps_scale, args.per_class, zoo_images)
+        chosen = presets
+        if args.transfer_presets:
+            chosen = [parse_preset(p) for p in args.transfer_presets.split(",")]
+        transfer_rows(models, chosen, args.steps_scale, args.per_class, zoo_images)
     if zoo_images:
         save_grids(zoo_images, models["vit"].class_names)
 
