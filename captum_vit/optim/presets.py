@@ -59,6 +59,11 @@ def _paper_transforms(size: tuple[int, int]) -> list[Transform]:
     return [ColorShift(1.0, 1.0), FadingNoise(0.5), RollJitter()]
 
 
+def _fast_transforms(size: tuple[int, int]) -> list[Transform]:
+    # the paper's, but each copy gets its own roll: 6 shifts per step instead of 1
+    return [ColorShift(1.0, 1.0), FadingNoise(0.5), RollJitter(per_copy=True)]
+
+
 def _lucid_transforms(size: tuple[int, int]) -> list[Transform]:
     return [
         Pad(_px(12, size)),
@@ -180,9 +185,9 @@ GHIASI2023 = Preset(
     steps=400,
 )
 
-#: The paper's recipe with fewer, larger steps: 4 copies instead of 8 and 64 steps
-#: instead of 400 at a larger learning rate (1/12 of the image-steps).
-FAST = replace(GHIASI2023, copies=4, steps=64, lr=0.2)
+#: The paper's recipe with fewer, larger steps: 6 copies instead of 8, each with its own
+#: roll, and 64 steps instead of 400 at lr 0.3 (0.12 of the image-steps).
+FAST = replace(GHIASI2023, copies=6, steps=64, lr=0.3, transforms=_fast_transforms)
 
 #: Strong transformation robustness for class logits and late layers: Fourier
 #: parameterization, pad, jitter, scale 0.6-1.3, rotation up to 30 degrees, flip, 8 copies.
