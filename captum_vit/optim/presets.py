@@ -11,7 +11,24 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   one shift per image and step); total variation (4 directions, L2 norm) on the augmented
   batch with weight 5e-5; the objective scaled by 1/8 (the code's ``diag().mean()``); Adam,
   lr 0.1 (1.0 for CLIP), betas (0.5, 0.99), cosine decay to 0 over 400 steps.
-* ``"fast"`` -- the paper's recipe with fewer, larger steps (see :data:`FAST`).
+
+  Why it gives weak images on small models such as the zoo ViT (64 px, 8-px patches,
+  trained on flat-coloured synthetic scenes): the recipe optimizes free pixels, and what
+  it is robust to -- a roll of 9 px (about one patch at 64 px) and the colour shift --
+  leaves the pixels free to form high-frequency, saturated patterns locked to the patch
+  grid. The zoo ViT reads them as its class (it calls all of its own class
+  visualizations right) but another model does not: the zoo CNN recognizes 25% of them
+  (chance 12.5%), because they show the class's *background* texture (stripes, checks),
+  which the training data correlate with the class, drawn in per-pixel noise. Scaling the
+  augmentations to the model (colour shift and noise divided by 4, as its normalization
+  std 0.25 is about that of ImageNet; roll 4 px) did not fix it (measured at 100 steps:
+  the CNN 37.5%, the ViT itself 25%), so no scaled variant is offered; what helps is
+  robustness to scale, rotation and flip with a smooth parameterization: ``"robust"``.
+* ``"fast"`` -- the paper's recipe with fewer, larger steps (see :data:`FAST`): 6 copies
+  each with its own roll (the paper rolls all copies of an image alike), 64 steps, lr
+  0.3; 0.12 of the paper's image-steps. Measured by ``cv.robust_activation`` on a
+  random-weight ViT-Ti/16 at 112 px (``blocks.3.mlp.act``, units 0 and 1,
+  ``benchmarks/fv_quality.py``): 0.225 against the paper preset's 0.219 after 400 steps.
 * ``"robust"`` -- strong transformation robustness for class logits and late layers (see
   :data:`ROBUST`); the default when the layer is a class-logit (non-spatial) layer.
 * ``"maco"`` -- magnitude-constrained phase optimization (Fel et al. 2023, "Unlocking
