@@ -21,6 +21,7 @@ _LAZY = {
     "SpatialLocalityProbe": ".locality.probe",
     "LocalityReport": ".locality.reports",
     "PoolingReport": ".locality.reports",
+    "pooling_experiments": ".locality.pooling",
     "objectives": ".optim.objectives",
     "robust_activation": ".optim.quality",
     "transfer_score": ".optim.quality",
