@@ -400,15 +400,17 @@ def test_a_long_run_says_what_it_will_cost(monkeypatch, caplog, capsys):
 
 def test_progress_bar_on_by_default_when_stderr_is_a_terminal(monkeypatch):
     import io
-    import sys
-
-    from captum_vit.optim._progress import default_progress
 
     class Terminal(io.StringIO):
         def isatty(self):
             return True
 
-    monkeypatch.setattr(sys, "stderr", Terminal())
-    assert default_progress(None) is True and default_progress(False) is False
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    assert default_progress(None) is False and default_progress(True) is True
+    fv = cv.FeatureVisualization(TIMM_ARCHS["vit"][0](), "blocks.1.mlp.act")
+    quiet = io.StringIO()
+    monkeypatch.setattr("sys.stderr", quiet)
+    fv.attribute(target=1, preset="fast", steps=2)
+    assert quiet.getvalue() == ""
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    fv.attribute(target=1, preset="fast", steps=2)
+    assert "feature visualization" in terminal.getvalue()

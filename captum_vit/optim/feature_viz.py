@@ -27,12 +27,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from .._base import _LayerMethod
+from .._progress import resolve_progress
 from ..capture import LayerTap, preserved_state
 from ..layout import TokenLayout
 from ..models import _is_open_clip, _pair, check_images
-from ._progress import default_progress, progress
 from .objectives import (
     BatchScorer,
     Objective,
@@ -214,9 +215,11 @@ class FeatureVisualization(_LayerMethod):
         step_fn = self._step_function(
             image_param, scorer, transforms, draws, recipe, model_size, autocast=autocast
         )
-        show = default_progress(show_progress)
+        show = resolve_progress(show_progress)
         trace = []
-        bar = progress(range(recipe.steps), show=show, desc="feature visualization")
+        bar = tqdm(
+            range(recipe.steps), desc="feature visualization", disable=not show, file=sys.stderr
+        )
         with preserved_state(self.vision), torch.enable_grad(), self.tap() as tap:
             for step in bar:
                 started = time.perf_counter()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._accuracy import TopKCounter
 from ..capture import preserved_state
 from ..models import ImageModel, check_images, model_device
 from .objectives import Objective, Token, compile_objectives
@@ -143,12 +144,11 @@ def transfer_score(
         judge = ImageModel(judge_model, image_size=tuple(images.shape[-2:]))
     device = model_device(judge.model)
     size = judge.image_size
-    correct = 0
+    counter = TopKCounter(k=1)
     with preserved_state(judge.model):
         for start in range(0, len(labels), batch_size):
             x = images[start : start + batch_size].float().to(device)
             if tuple(x.shape[-2:]) != tuple(size):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            predicted = judge(x).argmax(dim=1).cpu()
-            correct += int((predicted == labels[start : start + batch_size]).sum())
-    return 100.0 * correct / len(labels)
+            counter.add(judge(x).float(), labels[start : start + batch_size])
+    return float(counter.top1_percent())
