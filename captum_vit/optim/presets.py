@@ -30,11 +30,17 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   random-weight ViT-Ti/16 at 112 px (``blocks.3.mlp.act``, units 0 and 1,
   ``benchmarks/fv_quality.py``): 0.225 against the paper preset's 0.219 after 400 steps.
 * ``"robust"`` -- strong transformation robustness for class logits and late layers (see
-  :data:`ROBUST`); the default when the layer is a class-logit (non-spatial) layer.
+  :data:`ROBUST`): Lucid's Fourier parameterization, pad, jitter, scale 0.6-1.3, rotation
+  up to 30 degrees, horizontal flip, 8 copies, 256 steps. An image must excite the unit
+  at every scale, angle and position, so the class shows as an object, not as a texture
+  locked to the patch grid. The default when the layer is non-spatial (class logits).
 * ``"maco"`` -- magnitude-constrained phase optimization (Fel et al. 2023, "Unlocking
   Feature Visualization for Deeper Networks with MAgnitude Constrained Optimization"): the
-  image's Fourier magnitude is fixed to the mean magnitude spectrum of natural images, only
-  the phase is optimized (see :data:`MACO`).
+  image's Fourier magnitude is fixed to the mean magnitude spectrum of natural images
+  (``magnitude="photos"``: the ``skimage.data`` photographs; ``"scenes"``: the zoo's
+  synthetic scenes; or images you pass), computed on first use and kept in memory; only the
+  phase is optimized, with jitter, scale 0.7-1.2, rotation and flip (see :data:`MACO`).
+  Every image keeps natural-image statistics (no high-frequency noise) by construction.
 * ``"lucid"`` -- Lucid's defaults: Fourier parameterization with decorrelated colour,
   one copy per step with pad / jitter / scale / rotate / jitter, Adam lr 0.05, 512 steps.
 * ``None`` -- plain gradient ascent on the pixels: one copy, no augmentation, no
