@@ -23,6 +23,8 @@ _LAZY = {
     "PoolingReport": ".locality.reports",
     "pooling_experiments": ".locality.pooling",
     "objectives": ".optim.objectives",
+    "robust_activation": ".optim.quality",
+    "transfer_score": ".optim.quality",
     "zoo": ".zoo",
     "render": ".render",
     "atlas": ".atlas",
