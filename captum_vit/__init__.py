@@ -24,6 +24,9 @@ _LAZY = {
     "objectives": ".optim.objectives",
     "zoo": ".zoo",
     "render": ".render",
+    "patch_grid": ".interop",
+    "patch_feature_mask": ".interop",
+    "AttentionRollout": ".rollout",
 }
 
 __all__ = [
