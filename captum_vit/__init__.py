@@ -27,6 +27,7 @@ _LAZY = {
     "patch_grid": ".interop",
     "patch_feature_mask": ".interop",
     "AttentionRollout": ".rollout",
+    "hf": ".hf",
 }
 
 __all__ = [

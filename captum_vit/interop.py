@@ -138,10 +138,10 @@ def patch_grid(
     _, module = find_module(model, layout.layer)
     grid = PatchGrid(layout, with_prefix)
     splice = _Splice(layout, grid, call)
-    root = unwrap_vision(model)
     handles = []
     try:
-        handles.append(root.register_forward_pre_hook(splice.reset))
+        for root in _forward_roots(model):
+            handles.append(root.register_forward_pre_hook(splice.reset))
         if attribute_to_layer_input:
             handles.append(module.register_forward_pre_hook(splice.input_hook, with_kwargs=True))
         else:
@@ -150,6 +150,17 @@ def patch_grid(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def _forward_roots(model: nn.Module) -> list[nn.Module]:
+    """Modules whose forward starts a pass through the layer, whichever the user calls
+    (the model, its image tower: open_clip ``visual``, Hugging Face ``vision_model``)."""
+    roots = [model, unwrap_vision(model), getattr(model, "vision_model", None)]
+    unique = []
+    for root in roots:
+        if isinstance(root, nn.Module) and all(root is not other for other in unique):
+            unique.append(root)
+    return unique
 
 
 class _Splice:

@@ -261,7 +261,10 @@ class AttentionRollout(Attribution):
         self, layers: Sequence[nn.Module | str] | None
     ) -> list[tuple[str, nn.Module, Callable[..., torch.Tensor]]]:
         if layers is None:
-            candidates = _attention_modules(self.vision)
+            prefix = getattr(self.vision, "image_prefix", "")  # CLIPModel: skip its text tower
+            candidates = [
+                (n, m) for n, m in _attention_modules(self.vision) if n.startswith(prefix)
+            ]
             usable = [(n, m) for n, m in candidates if _refusal(n, m) is None]
             blocking = [
                 _refusal(n, m) for n, m in candidates if _refusal(n, m) and not _pooled(n, m)
