@@ -60,14 +60,11 @@ def _refuse_mask(name: str, kwargs: dict, args: tuple, position: int) -> None:
         )
 
 
-def _timm_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """timm ``Attention`` (ViT, DeiT, DINOv2, ...): q and k from its fused ``qkv``."""
-    _refuse_mask(name, kwargs, args, 1)
-    x = args[0]
+def _timm_attention(module: nn.Module, name: str, qkv: torch.Tensor) -> torch.Tensor:
+    """timm ``Attention`` (ViT, DeiT, DINOv2, ...): q and k read from the output of its own
+    fused ``qkv`` projection (a forward hook on ``attn.qkv``: nothing is recomputed)."""
     width = module.num_heads * module.head_dim
-    weight, bias = module.qkv.weight[: 2 * width], module.qkv.bias
-    qk = F.linear(x, weight, None if bias is None else bias[: 2 * width])
-    q, k = (_split_heads(t, module.num_heads) for t in qk.split(width, dim=-1))
+    q, k, _ = (_split_heads(t, module.num_heads) for t in qkv.split(width, dim=-1))
     return _probabilities(module.q_norm(q), module.k_norm(k), module.scale)
 
 
@@ -129,6 +126,23 @@ def _hf_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> to
     k = _split_heads(F.linear(x, k.weight, k.bias), heads)
     scale = getattr(module, "scaling", getattr(module, "scale", head_dim**-0.5))
     return _probabilities(q, k, scale)
+
+
+def _register(
+    module: nn.Module, name: str, reader: Callable[..., torch.Tensor], on_probs: Callable
+) -> Any:
+    """Hook ``module`` so that ``on_probs(probabilities)`` runs when its attention runs."""
+    if reader is _timm_attention:
+
+        def qkv_hook(_linear: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+            on_probs(reader(module, name, output))
+
+        return module.qkv.register_forward_hook(qkv_hook)
+
+    def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        on_probs(reader(module, name, args, kwargs))
+
+    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
 
 def _reader(module: nn.Module) -> Callable[..., torch.Tensor] | None:
@@ -334,47 +348,41 @@ class AttentionRollout(Attribution):
         check_images(inputs, size=self._fixed_size)
         images = inputs.to(model_device(self.vision))
         layout = self.layout_for(images)
-        rollout = self._rollout(self.wrapped.normalize(images), fusion, discard)
-        read = _row_reader(row, layout, rollout.shape[-1])
+        steps = self._steps(self.wrapped.normalize(images), fusion, discard)
+        weights = _row_weights(row, layout, steps[0])
         h, w = layout.grid
-        maps = read(rollout)[:, layout.num_prefix_tokens :].reshape(-1, h, w)
+        maps = _read_rollout(steps, weights)[:, layout.num_prefix_tokens :].reshape(-1, h, w)
         if interpolate:
             maps = LayerAttribution.interpolate(
                 maps.unsqueeze(1), tuple(images.shape[-2:]), interpolate_mode
             ).squeeze(1)
         return maps
 
-    def _rollout(self, normalized: torch.Tensor, fusion: str, discard: float) -> torch.Tensor:
-        state: dict[str, Any] = {"rollout": None, "done": 0}
+    def _steps(self, normalized: torch.Tensor, fusion: str, discard: float) -> list[torch.Tensor]:
+        """One ``(B, N, N)`` rollout step per rolled-out block, in forward order."""
+        steps: list[torch.Tensor] = []
         last = len(self.layers) - 1
 
-        def hook_for(index: int, name: str, reader: Callable[..., torch.Tensor]):
-            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-                probs = reader(module, name, args, kwargs)
+        def collector(name: str):
+            def on_probs(probs: torch.Tensor) -> None:
                 step = _residual_step(_fuse(probs, fusion), discard)
-                previous = state["rollout"]
-                if previous is not None and previous.shape != step.shape:
+                if steps and steps[-1].shape != step.shape:
                     raise ValueError(
                         f"attention {name!r} works on {step.shape[-1]} tokens but the blocks "
-                        f"before it on {previous.shape[-1]}: rollout needs one token sequence "
+                        f"before it on {steps[-1].shape[-1]}: rollout needs one token sequence "
                         "through all rolled-out blocks (no pooling between them)"
                     )
-                state["rollout"] = step if previous is None else step @ previous
-                state["done"] += 1
-                if index == last:
+                steps.append(step)
+                if len(steps) > last:
                     raise _StopForward
 
-            return hook
+            return on_probs
 
         handles = []
         with preserved_state(self.vision), torch.no_grad():
             try:
-                for index, (name, module, reader) in enumerate(self.layers):
-                    handles.append(
-                        module.register_forward_pre_hook(
-                            hook_for(index, name, reader), with_kwargs=True
-                        )
-                    )
+                for name, module, reader in self.layers:
+                    handles.append(_register(module, name, reader, collector(name)))
                 try:
                     self.vision(normalized)
                 except _StopForward:
@@ -382,11 +390,20 @@ class AttentionRollout(Attribution):
             finally:
                 for handle in handles:
                     handle.remove()
-        if state["done"] != len(self.layers):
+        if len(steps) != len(self.layers):
             raise RuntimeError(
-                f"only {state['done']} of {len(self.layers)} attention modules ran in the forward"
+                f"only {len(steps)} of {len(self.layers)} attention modules ran in the forward"
             )
-        return state["rollout"]
+        return steps
+
+
+def _read_rollout(steps: list[torch.Tensor], row: torch.Tensor) -> torch.Tensor:
+    """``row @ A_L @ ... @ A_1`` for ``(B, N)`` row weights: the chosen row of the rollout
+    ``A_L ... A_1`` without forming the ``N x N`` product (``L N^2`` instead of ``L N^3``)."""
+    vector = row.unsqueeze(1)
+    for step in reversed(steps):
+        vector = vector @ step
+    return vector.squeeze(1)
 
 
 def _check_fusion(head_fusion: str) -> str:
@@ -424,13 +441,13 @@ def _residual_step(fused: torch.Tensor, discard: float) -> torch.Tensor:
     return step / step.sum(dim=-1, keepdim=True)
 
 
-def _row_reader(
-    row: str | int | None, layout: TokenLayout, tokens: int
-) -> Callable[[torch.Tensor], torch.Tensor]:
+def _row_weights(row: str | int | None, layout: TokenLayout, step: torch.Tensor) -> torch.Tensor:
+    """``(B, N)`` weights of the rollout rows to read: one-hot, or uniform for ``"mean"``."""
+    batch, tokens = step.shape[0], step.shape[-1]
     if row is None:
         row = "cls" if "cls" in layout.prefix_names else "mean"
     if row == "mean":
-        return lambda rollout: rollout.mean(dim=1)
+        return step.new_full((batch, tokens), 1.0 / tokens)
     if row == "cls":
         if "cls" not in layout.prefix_names:
             raise ValueError(
@@ -442,4 +459,6 @@ def _row_reader(
         raise TypeError(f"row must be 'cls', 'mean' or an int, got {type(row).__name__}")
     if not -tokens <= row < tokens:
         raise ValueError(f"row {row} is out of range for {tokens} tokens")
-    return lambda rollout: rollout[:, row]
+    weights = step.new_zeros(batch, tokens)
+    weights[:, row] = 1.0
+    return weights
