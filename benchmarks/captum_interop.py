@@ -8,7 +8,8 @@
 2. ``AttentionRollout`` time as a multiple of one forward pass of the same model on the
    same batch (``no_grad``). Goal: under 1.5x.
 
-Configurations are interleaved in every repetition; medians are reported.
+Configurations are interleaved in every repetition; medians of wall time and of process
+CPU time are reported (on a shared machine the CPU-time ratios are the steadier ones).
 
     python benchmarks/captum_interop.py [--threads 2] [--reps 5] [--batch 2] [--steps 8]
 """
@@ -34,14 +35,16 @@ def hand_grid(attr: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def medians(runs: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    """Median wall time (key ``name``) and process CPU time (key ``name + " cpu"``)."""
+    times: dict[str, list[float]] = {}
     for run in runs.values():  # warm-up
         run()
     for _ in range(reps):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             run()
-            times[name].append(time.perf_counter() - start)
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            times.setdefault(name + " cpu", []).append(time.process_time() - start_cpu)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -86,12 +89,13 @@ def main() -> None:
         for name, (by_hand, through_grid) in methods.items():
             same = torch.allclose(by_hand(), through_grid(), atol=1e-5, rtol=1e-3)
             result = medians({"hand": by_hand, "grid": through_grid}, args.reps)
-            overhead = result["grid"] / result["hand"] - 1
-            print(
-                f"  {name:40s} hand {result['hand'] * 1e3:8.1f} ms   patch_grid "
-                f"{result['grid'] * 1e3:8.1f} ms   overhead {overhead * 100:+5.1f}%   "
-                f"same result: {same}"
-            )
+            print(f"  {name} (same result: {same})")
+            for kind in ("", " cpu"):
+                hand, through = result["hand" + kind], result["grid" + kind]
+                print(
+                    f"    {'CPU time' if kind else 'wall time':9s} hand {hand * 1e3:8.1f} ms   "
+                    f"patch_grid {through * 1e3:8.1f} ms   overhead {(through / hand - 1) * 100:+5.1f}%"
+                )
 
     rollout = cv.AttentionRollout(model, mean=(0.0,) * 3, std=(1.0,) * 3)
     rollout.attribute(x)  # resolves the layout once per size
@@ -100,10 +104,12 @@ def main() -> None:
             {"forward": lambda: model(x), "rollout": lambda: rollout.attribute(x)}, args.reps
         )
     print("2. AttentionRollout vs one forward (no_grad)")
-    print(
-        f"  forward {result['forward'] * 1e3:8.1f} ms   rollout {result['rollout'] * 1e3:8.1f} ms"
-        f"   ratio {result['rollout'] / result['forward']:.2f}x"
-    )
+    for kind in ("", " cpu"):
+        forward, rolled = result["forward" + kind], result["rollout" + kind]
+        print(
+            f"    {'CPU time' if kind else 'wall time':9s} forward {forward * 1e3:8.1f} ms   "
+            f"rollout {rolled * 1e3:8.1f} ms   ratio {rolled / forward:.2f}x"
+        )
 
 
 if __name__ == "__main__":
