@@ -185,20 +185,64 @@ def _check_image(image: Any) -> torch.Tensor:
 
 
 def captum_arrays(
-    activation_map: torch.Tensor, image: torch.Tensor
+    activation_map: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    sign: str | Sequence[str] = "absolute_value",
+    outlier_perc: float = 2.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(attr (H, W, 1), original_image (H, W, 3))`` numpy arrays for
-    ``captum.attr.visualization.visualize_image_attr`` (the map upsampled to the image).
+    """``(attr (H, W, 1), original_image (H, W, 3))`` float32 numpy arrays for
+    ``captum.attr.visualization.visualize_image_attr`` and
+    ``visualize_image_attr_multiple`` (the map upsampled bilinearly to the image).
+
+    Captum scales a map by a threshold of its sign-filtered values and fails with
+    "Cannot normalize by scale factor = 0" when nothing is left to draw (an all-zero map,
+    or ``sign="positive"`` on a map without positive values). This function checks the
+    map against the ``sign`` (or list of signs) and ``outlier_perc`` you will give Captum,
+    and raises a ValueError that says why instead.
+
+    Args:
+        activation_map: ``(h, w)`` or ``(H, W)`` map of one image.
+        image: ``(3, H, W)`` RGB in [0, 1].
+        sign: the sign(s) you will pass to Captum (its default is ``"absolute_value"``).
+        outlier_perc: the ``outlier_perc`` you will pass to Captum (its default is 2).
+
+    Raises:
+        ValueError: the map has NaN / inf values, or nothing Captum can scale for one of
+            the signs (the message names the sign and what the map holds).
 
     Examples::
 
         >>> from captum.attr import visualization as viz
-        >>> attr, img = captum_arrays(maps[0], images[0])
+        >>> attr, img = captum_arrays(maps[0], images[0], sign="positive")
         >>> viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="positive")
     """
     image = _check_image(image)
     upsampled = _resize_map(activation_map, tuple(image.shape[-2:]))
-    return upsampled.numpy()[..., None], image.permute(1, 2, 0).numpy()
+    signs = [sign] if isinstance(sign, str) else list(sign)
+    for one in signs:
+        _check_drawable(upsampled, one, outlier_perc)
+    return upsampled.numpy()[..., None], image.permute(1, 2, 0).contiguous().numpy()
+
+
+def _check_drawable(values: torch.Tensor, sign: str, outlier_perc: float) -> None:
+    """Raise if Captum's visualization cannot scale ``values`` with this sign."""
+    if sign not in _SIGNS:
+        raise ValueError(f"sign must be one of {_SIGNS}, got {sign!r}")
+    if not torch.isfinite(values).all():
+        raise ValueError("the map contains NaN or inf values; Captum cannot draw it")
+    if _threshold(_filter_sign(values, sign).abs(), outlier_perc) > 0:
+        return
+    if not values.ne(0).any():
+        held = "is all zero"
+    else:
+        held = f"holds values in [{float(values.min()):.4g}, {float(values.max()):.4g}]"
+    raise ValueError(
+        f"the map {held}: with sign={sign!r} (outlier_perc={outlier_perc}) Captum's "
+        "visualize_image_attr has nothing to scale and fails with 'Cannot normalize by "
+        "scale factor = 0'. Use a sign that keeps its values ('all' for signed maps), a "
+        "lower outlier_perc, or render.overlay / heatmap, which draw such a map as zero"
+    )
 
 
 def image_grid(
@@ -274,6 +318,26 @@ def unit_grid(
         A PIL image: ``[visualization] | overlay_1 | ... | overlay_k`` (one row, or two
         with ``originals``).
     """
+    _check_unit_row(images, maps, scores)
+    size = cell_size or int(images.shape[-2])
+    vmax = _shared_vmax(maps, sign, outlier_perc) if shared_scale else None
+    options = dict(alpha=alpha, cmap=cmap, sign=sign, outlier_perc=outlier_perc, vmax=vmax)
+    cells = [
+        _resize_image(overlay(i, m, **options), size) for i, m in zip(images, maps, strict=True)
+    ]
+    labels = None if scores is None else [f"{float(score):.3g}" for score in scores]
+    if visualization is not None:
+        cells.insert(0, _resize_image(_check_image(visualization), size))
+        labels = None if labels is None else ["visualization", *labels]
+    picture = image_grid(cells, labels=labels)
+    if not originals:
+        return picture
+    return _stack_rows(_originals_row(images, size, visualization is not None), picture)
+
+
+def _check_unit_row(
+    images: torch.Tensor, maps: torch.Tensor, scores: torch.Tensor | Sequence[float] | None
+) -> None:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (k, 3, H, W), got {tuple(images.shape)}")
     if maps.dim() != 3 or maps.shape[0] != images.shape[0]:
@@ -283,37 +347,26 @@ def unit_grid(
         )
     if scores is not None and len(scores) != len(images):
         raise ValueError(f"{len(scores)} scores for {len(images)} images")
-    size = cell_size or int(images.shape[-2])
-    vmax = None
-    if shared_scale:
-        filtered = _filter_sign(maps.detach().float().cpu(), sign)
-        vmax = _threshold(filtered.abs(), outlier_perc) or None
-    cells, labels = [], []
-    if visualization is not None:
-        cells.append(_resize_image(_check_image(visualization), size))
-        labels.append("visualization")
-    for index, (image, activation_map) in enumerate(zip(images, maps, strict=True)):
-        blended = overlay(
-            image,
-            activation_map,
-            alpha=alpha,
-            cmap=cmap,
-            sign=sign,
-            outlier_perc=outlier_perc,
-            vmax=vmax,
-        )
-        cells.append(_resize_image(blended, size))
-        labels.append("" if scores is None else f"{float(scores[index]):.3g}")
-    picture = image_grid(cells, labels=labels if scores is not None else None)
-    if not originals:
-        return picture
-    top = ([torch.ones(3, size, size)] if visualization is not None else []) + [
-        _resize_image(_check_image(image), size) for image in images
-    ]
-    first = image_grid(top)
-    both = Image.new("RGB", (picture.width, first.height + picture.height), (255, 255, 255))
-    both.paste(first, (0, 0))
-    both.paste(picture, (0, first.height))
+
+
+def _shared_vmax(maps: torch.Tensor, sign: str, outlier_perc: float) -> float | None:
+    """One colour-scale maximum for all ``maps`` (None: each map scales itself)."""
+    filtered = _filter_sign(maps.detach().float().cpu(), sign)
+    return _threshold(filtered.abs(), outlier_perc) or None
+
+
+def _originals_row(images: torch.Tensor, size: int, blank_first: bool) -> Image.Image:
+    """The plain images as a grid row, after a blank cell above a visualization."""
+    cells = [_resize_image(_check_image(image), size) for image in images]
+    if blank_first:
+        cells.insert(0, torch.ones(3, size, size))
+    return image_grid(cells)
+
+
+def _stack_rows(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    both = Image.new("RGB", (bottom.width, top.height + bottom.height), (255, 255, 255))
+    both.paste(top, (0, 0))
+    both.paste(bottom, (0, top.height))
     return both
 
 
