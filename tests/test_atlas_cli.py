@@ -160,3 +160,18 @@ def test_cli_layouts_and_layout_errors(capsys):
     assert "cls, dist" in capsys.readouterr().out
     assert main(["layout", "vit_tiny_patch16_224", "blocks.1.mlp.fc", "--img-size", "32"]) == 2
     assert "blocks.1.mlp.fc1" in capsys.readouterr().err
+
+
+def test_zoo_atlas_defaults_to_fewer_steps_unless_told_otherwise():
+    import argparse
+
+    from captum_vit.cli import ZOO_STEPS, _default_steps
+
+    def args(**kw):
+        base = dict(steps=None, zoo=None, preset=None)
+        return argparse.Namespace(**{**base, **kw})
+
+    assert _default_steps(args(zoo="vit")) == ZOO_STEPS
+    assert _default_steps(args(zoo="vit", steps=5)) == 5
+    assert _default_steps(args(zoo="vit", preset="ghiasi2023")) is None
+    assert _default_steps(args()) is None
