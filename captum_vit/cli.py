@@ -143,7 +143,7 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
 
 
 # The zoo models are 64-px toys: half the fast preset's steps keep the README's main job
-# near 30 s on 2 idle cores (64 steps took about twice as long).
+# at 25 s on 2 idle cores (measured; 64 steps: 46 s).
 ZOO_STEPS = 32
 
 
