@@ -116,7 +116,7 @@ class TokenLayout:
 
         Raises:
             ValueError: the tensor does not have the shape this layout was resolved for
-            (for example another input size); resolve the layout again.
+                (for example another input size); resolve the layout again.
         """
         x = self.select(output)
         h, w = self.grid

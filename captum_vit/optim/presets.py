@@ -1,9 +1,8 @@
 """Named recipes for feature visualization. A preset only supplies defaults: every field
 is also an argument of ``FeatureVisualization.attribute`` and an explicit argument wins.
 
-* ``"ghiasi2023"`` -- the paper's recipe as its reference code runs it (facts/paper.md
-  section 1.2): pixels initialized uniform in [0, 1] and clamped after every step; 8
-  augmented copies per image and step with the colour shift ``(x - mu) / sigma``, a
+* ``"ghiasi2023"`` -- the paper's recipe as its reference code runs it: pixels
+  initialized uniform in [0, 1] and clamped after every step; 8 augmented copies per image and step with the colour shift ``(x - mu) / sigma``, a
   per-channel Gaussian offset whose std fades linearly from 0.5 to 0 and a circular roll of
   up to 32 px at 224 (scaled with the size, one shift per image and step); total variation
   (4 directions, L2 norm) on the augmented batch with weight 5e-5; the objective scaled by
