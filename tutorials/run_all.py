@@ -38,7 +38,7 @@ def kernel_env(small: bool) -> dict[str, str]:
     env[SMALL_ENV] = "1" if small else "0"
     paths = [str(HERE.parent), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    env.setdefault("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"  # figures as outputs
     return env
 
 
