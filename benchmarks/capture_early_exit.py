@@ -1,4 +1,4 @@
-"""Early-exit capture vs a full forward (issue: foundation).
+"""Early-exit capture vs a full forward.
 
 ViT-Ti/16 at 224, batch 8, random weights, CPU: time of ``capture_layers(model,
 "blocks.3", x)`` (the forward stops after block 3 of 12) against a full ``model(x)``, both

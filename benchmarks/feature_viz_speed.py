@@ -1,4 +1,4 @@
-"""FeatureVisualization speed (issue 6), CPU, ViT-Ti/16 at 112 px, target
+"""FeatureVisualization speed, CPU, ViT-Ti/16 at 112 px, target
 ``blocks.3.mlp.fc1``, random weights.
 
 (a) speed-up of ``attribute(target=list(range(16)), preset="ghiasi2023")`` over a reference

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import captum_vit as cv
 from captum_vit import zoo
+from captum_vit._accuracy import TopKCounter
 from captum_vit.capture import capture_layers
 from captum_vit.models import ImageModel
 from captum_vit.render import image_grid
@@ -43,15 +44,19 @@ def visualize_classes(model, name: str, per_class: int, preset: str, steps: int 
 
 @torch.no_grad()
 def top1(model, images, labels) -> float:
-    return 100.0 * (ImageModel(model).eval()(images).argmax(1) == labels).float().mean().item()
+    counter = TopKCounter(k=1)
+    counter.add(ImageModel(model).eval()(images), labels)
+    return float(counter.top1_percent())
 
 
 def active_units(model, layer: str, count: int) -> list[int]:
     """The ``count`` hidden units of ``layer`` with the highest mean activation over patch
     tokens on held-out scenes."""
     images = zoo.SyntheticScenes(200, seed=1).batch(range(200))["image"]
-    acts = capture_layers(ImageModel(model), f"model.{layer}", images)  # (B, N, C)
-    return acts[:, 1:].mean((0, 1)).topk(count).indices.tolist()
+    wrapped = ImageModel(model)
+    acts = capture_layers(wrapped, f"model.{layer}", images)  # (B, N, C)
+    layout = cv.resolve_layout(wrapped, f"model.{layer}", images[:2])
+    return layout.tokens(acts).mean((0, 1)).topk(count).indices.tolist()
 
 
 def save_grid(vit, preset: str, steps: int | None, seed: int) -> Path:

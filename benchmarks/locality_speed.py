@@ -1,4 +1,4 @@
-"""Full-grid SpatialLocalityProbe vs the naive one-backward-per-position loop (issue 4).
+"""Full-grid SpatialLocalityProbe vs the naive one-backward-per-position loop.
 
 ViT-Ti/16 at 224 (random weights), one image, all 12 blocks, all 196 positions. The probe
 (batched: one forward stopped after the deepest block for a chunk of image copies, one

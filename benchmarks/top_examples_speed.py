@@ -30,12 +30,14 @@ from captum_vit.models import ImageModel
 LAYER = "blocks.6.mlp.fc1"
 
 
-def captum_loop(wrapped: ImageModel, module: torch.nn.Module, batches, k: int):
+def captum_loop(
+    wrapped: ImageModel, module: torch.nn.Module, layout: cv.TokenLayout, batches, k: int
+):
     activation = LayerActivation(wrapped, module)
     scores = indices = maps = None
     seen = 0
     for images in batches:
-        tokens = activation.attribute(images)[:, 1:]  # (B, 196, 768), cls dropped
+        _, tokens = layout.split_tokens(activation.attribute(images))  # (B, 196, 768), no cls
         batch = tokens.shape[0]
         if scores is None:
             units = tokens.shape[2]
@@ -57,7 +59,7 @@ def captum_loop(wrapped: ImageModel, module: torch.nn.Module, batches, k: int):
 def bare_forward(wrapped: ImageModel, batches):
     with torch.no_grad(), LayerTap(wrapped.model, LAYER) as tap:
         for images in batches:
-            tap.run((images - wrapped.mean) / wrapped.std)
+            tap.run(wrapped.normalize(images))
 
 
 def timed(function, device: torch.device) -> tuple[float, float, object]:
@@ -121,6 +123,7 @@ def main() -> None:
     ]
     count = args.batch * args.batches
     ours = cv.TopActivatingExamples(model, LAYER, k=args.k)
+    layout = cv.resolve_layout(wrapped, f"model.{LAYER}", batches[0])
 
     ours.attribute(batches[:1])  # warm-up (also resolves the layout once)
     names = ("TopActivatingExamples", "Captum loop", "bare truncated forward")
@@ -131,7 +134,7 @@ def main() -> None:
             names,
             (
                 lambda: ours.attribute(batches),
-                lambda: captum_loop(wrapped, module, batches, args.k),
+                lambda: captum_loop(wrapped, module, layout, batches, args.k),
                 lambda: bare_forward(wrapped, batches),
             ),
             strict=True,

@@ -21,6 +21,7 @@ _LAZY = {
     "SpatialLocalityProbe": ".locality.probe",
     "LocalityReport": ".locality.reports",
     "PoolingReport": ".locality.reports",
+    "pooling_experiments": ".locality.pooling",
     "objectives": ".optim.objectives",
     "zoo": ".zoo",
     "render": ".render",

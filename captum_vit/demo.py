@@ -22,7 +22,7 @@ import torch
 
 from . import zoo
 from .activation_map import PatchActivationMap
-from .locality import SpatialLocalityProbe, plot_locality
+from .locality import SpatialLocalityProbe, plot_locality, pooling_experiments
 from .models import ImageModel
 from .optim import FeatureVisualization
 from .render import image_grid, save_png, unit_grid
@@ -113,7 +113,7 @@ def run_demo(out: str | Path = "captum_vit_demo", *, steps: int = 256, scenes: i
     start = time.perf_counter()
     probe = SpatialLocalityProbe(vit)
     report = probe.attribute(data.batch([0, 1])["image"])
-    pooling = probe.accuracy_experiments([data.batch(range(256))])
+    pooling = pooling_experiments(vit, [data.batch(range(256))])
     plot_locality(report, pooling=pooling, path=out / "locality.png")
     values = ", ".join(f"{v:.2f}" for v in report.locality.tolist())
     say(f"locality per block ({', '.join(report.layers)}): {values}")

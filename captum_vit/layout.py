@@ -37,8 +37,6 @@ __all__ = ["TokenLayout", "resolve_layout", "MAX_PREFIX_TOKENS"]
 #: Largest prefix (cls + dist + registers) the resolver accepts.
 MAX_PREFIX_TOKENS = 32
 
-_KINDS = ("BNC", "BHWC", "BCHW", "NBC")
-
 #: Modules whose 4-D outputs are channels-first feature maps by construction.
 _CHANNELS_FIRST = (
     nn.modules.conv._ConvNd,
@@ -125,13 +123,9 @@ class TokenLayout:
             self._check(x, 3)
             if self.kind == "NBC":
                 x = x.transpose(0, 1)
-            batch, tokens, channels = x.shape
-            if tokens != self.num_tokens or channels != self.num_channels:
-                raise self._mismatch(x)
-            p = self.num_prefix_tokens
-            prefix = x[:, :p] if p else None
-            spatial = x[:, p:].reshape(batch, h, w, channels).permute(0, 3, 1, 2)
-            return spatial, prefix
+            prefix, patches = self.split_tokens(x)
+            spatial = patches.reshape(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
+            return spatial, prefix if self.num_prefix_tokens else None
         self._check(x, 4)
         spatial = x.permute(0, 3, 1, 2) if self.kind == "BHWC" else x
         if tuple(spatial.shape[1:]) != (self.num_channels, h, w):
@@ -139,6 +133,56 @@ class TokenLayout:
         if self.prefix_element is not None:
             prefix = output[self.prefix_element]
         return spatial, prefix
+
+    def split_tokens(self, sequence: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Split a batch-first token sequence of this layout into ``(prefix, patches)``.
+
+        This is the one definition of token order: the ``num_prefix_tokens`` prefix tokens
+        come first, then the ``h*w`` patch tokens in raster order.
+
+        Args:
+            sequence: ``(B, N, C)`` with ``N = num_prefix_tokens + h*w`` (an ``NBC``
+                layer's tensor transposed to batch first).
+
+        Returns:
+            prefix ``(B, P, C)`` (``P`` may be 0) and patches ``(B, h*w, C)``.
+
+        Raises:
+            ValueError: the layout has no token sequence (``BCHW`` / ``BHWC``) or the
+                sequence does not have this layout's token count and width.
+        """
+        if self.kind not in ("BNC", "NBC"):
+            raise ValueError(
+                f"layer {self.layer!r} is a {self.kind} feature map, not a token sequence; "
+                "use split() for its (spatial, prefix) parts"
+            )
+        self._check(sequence, 3)
+        _, tokens, channels = sequence.shape
+        if tokens != self.num_tokens or channels != self.num_channels:
+            raise self._mismatch(sequence)
+        p = self.num_prefix_tokens
+        return sequence[:, :p], sequence[:, p:]
+
+    def prefix_tokens(self, sequence: torch.Tensor) -> torch.Tensor:
+        """The prefix ``(B, P, C)`` of a batch-first sequence that starts with this
+        layout's prefix tokens; the rest may be any (or no) tokens, as in a sequence
+        whose patch tokens were dropped."""
+        self._check(sequence, 3)
+        if sequence.shape[1] < self.num_prefix_tokens:
+            raise self._mismatch(sequence)
+        return sequence[:, : self.num_prefix_tokens]
+
+    def join_tokens(self, prefix: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """The batch-first sequence ``(B, P + h*w, C)`` of this layout's token order from
+        its parts (the inverse of :meth:`split_tokens`)."""
+        if prefix.shape[1] != self.num_prefix_tokens:
+            raise ValueError(
+                f"layer {self.layer!r} has {self.num_prefix_tokens} prefix token(s), got "
+                f"{prefix.shape[1]}"
+            )
+        sequence = torch.cat([prefix, patches], dim=1)
+        self.split_tokens(sequence)  # checks the patch count and width
+        return sequence
 
     def tokens(self, output: Any) -> torch.Tensor:
         """The layer output as ``(B, h*w, C)`` patch tokens in raster order (prefix dropped)."""

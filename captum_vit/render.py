@@ -274,6 +274,26 @@ def unit_grid(
         A PIL image: ``[visualization] | overlay_1 | ... | overlay_k`` (one row, or two
         with ``originals``).
     """
+    _check_unit_row(images, maps, scores)
+    size = cell_size or int(images.shape[-2])
+    vmax = _shared_vmax(maps, sign, outlier_perc) if shared_scale else None
+    options = dict(alpha=alpha, cmap=cmap, sign=sign, outlier_perc=outlier_perc, vmax=vmax)
+    cells = [
+        _resize_image(overlay(i, m, **options), size) for i, m in zip(images, maps, strict=True)
+    ]
+    labels = None if scores is None else [f"{float(score):.3g}" for score in scores]
+    if visualization is not None:
+        cells.insert(0, _resize_image(_check_image(visualization), size))
+        labels = None if labels is None else ["visualization", *labels]
+    picture = image_grid(cells, labels=labels)
+    if not originals:
+        return picture
+    return _stack_rows(_originals_row(images, size, visualization is not None), picture)
+
+
+def _check_unit_row(
+    images: torch.Tensor, maps: torch.Tensor, scores: torch.Tensor | Sequence[float] | None
+) -> None:
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be (k, 3, H, W), got {tuple(images.shape)}")
     if maps.dim() != 3 or maps.shape[0] != images.shape[0]:
@@ -283,37 +303,26 @@ def unit_grid(
         )
     if scores is not None and len(scores) != len(images):
         raise ValueError(f"{len(scores)} scores for {len(images)} images")
-    size = cell_size or int(images.shape[-2])
-    vmax = None
-    if shared_scale:
-        filtered = _filter_sign(maps.detach().float().cpu(), sign)
-        vmax = _threshold(filtered.abs(), outlier_perc) or None
-    cells, labels = [], []
-    if visualization is not None:
-        cells.append(_resize_image(_check_image(visualization), size))
-        labels.append("visualization")
-    for index, (image, activation_map) in enumerate(zip(images, maps, strict=True)):
-        blended = overlay(
-            image,
-            activation_map,
-            alpha=alpha,
-            cmap=cmap,
-            sign=sign,
-            outlier_perc=outlier_perc,
-            vmax=vmax,
-        )
-        cells.append(_resize_image(blended, size))
-        labels.append("" if scores is None else f"{float(scores[index]):.3g}")
-    picture = image_grid(cells, labels=labels if scores is not None else None)
-    if not originals:
-        return picture
-    top = ([torch.ones(3, size, size)] if visualization is not None else []) + [
-        _resize_image(_check_image(image), size) for image in images
-    ]
-    first = image_grid(top)
-    both = Image.new("RGB", (picture.width, first.height + picture.height), (255, 255, 255))
-    both.paste(first, (0, 0))
-    both.paste(picture, (0, first.height))
+
+
+def _shared_vmax(maps: torch.Tensor, sign: str, outlier_perc: float) -> float | None:
+    """One colour-scale maximum for all ``maps`` (None: each map scales itself)."""
+    filtered = _filter_sign(maps.detach().float().cpu(), sign)
+    return _threshold(filtered.abs(), outlier_perc) or None
+
+
+def _originals_row(images: torch.Tensor, size: int, blank_first: bool) -> Image.Image:
+    """The plain images as a grid row, after a blank cell above a visualization."""
+    cells = [_resize_image(_check_image(image), size) for image in images]
+    if blank_first:
+        cells.insert(0, torch.ones(3, size, size))
+    return image_grid(cells)
+
+
+def _stack_rows(top: Image.Image, bottom: Image.Image) -> Image.Image:
+    both = Image.new("RGB", (bottom.width, top.height + bottom.height), (255, 255, 255))
+    both.paste(top, (0, 0))
+    both.paste(bottom, (0, top.height))
     return both
 
 

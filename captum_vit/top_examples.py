@@ -13,15 +13,16 @@ over processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ._base import _LayerMethod, as_unit_tensor
+from ._batches import as_batch_stream, unpack_batch
+from ._progress import progress, resolve_progress
 from .capture import preserved_state
 from .layout import TokenLayout
 
@@ -140,7 +141,7 @@ class TopActivatingExamples(_LayerMethod):
         target: int | list[int] | torch.Tensor | None = None,
         *,
         score: str = "mean",
-        show_progress: bool = False,
+        show_progress: bool | None = None,
         offset: int | None = None,
     ) -> ExampleSet:
         """Scan ``data`` once and keep each unit's top-k images.
@@ -156,7 +157,8 @@ class TopActivatingExamples(_LayerMethod):
                 of units.
             score: how a unit's patch map becomes one number per image: ``"mean"`` over
                 the patch tokens (the paper's; prefix tokens excluded) or ``"max"``.
-            show_progress: show a tqdm progress bar over batches.
+            show_progress: a progress bar over batches; ``None`` (default): when stderr
+                is a terminal.
             offset: global index of this process's first image. Image ``i`` of the
                 stream (counting from 0) gets index ``offset + i``. Default: 0 in one
                 process; under ``torch.distributed`` each rank's shard is taken to be a
@@ -182,6 +184,7 @@ class TopActivatingExamples(_LayerMethod):
             raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
         if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
             raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+        show_progress = resolve_progress(show_progress)
         top: _RunningTopK | None = None
         seen = 0
         indexed: bool | None = None  # whether the batches carry their own indices
@@ -203,7 +206,7 @@ class TopActivatingExamples(_LayerMethod):
                 if given_index is None:
                     positions = torch.arange(seen, seen + images.shape[0], device=device)
                 else:
-                    positions = _as_index(given_index, images.shape[0], device)
+                    positions = given_index.to(device)
                 with self.tap() as tap:
                     output = tap.run(self.normalize(images))[0]
                 spatial, _ = layout.split(output)
@@ -334,39 +337,14 @@ def merge_top_k(
     return scores.gather(1, best), indices.gather(1, best), picked
 
 
-def _batches(data: Any, show_progress: bool) -> Iterable[tuple[torch.Tensor, Any]]:
-    if isinstance(data, torch.Tensor):
-        data = [data]
-    total = len(data) if hasattr(data, "__len__") else None
-    bar = tqdm(data, total=total, disable=not show_progress, unit="batch", desc="top examples")
-    for position, batch in enumerate(bar):
-        yield _images_of(batch, position)
-
-
-def _images_of(batch: Any, position: int) -> tuple[torch.Tensor, Any]:
-    if isinstance(batch, torch.Tensor):
-        images, index = batch, None
-    elif isinstance(batch, Mapping):
-        if "image" not in batch:
-            raise ValueError(
-                f"batch {position} is a dict without an 'image' key (keys: "
-                f"{sorted(map(str, batch))}); yield {{'image': tensor, ...}}"
-            )
-        images, index = batch["image"], batch.get("index")
-    elif isinstance(batch, (tuple, list)) and batch:
-        images, index = batch[0], None
-    else:
-        raise TypeError(
-            f"batch {position} is a {type(batch).__name__}: yield (B, 3, H, W) image "
-            "tensors, (images, labels) tuples or dicts with an 'image' key"
-        )
-    if isinstance(images, torch.Tensor) and images.dim() == 3:
-        raise ValueError(
-            f"batch {position} is a single image {tuple(images.shape)}: the data must yield "
-            "batches (B, 3, H, W); iterating a tensor of images yields single images, so "
-            "pass the tensor itself or a DataLoader"
-        )
-    return images, index
+def _batches(data: Any, show_progress: bool | None) -> Iterable[tuple[torch.Tensor, Any]]:
+    """``(images, index or None)`` of every batch of ``data``."""
+    stream = progress(
+        as_batch_stream(data), desc="top examples", enabled=show_progress, unit="batch"
+    )
+    for position, batch in enumerate(stream):
+        unpacked = unpack_batch(batch, position)
+        yield unpacked.images, unpacked.index
 
 
 def _check_indexed(indexed: bool | None, has_index: bool, offset: int | None) -> bool:
@@ -378,18 +356,6 @@ def _check_indexed(indexed: bool | None, has_index: bool, offset: int | None) ->
     if has_index and offset is not None:
         raise ValueError("offset applies to stream positions; batches with 'index' need none")
     return has_index
-
-
-def _as_index(index: Any, batch: int, device: torch.device) -> torch.Tensor:
-    index = torch.as_tensor(index, device=device)
-    if index.is_floating_point() or index.shape != (batch,):
-        raise ValueError(
-            f"the batch's 'index' must be {batch} integers (one per image), got "
-            f"{index.dtype} of shape {tuple(index.shape)}"
-        )
-    if (index < 0).any():
-        raise ValueError("image indices must be >= 0")
-    return index.long()
 
 
 # --------------------------------------------------------------------------- distributed

@@ -2,7 +2,7 @@
 
 Oracles: timm's ``forward_intermediates`` (NCHW maps of block / stage outputs) and a manual
 reshape of a layer output captured with a plain hook, with prefix counts written down by
-hand for each architecture (``shared/facts/token-layouts.md``).
+hand for each architecture.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""SpatialLocalityProbe.accuracy_experiments: known answers (isolation L=0 and tear after the
+"""pooling_experiments: known answers (isolation L=0 and tear after the
 last block are the natural model), oracles written with the model's own API (attention
 masks for isolation, forward_features + head by hand for the patch head), open_clip towers
 with a zero-shot head, errors and hygiene."""
@@ -89,7 +89,7 @@ def test_known_answers_and_oracles(name):
     model = small_vit(name)
     batches = labelled(lambda x: model(normalize(model, x)))
     x, labels = concat(batches)
-    report = cv.SpatialLocalityProbe(model).accuracy_experiments(batches)
+    report = cv.pooling_experiments(model, batches)
     natural = accuracy(model(normalize(model, x)), labels)
     assert 0 < natural[0] < 100
     assert report.natural == pytest.approx(natural, abs=1e-9)
@@ -133,10 +133,9 @@ def test_sweep_selection_and_dict_batches():
     model = small_vit()
     batches = labelled(lambda x: model(normalize(model, x)))
     dicts = [{"image": images, "label": labels} for images, labels in batches]
-    probe = cv.SpatialLocalityProbe(model)
-    report = probe.accuracy_experiments(dicts, isolate=[2], tear=[])
+    report = cv.pooling_experiments(model, dicts, isolate=[2], tear=[])
     assert list(report.isolated_cls) == [2] and report.tear == {}
-    full = probe.accuracy_experiments(batches, isolate=2, tear=1)
+    full = cv.pooling_experiments(model, batches, isolate=2, tear=1)
     assert full.isolated_cls[2] == report.isolated_cls[2] and list(full.tear) == [1]
 
 
@@ -149,9 +148,7 @@ def test_own_head_replaces_the_classifier():
         num_classes=7,
     )
     x, labels = concat(batches)
-    report = cv.SpatialLocalityProbe(model).accuracy_experiments(
-        batches, isolate=[0], tear=[], head=head
-    )
+    report = cv.pooling_experiments(model, batches, isolate=[0], tear=[], head=head)
     with torch.no_grad():
         logits = head(model.forward_head(model.forward_features(normalize(model, x)), True))
     assert report.natural == pytest.approx(accuracy(logits, labels), abs=1e-9)
@@ -174,22 +171,21 @@ def test_open_clip_with_zero_shot_head(kind):
     wrapped = cv.ImageModel(tower)
     batches = labelled(lambda x: head(wrapped(x)), num_classes=6)
     x, labels = concat(batches)
-    probe = cv.SpatialLocalityProbe(tower)
-    report = probe.accuracy_experiments(batches, head=head)
+    report = cv.pooling_experiments(tower, batches, head=head)
     with torch.no_grad():
         natural = accuracy(head(wrapped(x)), labels)
     assert report.natural == pytest.approx(natural, abs=1e-9)
     assert report.isolated_cls[0] == report.natural == report.tear[2]
     assert report.patch_accuracy.shape == (4, 4)
     with pytest.raises(ValueError, match="head="):
-        probe.accuracy_experiments(batches)
+        cv.pooling_experiments(tower, batches)
 
 
 @pytest.mark.parametrize("name", ["vit_avg", "vit_map", "swin", "cait", "convit", "pit", "resnet"])
 def test_undefined_architectures_raise(name):
     model = TIMM_ARCHS[name][0]()
     with pytest.raises(ValueError, match="cls|token|pool|undefined"):
-        cv.SpatialLocalityProbe(model).accuracy_experiments([])
+        cv.pooling_experiments(model, [])
 
 
 def test_bad_arguments_and_hygiene():
@@ -202,20 +198,19 @@ def test_bad_arguments_and_hygiene():
     with torch.no_grad():
         natural = accuracy(model.eval()(normalize(model, x)), labels)
     model.train()
-    probe = cv.SpatialLocalityProbe(model)
     with pytest.raises(ValueError, match="out of range"):
-        probe.accuracy_experiments(batches, isolate=[DEPTH + 1])
+        cv.pooling_experiments(model, batches, isolate=[DEPTH + 1])
     with pytest.raises(TypeError, match="ints"):
-        probe.accuracy_experiments(batches, tear=[1.5])
+        cv.pooling_experiments(model, batches, tear=[1.5])
     with pytest.raises(TypeError, match="labels"):
-        probe.accuracy_experiments([torch.rand(2, 3, 32, 32)])
+        cv.pooling_experiments(model, [torch.rand(2, 3, 32, 32)])
     with pytest.raises(ValueError, match="class indices"):
-        probe.accuracy_experiments([(torch.rand(2, 3, 32, 32), torch.tensor([0, 10]))])
+        cv.pooling_experiments(model, [(torch.rand(2, 3, 32, 32), torch.tensor([0, 10]))])
     with pytest.raises(ValueError, match="no images"):
-        probe.accuracy_experiments([])
+        cv.pooling_experiments(model, [])
     with pytest.raises(ValueError, match="32x32"):
-        probe.accuracy_experiments([(torch.rand(2, 3, 48, 48), torch.tensor([0, 1]))])
-    report = probe.accuracy_experiments(batches, isolate=[0], tear=[DEPTH])
+        cv.pooling_experiments(model, [(torch.rand(2, 3, 48, 48), torch.tensor([0, 1]))])
+    report = cv.pooling_experiments(model, batches, isolate=[0], tear=[DEPTH])
     assert report.natural == pytest.approx(natural, abs=1e-9)
     assert report.isolated_cls[0] == report.tear[DEPTH] == report.natural
     assert model.training and all(m.training for m in model.modules())
@@ -228,15 +223,41 @@ def test_zoo_vit_table1_numbers():
     from captum_vit import zoo
 
     if not (zoo.WEIGHTS_DIR / "vit.safetensors").is_file():
-        pytest.skip("the bundled zoo ViT weights are not trained yet (zoo issue)")
+        pytest.skip("the bundled zoo ViT weights are not trained yet")
     model = zoo.load_model("vit")
     depth = len(model.blocks)
     data = zoo.SyntheticScenes(128, seed=4242)
-    report = cv.SpatialLocalityProbe(model).accuracy_experiments(
-        data.batches(64), isolate=[0, depth - 1, depth], tear=[depth - 2, depth - 1, depth]
+    report = cv.pooling_experiments(
+        model, data.batches(64), isolate=[0, depth - 1, depth], tear=[depth - 2, depth - 1, depth]
     )
     print(f"zoo ViT, {report.num_images} held-out SyntheticScenes images:\n{report}")
     chance = 100 / len(model.class_names)
     assert report.natural.top1 > 2 * chance
     assert report.isolated_cls[0] == report.natural == report.tear[depth]
     assert 0 <= report.patch_average.top1 <= report.patch_max.top1 <= 100
+
+
+def test_deprecated_probe_method_warns_and_gives_the_same_report():
+    model = small_vit()
+    batches = labelled(lambda x: model(normalize(model, x)), count=8)
+    expected = cv.pooling_experiments(model, batches, isolate=[1], tear=[2])
+    with pytest.warns(DeprecationWarning, match="pooling_experiments"):
+        old = cv.SpatialLocalityProbe(model).accuracy_experiments(batches, isolate=1, tear=2)
+    for field in ("natural", "isolated_cls", "patch_average", "patch_max", "tear"):
+        assert getattr(old, field) == getattr(expected, field)
+    torch.testing.assert_close(old.patch_accuracy, expected.patch_accuracy, rtol=0, atol=0)
+
+
+def test_the_last_block_layout_defines_the_prefix():
+    """Registers: 1 cls + 4 register tokens, all measured by the layout, all kept by the
+    tear sweep and isolated with cls (oracle: the attention mask of isolated_logits)."""
+    model = small_vit("vit_tiny_patch16_224", reg_tokens=4)
+    assert model.num_prefix_tokens == 5
+    batches = labelled(lambda x: model(normalize(model, x)), count=16)
+    x, labels = concat(batches)
+    report = cv.pooling_experiments(model, batches, isolate=[2], tear=[1])
+    assert report.isolated_cls[2] == pytest.approx(
+        accuracy(isolated_logits(model, x, 2), labels), abs=1e-9
+    )
+    assert report.tear[1] == pytest.approx(accuracy(torn_logits(model, x, 1), labels), abs=1e-9)
+    assert report.patch_accuracy.shape == (4, 4)

@@ -1,11 +1,13 @@
 """Spatial information in a ViT: how local each layer's tokens are, and the paper's
 pooling experiments (natural, isolated cls, patch-token heads, tearing off the patches).
 
-``probe`` holds :class:`SpatialLocalityProbe`; ``pooling`` the Table-1 experiments;
+``probe`` holds :class:`SpatialLocalityProbe`; ``pooling`` the Table-1 experiments
+(:func:`pooling_experiments`);
 ``reports`` the result types; ``plots`` their figure.
 """
 
 from .plots import plot_locality
+from .pooling import pooling_experiments
 from .probe import SpatialLocalityProbe, find_blocks
 from .reports import Accuracy, LocalityReport, PoolingReport
 
@@ -16,4 +18,5 @@ __all__ = [
     "SpatialLocalityProbe",
     "find_blocks",
     "plot_locality",
+    "pooling_experiments",
 ]

@@ -1,13 +1,18 @@
-"""The paper's spatial-information experiments (Ghiasi et al. 2022, section 4, Table 1).
+"""The paper's spatial-information experiments (Ghiasi et al. 2022, section 4, Table 1):
+:func:`pooling_experiments`.
 
 The experiments re-run the model's own modules in another order -- never editing the
 model -- through a small adapter per model family (:class:`_TokenPipeline`):
 
 * ``embed(images)``: normalized images -> ``(B, N, C)`` tokens, prefix tokens first;
 * ``block(i, x)``: block ``i`` on a batch-first token sequence of any length;
-* ``logits(x)``: the model's final norm, token pooling and head on a sequence whose first
-  ``num_prefix`` tokens are the prefix (the other tokens are never read);
-* ``token_logits(t)``: the same head applied to single ``(B, C)`` token features.
+* ``logits(x)``: the model's final norm, token pooling and head on a sequence that starts
+  with the prefix tokens (the other tokens are never read);
+* ``token_logits(t, p)``: the same head applied to single ``(B, C)`` token features.
+
+Which tokens are the prefix and how the patches lie on the grid comes from the last
+block's measured :class:`~captum_vit.layout.TokenLayout`, the package's one definition of
+token order.
 
 Supported: timm ``VisionTransformer`` (and DeiT-distilled) with a cls token and token
 pooling, open_clip ``VisionTransformer`` towers with ``'tok'`` pooling and an open_clip
@@ -18,20 +23,25 @@ need a cls token that alone feeds the head and a plain stack of blocks.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
+from .._accuracy import TopKCounter
+from .._batches import as_batch_stream, unpack_batch
+from .._progress import progress, resolve_progress
+from ..capture import module_name, preserved_state
+from ..layout import TokenLayout, resolve_layout
+from ..models import ImageModel, check_images, fixed_input_size, model_device
 from .reports import Accuracy, PoolingReport
 
-__all__ = ["token_pipeline", "run_pooling_experiments"]
+__all__ = ["pooling_experiments", "token_pipeline"]
 
 Head = Callable[[torch.Tensor], torch.Tensor]
 
 
 class _TokenPipeline:
-    num_prefix: int
     blocks: Sequence[nn.Module]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -43,17 +53,17 @@ class _TokenPipeline:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def token_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Head applied to ``(B, C)`` token features: each fills every prefix slot, so the
-        token pooling (which reads only the prefix) sees it alone."""
-        return self.logits(tokens[:, None].expand(-1, self.num_prefix, -1))
+    def token_logits(self, tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+        """Head applied to ``(B, C)`` token features: each fills every one of the
+        ``num_prefix`` prefix slots, so the token pooling (which reads only the prefix)
+        sees it alone."""
+        return self.logits(tokens[:, None].expand(-1, num_prefix, -1))
 
 
 class _TimmViT(_TokenPipeline):
     def __init__(self, model: nn.Module, head: Head | None) -> None:
         self.model = model
         self.head = head
-        self.num_prefix = int(model.num_prefix_tokens)
         self.blocks = list(model.blocks)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +81,6 @@ class _OpenClipViT(_TokenPipeline):
     def __init__(self, visual: nn.Module, head: Head) -> None:
         self.visual = visual
         self.head = head
-        self.num_prefix = 1
         self.blocks = list(visual.transformer.resblocks)
         self.batch_first = getattr(visual.transformer, "batch_first", True)
 
@@ -159,26 +168,111 @@ def _need_head(head: Head | None, vision: nn.Module) -> None:
         raise TypeError(f"head must be callable, got {type(head).__name__}")
 
 
-class _Counts:
-    """Top-1 / top-5 hit counts, optionally per position."""
+def pooling_experiments(
+    model: nn.Module,
+    dataloader: Iterable,
+    *,
+    isolate: Iterable[int] | int | None = None,
+    tear: Iterable[int] | int | None = None,
+    head: Head | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    image_size: int | Sequence[int] | None = None,
+    show_progress: bool | None = None,
+) -> PoolingReport:
+    """The paper's Table 1 experiments (and the "tear" sweep) on labelled images.
 
-    def __init__(self, shape: tuple[int, ...] = ()) -> None:
-        self.top1 = torch.zeros(shape, dtype=torch.long)
-        self.top5 = torch.zeros(shape, dtype=torch.long)
+    How much of the prediction rides on the cls token, and where the spatial information
+    is: the natural accuracy; the cls token isolated from the patches for the first ``L``
+    blocks; every patch token fed alone to the head (per position, their average and the
+    best position); all patch tokens dropped after ``L`` blocks. The model's own modules
+    are re-run in the needed order; the model is not edited and is left as it was found.
 
-    def add(self, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """``logits`` (B, ..., K) against ``labels`` (B,)."""
-        k = min(5, logits.shape[-1])
-        top = logits.topk(k, dim=-1).indices
-        target = labels.view(-1, *([1] * (top.dim() - 1)))
-        self.top1 += (top[..., 0] == target[..., 0]).sum(0).cpu()
-        self.top5 += (top == target).any(-1).sum(0).cpu()
+    Args:
+        model: a timm ``VisionTransformer`` / DeiT with a cls token and token pooling, an
+            open_clip ViT tower (or CLIP model) with ``'tok'`` pooling, or an
+            :class:`~captum_vit.models.ImageModel` around one.
+        dataloader: iterable of ``(images, labels)`` batches or dicts with ``"image"`` and
+            ``"label"``; images ``(B, 3, H, W)`` in ``[0, 1]`` of one size, labels ``(B,)``
+            class indices.
+        isolate: numbers of blocks ``L`` the cls token runs alone (``None``: every
+            ``L`` in ``0..depth``; ``[]``: skip).
+        tear: numbers of blocks ``L`` after which all patch tokens are dropped
+            (``None``: every ``L`` in ``0..depth``; ``[]``: skip).
+        head: maps the model's pooled features to logits. Needed for open_clip towers
+            (a linear classifier or a zero-shot head on the image embedding); for timm
+            models it replaces the model's own head and gets the pre-logits features.
+        mean, std, image_size: override the model's own normalization / input size.
+        show_progress: a progress bar over batches; ``None`` (default): when stderr is a
+            terminal.
 
-    def accuracy(self, total: int) -> Accuracy:
-        return Accuracy(100.0 * int(self.top1) / total, 100.0 * int(self.top5) / total)
+    Returns:
+        :class:`~captum_vit.locality.PoolingReport`, accuracies as top-1 / top-5
+        percentages.
+
+    Raises:
+        ValueError: the experiment is undefined for this architecture (no cls token,
+            average / attention pooling, Swin, PiT, CaiT...), an ``L`` out of range,
+            bad images or labels, an empty dataloader.
+        TypeError: batches without labels, non-integer ``L`` or labels.
+
+    Examples::
+
+        >>> report = captum_vit.pooling_experiments(model, loader, isolate=[0, 11], tear=[])
+        >>> report.natural, report.isolated_cls[11], report.patch_average
+    """
+    wrapped = _image_model(model, mean, std, image_size)
+    vision = wrapped.model
+    pipeline = token_pipeline(vision, head)
+    depth = len(pipeline.blocks)
+    counts = _PoolingCounts(
+        _check_sweep(isolate, depth, "isolate"), _check_sweep(tear, depth, "tear"), depth
+    )
+    batches = progress(
+        as_batch_stream(dataloader),
+        desc="pooling experiments",
+        enabled=resolve_progress(show_progress),
+        unit="batch",
+    )
+    layouts = _LastBlockLayouts(vision, module_name(vision, pipeline.blocks[-1]))
+    fixed_size = fixed_input_size(vision)
+    device = model_device(vision)
+    with preserved_state(vision), torch.no_grad():
+        for position, item in enumerate(batches):
+            batch = unpack_batch(item, position, labels=True, purpose="pooling_experiments")
+            check_images(batch.images, size=fixed_size)
+            x = wrapped.normalize(batch.images.detach().to(device, torch.float32))
+            counts.add(pipeline, layouts.of(x), x, batch.labels.to(device))
+    return counts.report()
 
 
-def _check_sweep(values: Iterable[int] | None, depth: int, name: str) -> list[int]:
+def _image_model(
+    model: nn.Module,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    image_size: int | Sequence[int] | None,
+) -> ImageModel:
+    if isinstance(model, ImageModel) and mean is None and std is None and image_size is None:
+        return model
+    return ImageModel(model, mean=mean, std=std, image_size=image_size)
+
+
+class _LastBlockLayouts:
+    """The last block's token layout per input size (resolved once per size)."""
+
+    def __init__(self, vision: nn.Module, last_block: str) -> None:
+        self.vision = vision
+        self.last_block = last_block
+        self.layouts: dict[tuple[int, int], TokenLayout] = {}
+
+    def of(self, normalized: torch.Tensor) -> TokenLayout:
+        size = (int(normalized.shape[-2]), int(normalized.shape[-1]))
+        if size not in self.layouts:
+            self.layouts[size] = resolve_layout(self.vision, self.last_block, normalized[:1])
+        return self.layouts[size]
+
+
+def _check_sweep(values: Iterable[int] | int | None, depth: int, name: str) -> list[int]:
     if values is None:
         return list(range(depth + 1))
     if isinstance(values, int):
@@ -194,134 +288,125 @@ def _check_sweep(values: Iterable[int] | None, depth: int, name: str) -> list[in
     return sorted(set(values))
 
 
-def _batch(item: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(images, labels)`` from a ``(images, labels, ...)`` sequence or a mapping with
-    ``image(s)`` / ``label(s)`` keys (as the zoo's SyntheticScenes batches)."""
-    if isinstance(item, Mapping):
-        images = item.get("image", item.get("images"))
-        labels = item.get("label", item.get("labels"))
-    elif isinstance(item, (tuple, list)) and len(item) >= 2:
-        images, labels = item[0], item[1]
-    else:
-        images = labels = None
-    if images is None or labels is None:
-        raise TypeError(
-            "accuracy_experiments needs batches of (images, labels) or dicts with 'image' "
-            f"and 'label' keys; got {type(item).__name__}"
-        )
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
-        raise TypeError("labels must be an integer tensor (B,) of class indices")
-    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
-        raise ValueError(
-            f"labels must have shape ({images.shape[0]},) for {images.shape[0]} images, "
-            f"got {tuple(labels.shape)}"
-        )
-    return images, labels
+class _PoolingCounts:
+    """Hit counts of every experiment, accumulated batch by batch."""
 
+    def __init__(self, isolate: list[int], tear: list[int], depth: int) -> None:
+        self.depth = depth
+        self.natural = TopKCounter()
+        self.isolated = {n: TopKCounter() for n in isolate}
+        self.torn = {n: TopKCounter() for n in tear}
+        self.patches: TopKCounter | None = None
+        self.grid: tuple[int, int] | None = None
 
-@torch.no_grad()
-def run_pooling_experiments(
-    pipeline: _TokenPipeline,
-    dataloader: Iterable,
-    *,
-    prepare: Callable[[torch.Tensor], torch.Tensor],
-    grid: Callable[[torch.Tensor], tuple[int, int]],
-    isolate: Iterable[int] | None,
-    tear: Iterable[int] | None,
-) -> PoolingReport:
-    """Run every experiment on every batch. ``prepare`` checks, moves and normalizes a
-    [0, 1] image batch; ``grid`` gives the patch grid for that batch."""
-    depth = len(pipeline.blocks)
-    isolate = _check_sweep(isolate, depth, "isolate")
-    tear = _check_sweep(tear, depth, "tear")
-    natural = _Counts()
-    isolated = {n: _Counts() for n in isolate}
-    torn = {n: _Counts() for n in tear}
-    patches: _Counts | None = None
-    patch_grid: tuple[int, int] | None = None
-    total = 0
-    p = pipeline.num_prefix
-    for item in dataloader:
-        images, labels = _batch(item)
-        x = prepare(images)
-        labels = labels.to(x.device)
-        h, w = grid(images)
-        if patch_grid is None:
-            patch_grid, patches = (h, w), _Counts((h * w,))
-        elif (h, w) != patch_grid:
-            raise ValueError(
-                f"all batches must have one image size (patch grid {patch_grid}), got a "
-                f"batch with grid {(h, w)}"
-            )
+    def add(
+        self,
+        pipeline: _TokenPipeline,
+        layout: TokenLayout,
+        x: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
+        """Run every experiment on one normalized batch ``x`` with its ``labels``."""
+        self._check_grid(layout.grid)
         tokens = pipeline.embed(x)
-        if tokens.shape[1] != p + h * w:
+        prefix, patches = layout.split_tokens(tokens)
+        final, prefixes = _natural_pass(pipeline, layout, tokens)
+        self.natural.add(pipeline.logits(final), labels)
+        self._patch_head(pipeline, layout, final, labels)
+        self._tear_sweep(pipeline, prefixes, labels)
+        self._isolation_sweep(pipeline, layout, prefix, patches, labels)
+
+    def _check_grid(self, grid: tuple[int, int]) -> None:
+        if self.grid is None:
+            self.grid = grid
+            self.patches = TopKCounter(shape=(grid[0] * grid[1],))
+        elif grid != self.grid:
             raise ValueError(
-                f"expected {p} prefix + {h * w} patch tokens, got {tokens.shape[1]} tokens"
+                f"all batches must have one image size (patch grid {self.grid}), got a "
+                f"batch with grid {grid}"
             )
-        # Natural pass, keeping the prefix after each block for the tear sweep.
-        state, prefixes = tokens, {0: tokens[:, :p]}
-        for index in range(depth):
-            state = pipeline.block(index, state)
-            prefixes[index + 1] = state[:, :p]
-        logits = pipeline.logits(state)
-        _check_labels(labels, logits.shape[-1])
-        natural.add(logits, labels)
-        patch_logits = pipeline.token_logits(state[:, p:].reshape(-1, state.shape[-1]))
-        patches.add(patch_logits.view(x.shape[0], h * w, -1), labels)
-        for n in tear:
-            torn[n].add(pipeline.logits(_run(pipeline, prefixes[n], n, depth)), labels)
-        # Isolation: prefix and patches each alone through the first n blocks.
-        alone_prefix, alone_patches = tokens[:, :p], tokens[:, p:]
-        for n in range(max(isolate, default=-1) + 1):
-            if n in isolated:
-                merged = torch.cat([alone_prefix, alone_patches], dim=1)
-                isolated[n].add(pipeline.logits(_run(pipeline, merged, n, depth)), labels)
-            if n < depth:
-                alone_prefix = pipeline.block(n, alone_prefix)
-                alone_patches = pipeline.block(n, alone_patches)
-        total += x.shape[0]
-    if total == 0:
-        raise ValueError("the dataloader yielded no images")
-    return _report(natural, isolated, torn, patches, patch_grid, depth, total)
+
+    def _patch_head(
+        self,
+        pipeline: _TokenPipeline,
+        layout: TokenLayout,
+        final: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
+        """Every final patch token alone through the head, counted per position."""
+        _, patches = layout.split_tokens(final)
+        logits = pipeline.token_logits(patches.flatten(0, 1), layout.num_prefix_tokens)
+        self.patches.add(logits.view(*patches.shape[:2], -1), labels)
+
+    def _tear_sweep(
+        self, pipeline: _TokenPipeline, prefixes: list[torch.Tensor], labels: torch.Tensor
+    ) -> None:
+        """All patch tokens dropped after ``n`` blocks: the prefix alone goes on."""
+        for n, counter in self.torn.items():
+            counter.add(pipeline.logits(_run_blocks(pipeline, prefixes[n], n)), labels)
+
+    def _isolation_sweep(
+        self,
+        pipeline: _TokenPipeline,
+        layout: TokenLayout,
+        prefix: torch.Tensor,
+        patches: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> None:
+        """Prefix and patches each alone through the first ``n`` blocks, then together."""
+        for n in range(max(self.isolated, default=-1) + 1):
+            if n in self.isolated:
+                merged = layout.join_tokens(prefix, patches)
+                self.isolated[n].add(pipeline.logits(_run_blocks(pipeline, merged, n)), labels)
+            if n < self.depth:
+                prefix = pipeline.block(n, prefix)
+                patches = pipeline.block(n, patches)
+
+    def report(self) -> PoolingReport:
+        total = self.natural.total
+        if total == 0:
+            raise ValueError("the dataloader yielded no images")
+        top1 = self.patches.top1_percent()
+        top5 = self.patches.topk_percent()
+        h, w = self.grid
+        best = _best_position(self.patches)
+        return PoolingReport(
+            natural=_accuracy(self.natural),
+            isolated_cls={n: _accuracy(c) for n, c in self.isolated.items()},
+            patch_average=Accuracy(float(top1.mean()), float(top5.mean())),
+            patch_max=Accuracy(float(top1[best]), float(top5[best])),
+            patch_max_position=(best // w, best % w),
+            patch_accuracy=top1.float().view(h, w),
+            patch_accuracy_top5=top5.float().view(h, w),
+            tear={n: _accuracy(c) for n, c in self.torn.items()},
+            depth=self.depth,
+            num_images=total,
+        )
 
 
-def _run(pipeline: _TokenPipeline, x: torch.Tensor, start: int, depth: int) -> torch.Tensor:
-    for index in range(start, depth):
+def _natural_pass(
+    pipeline: _TokenPipeline, layout: TokenLayout, tokens: torch.Tensor
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The model's own forward over the blocks: the final tokens, and the prefix tokens
+    before block 0 and after every block (``prefixes[n]``: after ``n`` blocks)."""
+    state, prefixes = tokens, [layout.prefix_tokens(tokens)]
+    for index in range(len(pipeline.blocks)):
+        state = pipeline.block(index, state)
+        prefixes.append(layout.prefix_tokens(state))
+    return state, prefixes
+
+
+def _run_blocks(pipeline: _TokenPipeline, x: torch.Tensor, start: int) -> torch.Tensor:
+    """Blocks ``start..depth-1`` on ``x``."""
+    for index in range(start, len(pipeline.blocks)):
         x = pipeline.block(index, x)
     return x
 
 
-def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(
-            f"labels must be class indices in [0, {num_classes}) for a head with "
-            f"{num_classes} outputs, got values in [{int(labels.min())}, {int(labels.max())}]"
-        )
+def _accuracy(counter: TopKCounter) -> Accuracy:
+    return Accuracy(float(counter.top1_percent()), float(counter.topk_percent()))
 
 
-def _report(
-    natural: _Counts,
-    isolated: dict[int, _Counts],
-    torn: dict[int, _Counts],
-    patches: _Counts,
-    grid: tuple[int, int],
-    depth: int,
-    total: int,
-) -> PoolingReport:
-    top1 = 100.0 * patches.top1.double() / total
-    top5 = 100.0 * patches.top5.double() / total
-    # Best position by top-1, ties broken by top-5.
-    best = int(torch.argmax(patches.top1 * (total + 1) + patches.top5))
-    h, w = grid
-    return PoolingReport(
-        natural=natural.accuracy(total),
-        isolated_cls={n: c.accuracy(total) for n, c in isolated.items()},
-        patch_average=Accuracy(float(top1.mean()), float(top5.mean())),
-        patch_max=Accuracy(float(top1[best]), float(top5[best])),
-        patch_max_position=(best // w, best % w),
-        patch_accuracy=top1.float().view(h, w),
-        patch_accuracy_top5=top5.float().view(h, w),
-        tear={n: c.accuracy(total) for n, c in torn.items()},
-        depth=depth,
-        num_images=total,
-    )
+def _best_position(patches: TopKCounter) -> int:
+    """The position with the best top-1, ties broken by top-5."""
+    return int(torch.argmax(patches.top1 * (patches.total + 1) + patches.topk))

@@ -1,5 +1,6 @@
-"""SpatialLocalityProbe: how much of each token's input comes from its own patch, per layer,
-and the paper's cls / patch pooling experiments (Ghiasi et al. 2022, section 4).
+"""SpatialLocalityProbe: how much of each token's input comes from its own patch, per layer
+(Ghiasi et al. 2022, section 4; the paper's pooling experiments are
+:func:`~captum_vit.locality.pooling.pooling_experiments`).
 
 Receptive-field locality of a layer: for a token at grid cell ``(i, j)``, take a fixed
 random projection ``r . t_ij`` of its features, its gradient with respect to the input
@@ -26,11 +27,12 @@ import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
-from ..capture import LayerTap, find_module, module_name, preserved_state
+from .._progress import progress, resolve_progress
+from ..capture import LayerTap, find_module, preserved_state
 from ..layout import TokenLayout, resolve_layout
 from ..models import ImageModel, check_images, fixed_input_size, model_device
 from .plots import plot_locality
-from .pooling import run_pooling_experiments, token_pipeline
+from .pooling import pooling_experiments
 from .reports import Accuracy, LocalityReport, PoolingReport
 
 __all__ = [
@@ -84,7 +86,8 @@ def find_blocks(model: nn.Module) -> list[str]:
 
 
 class SpatialLocalityProbe(LayerAttribution):
-    """Receptive-field locality per layer, and the paper's cls / patch pooling experiments.
+    """Receptive-field locality per layer (the paper's pooling experiments are
+    :func:`~captum_vit.pooling_experiments`).
 
     Args:
         model: a timm or open_clip vision model (or a CNN); it is never modified.
@@ -102,7 +105,8 @@ class SpatialLocalityProbe(LayerAttribution):
             prediction uses, and what the block does with spatial information is pool its
             *input* patch tokens into cls, so its row reports the locality of the tokens it
             pools. Its own attention then does not show in the row -- the paper's "last
-            layer acts as a global pooling" is what :meth:`accuracy_experiments` measures.
+            layer acts as a global pooling" is what :func:`~captum_vit.pooling_experiments`
+            measures.
             ``"output"``: read the dead patch outputs anyway (they do depend on the image:
             only the head's gradient on them is zero), e.g. to see the block's own mixing.
 
@@ -112,7 +116,6 @@ class SpatialLocalityProbe(LayerAttribution):
         >>> report = probe.attribute(images)               # every block, every position
         >>> report.locality                                 # (12,)
         >>> report.fields.shape                             # (12, 14, 14, 14, 14)
-        >>> pooling = probe.accuracy_experiments(loader)    # Table 1 of the paper
     """
 
     def __init__(
@@ -214,7 +217,13 @@ class SpatialLocalityProbe(LayerAttribution):
 
     # ------------------------------------------------------------------ locality
 
-    def attribute(self, inputs: torch.Tensor, positions: int | None = None) -> LocalityReport:
+    def attribute(
+        self,
+        inputs: torch.Tensor,
+        positions: int | None = None,
+        *,
+        show_progress: bool | None = None,
+    ) -> LocalityReport:
         """Receptive-field locality of every probed layer.
 
         Args:
@@ -222,6 +231,9 @@ class SpatialLocalityProbe(LayerAttribution):
             positions: ``None`` probes every grid position; ``n`` probes a random sample
                 of ``n`` positions per layer (the same for every image; seeded by
                 ``seed``; layers with fewer cells probe them all).
+            show_progress: a progress bar over chunks of ``batch_size`` probed positions
+                (each one forward and one backward per layer); ``None`` (default): when
+                stderr is a terminal.
 
         Returns:
             :class:`LocalityReport`: ``locality`` (L,), ``fields`` (L, h, w, h, w) (a list
@@ -236,6 +248,7 @@ class SpatialLocalityProbe(LayerAttribution):
             isinstance(positions, bool) or not isinstance(positions, int) or positions < 1
         ):
             raise ValueError(f"positions must be None or a positive int, got {positions!r}")
+        show = resolve_progress(show_progress)
         with preserved_state(self.vision):
             plan = self._plan(images)
             probed = _choose_positions(plan.layouts, positions, self.seed)
@@ -246,7 +259,7 @@ class SpatialLocalityProbe(LayerAttribution):
             for as_input in (False, True):
                 group = [i for i, tap in enumerate(plan.taps) if tap[1] == as_input]
                 if group:
-                    self._probe_group(images, plan, group, probed, totals)
+                    self._probe_group(images, plan, group, probed, totals, show)
         return _locality_report(plan, probed, totals, images)
 
     def _probe_group(
@@ -256,12 +269,20 @@ class SpatialLocalityProbe(LayerAttribution):
         group: list[int],
         probed: list[torch.Tensor],
         totals: list[torch.Tensor],
+        show_progress: bool,
     ) -> None:
         """Accumulate field shares of the layers in ``group`` (all read at one site)."""
         slots = max(len(probed[i]) for i in group)
         jobs = [(b, s) for b in range(images.shape[0]) for s in range(slots)]
         device = images.device
-        for start in range(0, len(jobs), self.batch_size):
+        as_input = plan.taps[group[0]][1]
+        starts = progress(
+            range(0, len(jobs), self.batch_size),
+            desc="locality (block inputs)" if as_input else "locality",
+            enabled=show_progress,
+            unit="chunk",
+        )
+        for start in starts:
             chunk = torch.tensor(jobs[start : start + self.batch_size])
             image_index, slot = chunk[:, 0], chunk[:, 1]
             active = [i for i in group if bool((slot < len(probed[i])).any())]
@@ -301,51 +322,16 @@ class SpatialLocalityProbe(LayerAttribution):
         tear: Iterable[int] | int | None = None,
         head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> PoolingReport:
-        """The paper's Table 1 experiments (and the "tear" sweep) on labelled images.
-
-        The model's own modules are re-run in the needed order; the model is not edited.
-
-        Args:
-            dataloader: iterable of ``(images, labels)`` batches, images ``(B, 3, H, W)``
-                in ``[0, 1]``, labels ``(B,)`` class indices.
-            isolate: numbers of blocks ``L`` the cls token runs alone (``None``: every
-                ``L`` in ``0..depth``; ``[]``: skip).
-            tear: numbers of blocks ``L`` after which all patch tokens are dropped
-                (``None``: every ``L`` in ``0..depth``; ``[]``: skip).
-            head: maps the model's pooled features to logits. Needed for open_clip towers
-                (a linear classifier or a zero-shot head on the image embedding); for timm
-                models it replaces the model's own head and gets the pre-logits features.
-
-        Returns:
-            :class:`PoolingReport`, accuracies as top-1 / top-5 percentages.
-
-        Raises:
-            ValueError: the experiment is undefined for this architecture (no cls token,
-                average / attention pooling, Swin, PiT, CaiT...), an ``L`` out of range,
-                bad images or labels.
-
-        Examples::
-
-            >>> report = probe.accuracy_experiments(loader, isolate=[0, 11], tear=[])
-            >>> report.natural, report.isolated_cls[11], report.patch_average
-        """
-        pipeline = token_pipeline(self.vision, head)
-        grids: dict[tuple[int, int], tuple[int, int]] = {}
-
-        def prepare(images: torch.Tensor) -> torch.Tensor:
-            return self.normalize(self._prepare(images))
-
-        def grid(images: torch.Tensor) -> tuple[int, int]:
-            size = (int(images.shape[-2]), int(images.shape[-1]))
-            if size not in grids:
-                last = f"{module_name(self.vision, pipeline.blocks[-1])}"
-                grids[size] = resolve_layout(self.vision, last, prepare(images[:1])).grid
-            return grids[size]
-
-        with preserved_state(self.vision):
-            return run_pooling_experiments(
-                pipeline, dataloader, prepare=prepare, grid=grid, isolate=isolate, tear=tear
-            )
+        """Deprecated: use :func:`captum_vit.pooling_experiments` (same arguments, with the
+        model first); this alias calls it with the probe's model and normalization."""
+        warnings.warn(
+            "SpatialLocalityProbe.accuracy_experiments is deprecated; use "
+            "captum_vit.pooling_experiments(model, dataloader, isolate=..., tear=..., "
+            "head=...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return pooling_experiments(self.wrapped, dataloader, isolate=isolate, tear=tear, head=head)
 
 
 @dataclass

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .._accuracy import TopKCounter
+from .._batches import unpack_batch
 from ..capture import preserved_state
 from ..models import ImageModel, check_images
 from .data import fft_filter
@@ -95,25 +97,14 @@ def _batches(data, batch_size: int, need_mask: bool) -> Iterator[tuple]:
         source = DataLoader(data, batch_size=batch_size, shuffle=False)
     else:
         source = data
-    for batch in source:
-        if isinstance(batch, Mapping):
-            images, labels, masks = batch.get("image"), batch.get("label"), batch.get("mask")
-        elif isinstance(batch, (tuple, list)) and len(batch) in (2, 3):
-            images, labels = batch[0], batch[1]
-            masks = batch[2] if len(batch) == 3 else None
-        else:
-            raise TypeError(
-                "each batch must be a dict with 'image', 'label' (and 'mask') or a tuple "
-                f"(images, labels[, masks]); got {type(batch).__name__}"
-            )
-        if images is None or labels is None:
-            raise ValueError("each batch needs images and labels ('image' and 'label' keys)")
-        if need_mask and masks is None:
+    for position, item in enumerate(source):
+        batch = unpack_batch(item, position, labels=True, purpose="this experiment")
+        if need_mask and batch.masks is None:
             raise ValueError(
                 "foreground_background needs foreground masks: give batches with a 'mask' "
                 "entry or (images, labels, masks) tuples"
             )
-        yield images, torch.as_tensor(labels), masks
+        yield batch.images, batch.labels, batch.masks
 
 
 def _boxes(masks: torch.Tensor) -> torch.Tensor:
@@ -121,12 +112,6 @@ def _boxes(masks: torch.Tensor) -> torch.Tensor:
     fg = masks.flatten(1, -3).amax(1) > 0  # (B, H, W)
     rows, cols = fg.any(2), fg.any(1)
     return (rows[:, :, None] & cols[:, None, :])[:, None].to(masks.dtype)
-
-
-def _correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> tuple[int, int]:
-    topk = logits.topk(k, dim=1).indices
-    hits = topk == labels.to(topk.device)[:, None]
-    return int(hits[:, 0].sum()), int(hits.any(1).sum())
 
 
 def _classifier(model: nn.Module, mean, std, image_size) -> ImageModel:
@@ -178,8 +163,7 @@ def foreground_background(
     if region not in ("box", "mask"):
         raise ValueError(f"region must be 'box' or 'mask', got {region!r}")
     classifier = _classifier(model, mean, std, image_size)
-    counts = torch.zeros(3, 2, dtype=torch.long)
-    total = 0
+    counters = [TopKCounter() for _ in range(3)]  # full, foreground, background
     with preserved_state(classifier):
         for images, labels, masks in _batches(data, batch_size, need_mask=True):
             check_images(images)
@@ -193,21 +177,21 @@ def foreground_background(
                 )
             keep = _boxes(masks) if region == "box" else (masks > 0).to(images)
             variants = (images, images * keep, images * (1 - keep))
-            for row, variant in enumerate(variants):
-                logits = classifier(variant)
-                k = min(5, logits.shape[1])
-                counts[row] += torch.tensor(_correct(logits, labels, k))
-            total += images.shape[0]
+            for counter, variant in zip(counters, variants, strict=True):
+                counter.add(classifier(variant), labels)
+    total = counters[0].total
     if total == 0:
         raise ValueError("data holds no images")
-    acc = (100.0 * counts.double() / total).tolist()
+    (full1, full5), (fg1, fg5), (bg1, bg5) = (
+        (float(c.top1_percent()), float(c.topk_percent())) for c in counters
+    )
     return ForegroundBackground(
-        full_top1=acc[0][0],
-        full_top5=acc[0][1],
-        foreground_top1=acc[1][0],
-        foreground_top5=acc[1][1],
-        background_top1=acc[2][0],
-        background_top5=acc[2][1],
+        full_top1=full1,
+        full_top5=full5,
+        foreground_top1=fg1,
+        foreground_top5=fg5,
+        background_top1=bg1,
+        background_top5=bg5,
         num_images=total,
         region=region,
     )
@@ -251,24 +235,24 @@ def frequency_sensitivity(
         if not 0.0 < c <= 1.0:
             raise ValueError(f"cut-offs are fractions of the Nyquist frequency in (0, 1], got {c}")
     classifier = _classifier(model, mean, std, image_size)
-    clean, low, high = 0, [0] * len(cutoffs), [0] * len(cutoffs)
-    total = 0
+    clean = TopKCounter(k=1)
+    low = [TopKCounter(k=1) for _ in cutoffs]
+    high = [TopKCounter(k=1) for _ in cutoffs]
     with preserved_state(classifier):
         for images, labels, _ in _batches(data, batch_size, need_mask=False):
             check_images(images)
-            clean += _correct(classifier(images), labels, 1)[0]
-            for i, c in enumerate(cutoffs):
-                low[i] += _correct(classifier(fft_filter(images, c, "low")), labels, 1)[0]
-                high[i] += _correct(classifier(fft_filter(images, c, "high")), labels, 1)[0]
-            total += images.shape[0]
-    if total == 0:
+            clean.add(classifier(images), labels)
+            for c, low_pass, high_pass in zip(cutoffs, low, high, strict=True):
+                low_pass.add(classifier(fft_filter(images, c, "low")), labels)
+                high_pass.add(classifier(fft_filter(images, c, "high")), labels)
+    if clean.total == 0:
         raise ValueError("data holds no images")
     return FrequencySensitivity(
         cutoffs=cutoffs,
-        clean_top1=100.0 * clean / total,
-        low_pass_top1=tuple(100.0 * n / total for n in low),
-        high_pass_top1=tuple(100.0 * n / total for n in high),
-        num_images=total,
+        clean_top1=float(clean.top1_percent()),
+        low_pass_top1=tuple(float(n.top1_percent()) for n in low),
+        high_pass_top1=tuple(float(n.top1_percent()) for n in high),
+        num_images=clean.total,
     )
 
 

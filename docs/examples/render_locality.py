@@ -37,7 +37,7 @@ def main() -> None:
     vit_report = cv.SpatialLocalityProbe(vit).attribute(probe_images)
     cnn_report = cv.SpatialLocalityProbe(cnn).attribute(probe_images)
     batches = [(b["image"], b["label"]) for b in data.batches(128)]
-    pooling = cv.SpatialLocalityProbe(vit).accuracy_experiments(batches)
+    pooling = cv.pooling_experiments(vit, batches)
     print(vit_report, cnn_report, pooling, sep="\n")
     plot_locality(vit_report, cnn_report, pooling, labels=("zoo ViT", "zoo CNN"), path=OUT)
     print(f"wrote {OUT}")
