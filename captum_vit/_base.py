@@ -12,6 +12,10 @@ Subclasses get, with ``_LayerMethod.__init__(self, model, layer, ...)``:
   size (cached per size);
 * ``self.forward_to_layer(images, grad=...)``: the layer's raw output (early exit), with
   the model in eval mode and parameter gradients off, restored afterwards.
+
+Dtype and device: images enter the model through :meth:`ImageModel.normalize`, which
+casts them once to the model's dtype (bfloat16 / float16 models take float32 images);
+the methods compute their scores and maps in float32 and return float32.
 """
 
 from __future__ import annotations
@@ -23,11 +27,11 @@ import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
-from .capture import LayerTap, find_module, preserved_state
+from .capture import LayerTap, preserved_state
 from .layout import TokenLayout, resolve_layout
-from .models import ImageModel, check_images, fixed_input_size, model_device
+from .models import ImageModel, check_images, fixed_input_size, model_device, vision_layer
 
-__all__ = ["_LayerMethod", "as_unit_tensor"]
+__all__ = ["_LayerMethod", "as_unit_tensor", "check_count", "forward_args"]
 
 
 class _LayerMethod(LayerAttribution):
@@ -42,15 +46,33 @@ class _LayerMethod(LayerAttribution):
         std: Sequence[float] | None = None,
         image_size: int | Sequence[int] | None = None,
     ) -> None:
+        """
+        Args:
+            model: a timm / open_clip image model (a full CLIP model is reduced to its
+                image tower), a CNN, or any image model; it is never modified.
+            layer: the layer, as a module or a dotted path (``"blocks.5.mlp.fc1"``); on a
+                full CLIP model, a path of its image tower (``"visual.transformer..."``).
+            attribute_to_layer_input: use the layer's input instead of its output.
+            call: for modules run several times per forward (CoaT), which call (0-based).
+            mean, std, image_size: override the model's own normalization / input size.
+                Images are RGB in [0, 1]; the model normalizes them inside.
+        """
+        if not isinstance(attribute_to_layer_input, bool):
+            raise TypeError(
+                "attribute_to_layer_input must be a bool, got "
+                f"{type(attribute_to_layer_input).__name__}"
+            )
+        if isinstance(call, bool) or not isinstance(call, int):
+            raise TypeError(f"call must be an int, got {type(call).__name__}")
         wrapped = ImageModel(model, mean=mean, std=std, image_size=image_size)
         self.wrapped = wrapped
         self.vision = wrapped.model
-        self.layer_name, module = find_module(self.vision, layer)
+        self.layer_name, module = vision_layer(model, layer)
         LayerAttribution.__init__(self, wrapped, module)
         self.attribute_to_layer_input = attribute_to_layer_input
         self.call = call
         self._fixed_size = fixed_input_size(self.vision)
-        self._layouts: dict[tuple[int, int], TokenLayout] = {}
+        self._layouts: dict[tuple[int, int, bool], TokenLayout] = {}
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -65,33 +87,87 @@ class _LayerMethod(LayerAttribution):
     def device(self) -> torch.device:
         return model_device(self.vision)
 
-    def layout_for(self, images: torch.Tensor) -> TokenLayout:
+    def _as_input(self, attribute_to_layer_input: bool | None) -> bool:
+        """The per-call choice, else the constructor's."""
+        if attribute_to_layer_input is None:
+            return self.attribute_to_layer_input
+        if not isinstance(attribute_to_layer_input, bool):
+            raise TypeError(
+                "attribute_to_layer_input must be a bool or None, got "
+                f"{type(attribute_to_layer_input).__name__}"
+            )
+        return attribute_to_layer_input
+
+    def layout_for(
+        self,
+        images: torch.Tensor,
+        *,
+        attribute_to_layer_input: bool | None = None,
+        additional_forward_args: Any = None,
+    ) -> TokenLayout:
         """Layout of the layer for images of this size (resolved once per size)."""
-        size = (int(images.shape[-2]), int(images.shape[-1]))
+        as_input = self._as_input(attribute_to_layer_input)
+        size = (int(images.shape[-2]), int(images.shape[-1]), as_input)
         if size not in self._layouts:
-            probe = self.normalize(images[:2].detach())
+            extra = forward_args(additional_forward_args)
+            # Extra forward arguments may be batched like the images: resolve on the batch.
+            probe = self.normalize((images if extra else images[:2]).detach())
             self._layouts[size] = resolve_layout(
                 self.vision,
                 self.layer_name,
                 probe,
-                attribute_to_layer_input=self.attribute_to_layer_input,
+                attribute_to_layer_input=as_input,
                 call=self.call,
+                additional_forward_args=extra,
             )
         return self._layouts[size]
 
-    def tap(self, *, call: int | None = None) -> LayerTap:
+    def tap(
+        self, *, call: int | None = None, attribute_to_layer_input: bool | None = None
+    ) -> LayerTap:
         """A :class:`LayerTap` on this layer of the unwrapped model (early exit)."""
         return LayerTap(
             self.vision,
             self.layer_name,
-            attribute_to_layer_input=self.attribute_to_layer_input,
+            attribute_to_layer_input=self._as_input(attribute_to_layer_input),
             call=self.call if call is None else call,
         )
 
-    def forward_to_layer(self, images: torch.Tensor, *, grad: bool = False) -> Any:
+    def forward_to_layer(
+        self,
+        images: torch.Tensor,
+        *,
+        grad: bool = False,
+        attribute_to_layer_input: bool | None = None,
+        additional_forward_args: Any = None,
+    ) -> Any:
         """The layer's raw output for [0, 1] images; the forward stops at the layer."""
-        with preserved_state(self.vision), torch.set_grad_enabled(grad), self.tap() as tap:
-            return tap.run(self.normalize(images))[0]
+        extra = forward_args(additional_forward_args)
+        if attribute_to_layer_input is None:
+            tap = self.tap()  # subclasses may tap another way (the whole tower as layer)
+        else:
+            tap = self.tap(attribute_to_layer_input=attribute_to_layer_input)
+        with preserved_state(self.vision), torch.set_grad_enabled(grad), tap:
+            return tap.run(self.normalize(images), *extra)[0]
+
+
+def forward_args(additional_forward_args: Any) -> tuple:
+    """Captum's convention: ``None`` -> ``()``, a tuple as is, anything else -> ``(arg,)``;
+    passed to the model after the images."""
+    if additional_forward_args is None:
+        return ()
+    if isinstance(additional_forward_args, tuple):
+        return additional_forward_args
+    return (additional_forward_args,)
+
+
+def check_count(value: Any, name: str, meaning: str) -> int:
+    """A positive int argument: TypeError for another type, ValueError below 1."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int ({meaning}), got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{name} must be a positive int ({meaning}), got {value}")
+    return value
 
 
 def as_unit_tensor(

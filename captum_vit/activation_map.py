@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from captum.attr import LayerAttribution
+from torch import nn
 
 from ._base import _LayerMethod, as_unit_tensor
 from .layout import TokenLayout
@@ -25,14 +27,9 @@ class PatchActivationMap(_LayerMethod):
     (pooled features, CaiT class-attention blocks, attention-pool queries, windowed
     attention) raise a ``ValueError``.
 
-    Args:
-        model: a timm / open_clip image model (a CLIP model is reduced to its vision tower).
-        layer: the layer, as a module or a dotted path (``"blocks.5.mlp.fc1"``).
-        attribute_to_layer_input: use the layer's input instead of its output (for
-            example the input of ``mlp.fc2``, the post-activation hidden layer).
-        call: for modules run several times per forward (CoaT), which call to use.
-        mean, std, image_size: override the model's own normalization / input size.
-            Images passed to :meth:`attribute` are RGB in [0, 1].
+    With ``target=None`` it is Captum's ``LayerActivation`` on a patch grid: the whole
+    layer as ``(B, C, h, w)``, the shape of Captum's layer attributions for a conv layer,
+    so :meth:`LayerAttribution.interpolate` and Captum's visualization take it as is.
 
     Examples::
 
@@ -40,12 +37,49 @@ class PatchActivationMap(_LayerMethod):
         >>> maps = pam.attribute(images, target=17)                   # (B, h, w)
         >>> up = pam.attribute(images, target=17, interpolate=True)   # (B, H, W)
         >>> maps, cls = pam.attribute(images, target=17, return_prefix=True)
+        >>> layer = pam.attribute(images)                             # (B, C, h, w)
     """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module | str,
+        *,
+        attribute_to_layer_input: bool = False,
+        call: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        image_size: int | Sequence[int] | None = None,
+    ) -> None:
+        """
+        Args:
+            model: a timm / open_clip image model (a full CLIP model is reduced to its
+                image tower; name its layers ``"visual.<path>"``), a CNN or any image
+                model. It is never modified.
+            layer: the layer, as a module or a dotted path (``"blocks.5.mlp.fc1"``).
+            attribute_to_layer_input: by default map the layer's input instead of its
+                output (for example the input of ``mlp.fc2``, the post-activation hidden
+                layer); :meth:`attribute` can override it per call.
+            call: for modules run several times per forward (CoaT), which call to use.
+            mean, std, image_size: override the model's own normalization / input size.
+                Images passed to :meth:`attribute` are RGB in [0, 1].
+        """
+        super().__init__(
+            model,
+            layer,
+            attribute_to_layer_input=attribute_to_layer_input,
+            call=call,
+            mean=mean,
+            std=std,
+            image_size=image_size,
+        )
 
     def attribute(
         self,
         inputs: torch.Tensor,
         target: Target | None = None,
+        additional_forward_args: Any = None,
+        attribute_to_layer_input: bool | None = None,
         *,
         interpolate: bool = False,
         interpolate_mode: str = "bilinear",
@@ -57,53 +91,72 @@ class PatchActivationMap(_LayerMethod):
             inputs: ``(B, 3, H, W)`` RGB images in [0, 1].
             target: what to map:
 
+                * ``None``: every channel of the layer, ``(B, C, h, w)`` (Captum's
+                  ``LayerActivation`` on the patch grid);
                 * an ``int``: that unit for every image;
                 * a list of ``B`` ints or a 1-D integer tensor of length ``B``: one unit
                   per image;
                 * a float tensor ``(C,)``: a direction in channel space (the map is the
                   dot product of every token with it; it is not normalized), or ``(B, C)``
                   one direction per image.
+            additional_forward_args: further arguments of the model's forward, passed
+                after the images (Captum's convention: a tuple, or one value).
+            attribute_to_layer_input: map the layer's input (``True``) or output
+                (``False``) for this call; ``None`` keeps the constructor's choice.
             interpolate: return the maps upsampled to the input size ``(B, H, W)``
-                (Captum's :meth:`LayerAttribution.interpolate` on the ``(B, 1, h, w)``
-                form), instead of the patch grid ``(B, h, w)``.
+                (Captum's :meth:`LayerAttribution.interpolate`), instead of the patch grid
+                ``(B, h, w)``.
             interpolate_mode: mode of ``torch.nn.functional.interpolate``.
             return_prefix: also return the prefix tokens' values of the same target.
 
         Returns:
-            ``(B, h, w)`` maps (``(B, H, W)`` with ``interpolate=True``), detached, on
-            the model's device. With ``return_prefix=True`` a tuple ``(maps, prefix)``
-            where ``prefix`` is ``(B, P)``: the target's value at each prefix token in
-            sequence order (names in ``self.layout_for(inputs).prefix_names``, e.g.
-            ``("cls", "dist")``); ``P = 0`` for layers without prefix tokens.
+            float32 tensors on the device of ``inputs``, detached, whatever the model's
+            dtype: ``(B, h, w)`` maps for a unit or direction target, ``(B, C, h, w)``
+            for ``target=None`` (``H, W`` instead of ``h, w`` with ``interpolate=True``).
+            For Captum's single-channel layer-attribution shape ``(B, 1, h, w)`` use
+            ``maps.unsqueeze(1)``. With ``return_prefix=True`` a tuple ``(maps,
+            prefix)`` where ``prefix`` is ``(B, P)`` (``(B, P, C)`` for
+            ``target=None``): the target's value at each prefix token in sequence order
+            (names in ``self.layout_for(inputs).prefix_names``, e.g. ``("cls",
+            "dist")``); ``P = 0`` for layers without prefix tokens.
 
         Raises:
-            ValueError: invalid images, a non-spatial layer, a target whose length does
-                not match the batch or whose direction does not match the layer width.
+            ValueError: invalid images (not in [0, 1], wrong shape or size), a non-spatial
+                layer, a target whose length does not match the batch or whose direction
+                does not match the layer width.
             IndexError: a unit outside the layer's channels.
-            TypeError: a target of another type.
+            TypeError: images that are not a float tensor, a target of another type.
         """
-        if target is None:
-            raise ValueError(
-                "target is required: a unit (int), one unit per image, or a direction "
-                "tensor (C,) in the layer's channel space"
-            )
         self.check_images(inputs)
+        as_input = self._as_input(attribute_to_layer_input)
         images = inputs.to(self.device())
-        layout = self.layout_for(images)
+        layout = self.layout_for(
+            images,
+            attribute_to_layer_input=as_input,
+            additional_forward_args=additional_forward_args,
+        )
         selector = _target_selector(target, layout, images.shape[0])
-        spatial, prefix = layout.split(self.forward_to_layer(images))
-        maps = selector(spatial).float()
+        output = self.forward_to_layer(
+            images,
+            attribute_to_layer_input=as_input,
+            additional_forward_args=additional_forward_args,
+        )
+        spatial, prefix = layout.split(output)
+        maps = selector(spatial.float())
         if interpolate:
-            maps = LayerAttribution.interpolate(
-                maps.unsqueeze(1), tuple(images.shape[-2:]), interpolate_mode
-            ).squeeze(1)
+            grid = maps if target is None else maps.unsqueeze(1)
+            grid = LayerAttribution.interpolate(grid, tuple(images.shape[-2:]), interpolate_mode)
+            maps = grid if target is None else grid.squeeze(1)
+        maps = maps.to(inputs.device)
         if not return_prefix:
             return maps
         if prefix is None:
-            prefix_values = maps.new_zeros(images.shape[0], 0)
+            prefix_values = maps.new_zeros(images.shape[0], 0, *maps.shape[1:-2])
+        elif target is None:
+            prefix_values = prefix.float()
         else:
-            prefix_values = selector(prefix.transpose(1, 2).unsqueeze(-1)).float().squeeze(-1)
-        return maps, prefix_values
+            prefix_values = selector(prefix.float().transpose(1, 2).unsqueeze(-1)).squeeze(-1)
+        return maps, prefix_values.to(inputs.device)
 
 
 def unit_maps(spatial: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
@@ -112,8 +165,11 @@ def unit_maps(spatial: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
     return spatial[batch, units.to(spatial.device)]
 
 
-def _target_selector(target: Target, layout: TokenLayout, batch: int):
-    """A function ``(B, C, h, w) -> (B, h, w)`` picking the target from feature maps."""
+def _target_selector(target: Target | None, layout: TokenLayout, batch: int):
+    """A function ``(B, C, h, w) -> (B, h, w)`` picking the target from feature maps
+    (``target=None``: every channel, unchanged)."""
+    if target is None:
+        return lambda spatial: spatial
     channels = layout.num_channels
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         return _direction_selector(target, channels, batch)

@@ -11,7 +11,14 @@ behind. What Captum's helpers lack and this module adds:
 * **modules called several times per forward** (CoaT shares ``cpe``/``crpe``/``mlp2``
   across blocks and scales): every call is recorded in order; ``call=k`` selects the k-th
   call (0-based, the default is the first) and lets the forward stop right after it;
-  ``call=None`` records all calls and runs the whole forward.
+  ``call=None`` records all calls and runs the whole forward;
+* **captured values stay as captured** -- a value recorded while the forward goes on is
+  cloned, as Captum's hooks do, because later in-place ops (a residual ``x += shortcut``,
+  ``ReLU(inplace=True)``, writes into a view) would otherwise overwrite it. The record that
+  ends the forward early is kept as is: nothing runs after it, so the single-layer path
+  pays no copy. With ``keep_graph=True`` the tap keeps the original tensor and hands the
+  clone on to the rest of the model instead (Captum's ``forward_hook_with_return``), so
+  gradients of the model's output reach the recorded tensor.
 """
 
 from __future__ import annotations
@@ -49,11 +56,14 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
     """Return ``(dotted_path, module)`` for a layer given as a module or a dotted path.
 
     Paths are tried as given, then with the open_clip / timm-trunk prefixes
-    (``visual.``, ``trunk.``) added or removed, so ``"transformer.resblocks.3"`` works on a
-    full CLIP model and ``"visual.transformer.resblocks.3"`` on its vision tower.
+    (``visual.``, ``trunk.``) added or removed, so ``"conv1"`` works on a full CLIP model
+    and ``"visual.transformer.resblocks.3"`` on its vision tower. A path that names two
+    different modules that way (``"transformer.resblocks.3"`` on a full CLIP model: the
+    text transformer's block, and ``visual.transformer.resblocks.3``) is refused.
 
     Raises:
-        ValueError: the path names no module; the message lists the closest real names.
+        ValueError: the path names no module (the message lists the closest real names)
+            or is ambiguous (the message names the full paths).
         TypeError: ``layer`` is neither a string nor a module.
     """
     names = dict(model.named_modules())
@@ -69,14 +79,32 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
         raise TypeError(
             f"layer must be an nn.Module or a dotted path string, got {type(layer).__name__}"
         )
-    for candidate in _path_candidates(layer):
-        if candidate in names and candidate != "":
-            return candidate, names[candidate]
+    found = [c for c in dict.fromkeys(_path_candidates(layer)) if c and c in names]
+    if found:
+        if found[0] == layer:  # the same path inside a CLIP image tower is another module
+            towers = [c for c in found if c.startswith("visual.") and c.endswith(f".{layer}")]
+            _refuse_ambiguous(model, layer, [c for c in towers if names[c] is not names[layer]])
+        return found[0], names[found[0]]
     close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.5)
     hint = f" Closest names: {', '.join(close)}." if close else ""
     raise ValueError(
         f"unknown layer {layer!r} in {type(model).__name__}.{hint} "
         "See `dict(model.named_modules())` for every name."
+    )
+
+
+def _refuse_ambiguous(model: nn.Module, layer: str, others: list[str]) -> None:
+    """A path that names one module as given and another inside the image tower ``visual``
+    (the text transformer ``transformer.resblocks.5`` of a full CLIP model and the image
+    tower's ``visual.transformer.resblocks.5``) must be spelled out. (``"head"`` of an
+    open_clip timm tower is its own projection, not ``trunk.head``: no ambiguity.)"""
+    if not others:
+        return
+    choices = ", ".join(repr(name) for name in [layer, *others])
+    raise ValueError(
+        f"layer {layer!r} is ambiguous in {type(model).__name__}: it names {choices}. "
+        f"Pass the full path, e.g. {others[0]!r}"
+        + (" for the image tower" if others[0].startswith("visual.") else "")
     )
 
 
@@ -114,6 +142,10 @@ class LayerTap:
             model in forward order (used by the layout resolver to gather evidence);
             ``marks[i]`` then holds, for every recorded call of layer ``i``, how many
             watch calls happened before it.
+        keep_graph: record the layer's own tensor and pass a clone on to the rest of the
+            forward, so that the recorded tensor lies on the path to the model's output
+            (for gradients of the output with respect to it). By default the tap records
+            a clone and the model goes on with its own tensor.
 
     Examples::
 
@@ -130,6 +162,7 @@ class LayerTap:
         call: int | None = 0,
         early_exit: bool = True,
         watch: Callable[[str, nn.Module, Any], None] | None = None,
+        keep_graph: bool = False,
     ) -> None:
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
@@ -145,6 +178,7 @@ class LayerTap:
         self.call = call
         self.early_exit = early_exit and call is not None and call >= 0
         self.watch = watch
+        self.keep_graph = keep_graph
         self._handles: list[Any] = []
         self._records: list[list[Any]] = []
         self._watched = 0
@@ -176,14 +210,19 @@ class LayerTap:
         # A module listed twice gets one hook per listing; each records into its own slot.
         if self.attribute_to_layer_input:
 
-            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-                value = args[0] if args else next(iter(kwargs.values()))
-                self._record(index, value)
+            def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> Any:
+                if args:
+                    passed = self._record(index, args[0])
+                    return None if passed is args[0] else ((passed, *args[1:]), kwargs)
+                key = next(iter(kwargs))
+                passed = self._record(index, kwargs[key])
+                return None if passed is kwargs[key] else (args, {**kwargs, key: passed})
 
             return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-        def hook(_module: nn.Module, _args: tuple, output: Any) -> None:
-            self._record(index, output)
+        def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
+            passed = self._record(index, output)
+            return None if passed is output else passed
 
         return module.register_forward_hook(hook)
 
@@ -194,11 +233,29 @@ class LayerTap:
 
         return hook
 
-    def _record(self, index: int, value: Any) -> None:
-        self._records[index].append(value)
+    def _record(self, index: int, value: Any) -> Any:
+        """Record ``value``; return the value the forward goes on with.
+
+        The forward may overwrite what it goes on with in place, so when it goes on the
+        recorded value and the passed one are different copies. Raises ``_StopForward``
+        (nothing is copied) once every needed call has been recorded.
+        """
+        calls = self._records[index]
+        calls.append(value)
         self.marks[index].append(self._watched)
         if self.early_exit and self._all_needed_calls_seen():
             raise _StopForward
+        if not self._is_returned(len(calls) - 1):
+            return value  # a call that run() never returns: no copy needed
+        if self.keep_graph:
+            return _clone(value)
+        calls[-1] = _clone(value)
+        return value
+
+    def _is_returned(self, position: int) -> bool:
+        """Whether the ``position``-th recorded call can be part of :meth:`run`'s result
+        (negative ``call`` values count from an end not known yet: keep every call)."""
+        return self.call is None or self.call < 0 or position == self.call
 
     def _all_needed_calls_seen(self) -> bool:
         return all(len(calls) > self.call for calls in self._records)
@@ -232,6 +289,20 @@ class LayerTap:
                 f"so call={self.call} does not exist"
             )
         return calls[self.call]
+
+
+def _clone(value: Any) -> Any:
+    """A copy of every tensor in ``value`` (tensors, and tuples / lists / dicts of them);
+    the copy stays in the autograd graph."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # named tuples
+        return type(value)(*(_clone(item) for item in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_clone(item) for item in value)
+    if isinstance(value, dict):
+        return {key: _clone(item) for key, item in value.items()}
+    return value
 
 
 def capture_layers(

@@ -362,6 +362,7 @@ def resolve_layout(
     attribute_to_layer_input: bool = False,
     call: int = 0,
     element: int | None = None,
+    additional_forward_args: tuple = (),
 ) -> TokenLayout:
     """Find how ``layer``'s tokens map onto the patch grid for these inputs.
 
@@ -379,6 +380,8 @@ def resolve_layout(
             the forward stop earliest). Each call may have its own grid.
         element: for layers that return tuples, the position of the spatial tensor;
             by default the first tensor that resolves.
+        additional_forward_args: further positional arguments of the model's forward,
+            passed after ``inputs``.
 
     Returns:
         The :class:`TokenLayout` of that layer.
@@ -413,7 +416,7 @@ def resolve_layout(
             watch=witnesses,
         ) as tap,
     ):
-        (value,) = tap.run(inputs)
+        (value,) = tap.run(inputs, *additional_forward_args)
         seen = witnesses.before(tap.marks[0][call])
     return _layout_from_value(
         value,

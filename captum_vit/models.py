@@ -8,11 +8,15 @@ which the caller may override.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+
+from .capture import find_module, module_name
 
 __all__ = [
     "ImageModel",
@@ -21,7 +25,9 @@ __all__ = [
     "fixed_input_size",
     "input_config",
     "model_device",
+    "model_dtype",
     "unwrap_vision",
+    "vision_layer",
 ]
 
 
@@ -30,10 +36,48 @@ def unwrap_vision(model: nn.Module) -> nn.Module:
     wrapped model for an :class:`ImageModel`, the model itself otherwise."""
     if isinstance(model, ImageModel):
         return model.model
+    return _clip_image_tower(model) or model
+
+
+def _clip_image_tower(model: nn.Module) -> nn.Module | None:
+    """``model.visual`` of an open_clip CLIP / CoCa model (which also has a text tower)."""
     visual = getattr(model, "visual", None)
     if isinstance(visual, nn.Module) and hasattr(model, "encode_image"):
         return visual
-    return model
+    return None
+
+
+def vision_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Module]:
+    """``(path inside the image tower, module)`` of a layer given against the user's model.
+
+    For a full open_clip CLIP / CoCa model the layer must lie in its image tower
+    ``visual``: ``"visual.transformer.resblocks.5"`` (or the tower-relative
+    ``"conv1"``, which only the tower has). A name that also names a text-tower module
+    (``"transformer.resblocks.5"`` is the text transformer's block) or a text-tower module
+    raises instead of silently picking one tower.
+
+    Raises:
+        ValueError: unknown layer, an ambiguous name, or a layer outside the image tower;
+            the message names the image-tower path to use.
+        TypeError: ``layer`` is neither a string nor a module.
+    """
+    vision = unwrap_vision(model)
+    tower = None if isinstance(model, ImageModel) else _clip_image_tower(model)
+    if tower is None:
+        return find_module(vision, layer)
+    name, module = find_module(model, layer)  # raises for names both towers have
+    prefix = module_name(model, tower) + "."
+    if module is tower:
+        return "", module  # the whole tower as the layer (its output: the embedding)
+    if name.startswith(prefix):
+        return name[len(prefix) :], module
+    blocks = [n for n, _ in tower.named_modules() if n.endswith("resblocks.0")]
+    example = f"{prefix}{blocks[0]}" if blocks else f"{prefix}<layer>"
+    raise ValueError(
+        f"layer {name!r} is outside the image tower of this {type(model).__name__} (it is "
+        f"part of the text side): the image methods take layers of `model.{prefix[:-1]}`, "
+        f"named with the {prefix!r} prefix, e.g. {example!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -156,6 +200,15 @@ def model_device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """Floating dtype of the model's parameters (``float32`` for a model without floating
+    parameters): the dtype :meth:`ImageModel.normalize` casts images to."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The only input size the model accepts, or ``None`` if it accepts several.
 
@@ -179,9 +232,15 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+#: How far outside [0, 1] image values may stray (float rounding of resizing, colour
+#: conversion) before :func:`check_images` refuses them.
+IMAGE_RANGE_TOLERANCE = 1e-3
+
+
 def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -> None:
     """Raise a ValueError / TypeError naming the problem if ``images`` is not a valid
-    ``(B, 3, H, W)`` float batch (finite values, the right size for a fixed-size model)."""
+    ``(B, 3, H, W)`` float batch of RGB values in [0, 1] (finite, within
+    ``IMAGE_RANGE_TOLERANCE`` of the range, the right size for a fixed-size model)."""
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
     if not images.is_floating_point():
@@ -193,8 +252,16 @@ def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -
         raise ValueError(f"images must have shape (B, 3, H, W) (RGB), got {tuple(images.shape)}")
     # min and max are NaN / inf exactly when some value is; aminmax reads the batch once
     # without the full-size bool tensor of isfinite (5x faster on CPU).
-    if images.numel() and not torch.isfinite(torch.stack(torch.aminmax(images))).all():
-        raise ValueError("images contain NaN or inf values")
+    if images.numel():
+        low, high = (float(v) for v in torch.aminmax(images.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("images contain NaN or inf values")
+        if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
+            raise ValueError(
+                f"images must be RGB values in [0, 1], got values in [{low:.4g}, {high:.4g}]: "
+                "divide 0-255 images by 255; pass images before mean / std normalization "
+                "(the model normalizes inside); clamp small overshoots with images.clamp(0, 1)"
+            )
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(
             f"this model takes {size[0]}x{size[1]} images only, got "
@@ -207,7 +274,9 @@ class ImageModel(nn.Module):
     """Wraps a vision model so that it takes RGB images in [0, 1] and normalizes inside.
 
     Hooks set on the wrapped model's modules fire as usual; layer paths are those of the
-    wrapped model (also for an open_clip CLIP model, whose image tower is used).
+    wrapped model (also for an open_clip CLIP model, whose image tower is used). Images are
+    cast to the model's dtype where they enter it (:meth:`normalize`), so bfloat16 and
+    float16 models take float32 images.
 
     Args:
         model: a timm model, an open_clip CLIP model or vision tower, or any image model.
@@ -238,11 +307,22 @@ class ImageModel(nn.Module):
         )
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``(images - mean) / std``: [0, 1] RGB images as the wrapped model takes them."""
-        return (images - self.mean.to(images)) / self.std.to(images)
+        """``(images - mean) / std``: [0, 1] RGB images as the wrapped model takes them.
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(self.normalize(images))
+        The only place where images enter the model: normalized in float32 (or the images'
+        own float dtype, if wider) on the images' device, then cast once to the model's
+        dtype (a bfloat16 / float16 model gets bfloat16 / float16 inputs). Gradients flow
+        back through the cast to the float32 images.
+        """
+        compute = torch.promote_types(images.dtype, torch.float32)
+        mean = self.mean.to(images.device, compute)
+        std = self.std.to(images.device, compute)
+        return ((images.to(compute) - mean) / std).to(model_dtype(self.model))
+
+    def forward(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The wrapped model on the normalized images; further arguments go to it as
+        given (Captum's ``additional_forward_args``)."""
+        return self.model(self.normalize(images), *args, **kwargs)
 
     @property
     def image_size(self) -> tuple[int, int]:

@@ -185,20 +185,64 @@ def _check_image(image: Any) -> torch.Tensor:
 
 
 def captum_arrays(
-    activation_map: torch.Tensor, image: torch.Tensor
+    activation_map: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    sign: str | Sequence[str] = "absolute_value",
+    outlier_perc: float = 2.0,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(attr (H, W, 1), original_image (H, W, 3))`` numpy arrays for
-    ``captum.attr.visualization.visualize_image_attr`` (the map upsampled to the image).
+    """``(attr (H, W, 1), original_image (H, W, 3))`` float32 numpy arrays for
+    ``captum.attr.visualization.visualize_image_attr`` and
+    ``visualize_image_attr_multiple`` (the map upsampled bilinearly to the image).
+
+    Captum scales a map by a threshold of its sign-filtered values and fails with
+    "Cannot normalize by scale factor = 0" when nothing is left to draw (an all-zero map,
+    or ``sign="positive"`` on a map without positive values). This function checks the
+    map against the ``sign`` (or list of signs) and ``outlier_perc`` you will give Captum,
+    and raises a ValueError that says why instead.
+
+    Args:
+        activation_map: ``(h, w)`` or ``(H, W)`` map of one image.
+        image: ``(3, H, W)`` RGB in [0, 1].
+        sign: the sign(s) you will pass to Captum (its default is ``"absolute_value"``).
+        outlier_perc: the ``outlier_perc`` you will pass to Captum (its default is 2).
+
+    Raises:
+        ValueError: the map has NaN / inf values, or nothing Captum can scale for one of
+            the signs (the message names the sign and what the map holds).
 
     Examples::
 
         >>> from captum.attr import visualization as viz
-        >>> attr, img = captum_arrays(maps[0], images[0])
+        >>> attr, img = captum_arrays(maps[0], images[0], sign="positive")
         >>> viz.visualize_image_attr(attr, img, method="blended_heat_map", sign="positive")
     """
     image = _check_image(image)
     upsampled = _resize_map(activation_map, tuple(image.shape[-2:]))
-    return upsampled.numpy()[..., None], image.permute(1, 2, 0).numpy()
+    signs = [sign] if isinstance(sign, str) else list(sign)
+    for one in signs:
+        _check_drawable(upsampled, one, outlier_perc)
+    return upsampled.numpy()[..., None], image.permute(1, 2, 0).contiguous().numpy()
+
+
+def _check_drawable(values: torch.Tensor, sign: str, outlier_perc: float) -> None:
+    """Raise if Captum's visualization cannot scale ``values`` with this sign."""
+    if sign not in _SIGNS:
+        raise ValueError(f"sign must be one of {_SIGNS}, got {sign!r}")
+    if not torch.isfinite(values).all():
+        raise ValueError("the map contains NaN or inf values; Captum cannot draw it")
+    if _threshold(_filter_sign(values, sign).abs(), outlier_perc) > 0:
+        return
+    if not values.ne(0).any():
+        held = "is all zero"
+    else:
+        held = f"holds values in [{float(values.min()):.4g}, {float(values.max()):.4g}]"
+    raise ValueError(
+        f"the map {held}: with sign={sign!r} (outlier_perc={outlier_perc}) Captum's "
+        "visualize_image_attr has nothing to scale and fails with 'Cannot normalize by "
+        "scale factor = 0'. Use a sign that keeps its values ('all' for signed maps), a "
+        "lower outlier_perc, or render.overlay / heatmap, which draw such a map as zero"
+    )
 
 
 def image_grid(

@@ -13,14 +13,15 @@ over processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
 
 import torch
+from torch import nn
 
-from ._base import _LayerMethod, as_unit_tensor
+from ._base import _LayerMethod, as_unit_tensor, check_count
 from ._batches import as_batch_stream, unpack_batch
 from ._progress import progress, resolve_progress
 from .capture import preserved_state
@@ -114,13 +115,6 @@ class ExampleSet:
 class TopActivatingExamples(_LayerMethod):
     """The k images of a data stream that excite each unit of a layer most.
 
-    Args:
-        model: a timm / open_clip image model (a CLIP model is reduced to its vision tower).
-        layer: module or dotted path; any spatial layer :class:`PatchActivationMap` takes.
-        k: how many images to keep per unit.
-        attribute_to_layer_input, call, mean, std, image_size: as for
-            :class:`~captum_vit.PatchActivationMap`.
-
     Examples::
 
         >>> ex = TopActivatingExamples(model, "blocks.6.mlp.fc1", k=10)
@@ -129,25 +123,57 @@ class TopActivatingExamples(_LayerMethod):
         >>> result.save("fc1_top10.pt")
     """
 
-    def __init__(self, model: torch.nn.Module, layer: torch.nn.Module | str, k: int = 10, **kwargs):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive int (images kept per unit), got {k!r}")
-        super().__init__(model, layer, **kwargs)
-        self.k = k
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: nn.Module | str,
+        k: int = 10,
+        *,
+        attribute_to_layer_input: bool = False,
+        call: int = 0,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        image_size: int | Sequence[int] | None = None,
+    ) -> None:
+        """
+        Args:
+            model: a timm / open_clip image model (a full CLIP model is reduced to its
+                image tower; name its layers ``"visual.<path>"``), a CNN or any image
+                model. It is never modified.
+            layer: module or dotted path; any spatial layer
+                :class:`~captum_vit.PatchActivationMap` takes.
+            k: how many images to keep per unit.
+            attribute_to_layer_input: rank by the layer's input instead of its output.
+            call: for modules run several times per forward (CoaT), which call to use.
+            mean, std, image_size: override the model's own normalization / input size.
+
+        Raises:
+            TypeError: ``k`` is not an int. ValueError: ``k`` < 1.
+        """
+        self.k = check_count(k, "k", "images kept per unit")
+        super().__init__(
+            model,
+            layer,
+            attribute_to_layer_input=attribute_to_layer_input,
+            call=call,
+            mean=mean,
+            std=std,
+            image_size=image_size,
+        )
 
     def attribute(
         self,
-        data: Iterable[Any] | torch.Tensor,
+        inputs: Iterable[Any] | torch.Tensor,
         target: int | list[int] | torch.Tensor | None = None,
         *,
         score: str = "mean",
         show_progress: bool | None = None,
         offset: int | None = None,
     ) -> ExampleSet:
-        """Scan ``data`` once and keep each unit's top-k images.
+        """Scan ``inputs`` once and keep each unit's top-k images.
 
         Args:
-            data: an iterable of batches, each one of: a ``(B, 3, H, W)`` tensor of RGB
+            inputs: the images: an iterable of batches (a DataLoader), each one of: a ``(B, 3, H, W)`` tensor of RGB
                 images in [0, 1]; a tuple / list whose first element is such a tensor
                 (``(images, labels)``, as a DataLoader over a labelled dataset yields); a
                 dict with an ``"image"`` tensor. A single 4-D tensor is one batch. A dict
@@ -167,7 +193,8 @@ class TopActivatingExamples(_LayerMethod):
                 shards) yield ``"index"`` in dict batches instead.
 
         Returns:
-            :class:`ExampleSet`; under ``torch.distributed`` every rank gets the same,
+            :class:`ExampleSet` of float32 scores and maps on the CPU (whatever the model's
+            dtype and device; a stream can be longer than a device holds); under ``torch.distributed`` every rank gets the same,
             exactly merged result (the one a single process would get over all data).
             Every rank must call ``attribute`` with the same layer, target and image
             size (a rank may have no batches); the merge is two ``all_gather`` calls of
@@ -190,7 +217,7 @@ class TopActivatingExamples(_LayerMethod):
         indexed: bool | None = None  # whether the batches carry their own indices
         device = self.device()
         with preserved_state(self.vision), torch.no_grad():
-            for images, given_index in _batches(data, show_progress):
+            for images, given_index in _batches(inputs, show_progress):
                 self.check_images(images)
                 images = images.to(device, non_blocking=True)
                 layout = self.layout_for(images)
@@ -273,8 +300,9 @@ class _RunningTopK:
         """Merge a batch: ``spatial`` (B, C, h, w) of the layer, ``positions`` (B,)."""
         batch, k = spatial.shape[0], self.k
         picked = spatial if self._all_units(spatial) else spatial[:, self.units]
+        picked = picked.float()  # scores in float32 also for half-precision models
         reduced = picked.mean((2, 3)) if score == "mean" else picked.amax((2, 3))
-        new_scores = reduced.float().t()  # (units, B)
+        new_scores = reduced.t()  # (units, B)
         new_indices = positions.view(1, batch).expand(len(new_scores), batch)
         scores = torch.cat([self.scores, new_scores], dim=1)
         indices = torch.cat([self.indices, new_indices], dim=1)

@@ -73,7 +73,7 @@ def test_open_clip_tower_both_sequence_conventions(batch_first):
 def test_full_clip_model_uses_its_vision_tower():
     clip = open_clip_model()
     x = torch.rand(2, 3, 32, 32)
-    pam = cv.PatchActivationMap(clip, "transformer.resblocks.0")
+    pam = cv.PatchActivationMap(clip, "visual.transformer.resblocks.0")
     out = hooked(clip.visual, "transformer.resblocks.0", pam.normalize(x))
     grid, _ = tokens_to_grid(out, 1, 4, 4)
     torch.testing.assert_close(pam.attribute(x, target=9), grid[:, 9])
@@ -149,8 +149,6 @@ def test_bad_targets_and_images_give_clear_errors():
         pam.attribute(x, target=[1, 2, 3])
     with pytest.raises(ValueError, match=r"shape \(128,\)"):
         pam.attribute(x, target=torch.randn(64))
-    with pytest.raises(ValueError, match="target is required"):
-        pam.attribute(x)
     with pytest.raises(TypeError):
         pam.attribute(x, target="cls")
     with pytest.raises(ValueError, match="NaN"):
@@ -188,3 +186,50 @@ def test_model_left_as_found_also_after_an_exception():
         handle.remove()
     assert hooks_left(model) == 0 and model.training
     assert [p.requires_grad for p in model.parameters()] == flags
+
+
+class ShiftedConv(torch.nn.Module):
+    """A model whose forward takes a second argument (a per-image, per-channel shift)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 4, stride=4)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x, shift):
+        return self.act(self.conv(x) + shift).mean((2, 3))
+
+
+def test_additional_forward_args_and_per_call_layer_input_match_captum():
+    from captum.attr import LayerActivation
+
+    model = ShiftedConv().eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    shift = torch.randn(2, 4, 1, 1, generator=torch.Generator().manual_seed(1))
+    pam = cv.PatchActivationMap(model, "act", image_size=32)  # no normalization config
+    ours = pam.attribute(x, additional_forward_args=shift)  # target=None: the whole layer
+    captum = LayerActivation(model, model.act).attribute(x, additional_forward_args=shift)
+    assert ours.shape == captum.shape == (2, 4, 8, 8)
+    torch.testing.assert_close(ours, captum)
+    torch.testing.assert_close(pam.attribute(x, 2, (shift,)), captum[:, 2])
+    before = pam.attribute(x, additional_forward_args=shift, attribute_to_layer_input=True)
+    captum_in = LayerActivation(model, model.act).attribute(
+        x, additional_forward_args=shift, attribute_to_layer_input=True
+    )
+    torch.testing.assert_close(before, captum_in)
+    assert (before < 0).any() and not (ours < 0).any()
+    assert not pam.attribute_to_layer_input  # the per-call choice does not stick
+    up = pam.attribute(x, additional_forward_args=shift, interpolate=True)
+    assert up.shape == (2, 4, 32, 32)
+
+
+def test_whole_layer_target_none_matches_unit_maps():
+    factory, size = TIMM_ARCHS["deit_distilled"]
+    pam = cv.PatchActivationMap(factory(), "blocks.1.mlp.fc1")
+    x = torch.rand(2, 3, *size)
+    layer, prefix = pam.attribute(x, return_prefix=True)
+    maps, cls = pam.attribute(x, target=5, return_prefix=True)
+    assert layer.shape == (2, 128, 4, 4) and prefix.shape == (2, 2, 128)
+    torch.testing.assert_close(layer[:, 5], maps)
+    torch.testing.assert_close(prefix[:, :, 5], cls)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+import pydoc
+
 import pytest
 import torch
 from archs import TIMM_ARCHS, open_clip_model
 
+import captum_vit as cv
 from captum_vit._base import _LayerMethod, as_unit_tensor
 from captum_vit.capture import capture_layers
 
@@ -25,7 +29,7 @@ def test_layer_method_layout_and_forward_match_direct_capture():
 
 def test_layer_method_on_clip_uses_the_vision_tower():
     model = open_clip_model()
-    method = _LayerMethod(model, "transformer.resblocks.0")
+    method = _LayerMethod(model, "visual.transformer.resblocks.0")
     assert method.layer_name == "transformer.resblocks.0"
     assert method.vision is model.visual
     with pytest.raises(ValueError, match="32x32 images only"):
@@ -42,3 +46,45 @@ def test_as_unit_tensor():
         as_unit_tensor(1.5, 8)
     with pytest.raises(ValueError, match="empty"):
         as_unit_tensor([], 8)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["FeatureVisualization", "PatchActivationMap", "TopActivatingExamples", "SpatialLocalityProbe"],
+)
+def test_help_shows_our_constructor_and_attribute_docs(name):
+    cls = getattr(cv, name)
+    text = pydoc.render_doc(cls, renderer=pydoc.plaintext)
+    assert "device_ids" not in text and "forward_func" not in text
+    init = inspect.getdoc(cls.__init__)
+    for words in ("model:", "image_size", "mean, std"):
+        assert words in init, (name, words)
+    assert "inputs" in inspect.getdoc(cls.attribute)
+    parameters = inspect.signature(cls.__init__).parameters.values()
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    first = list(inspect.signature(cls.attribute).parameters)[1]
+    assert first == "inputs", (name, first)
+
+
+def test_types_and_values_are_refused_consistently():
+    model, size = TIMM_ARCHS["vit"]
+    model = model()
+    with pytest.raises(TypeError, match="k must be a positive int"):
+        cv.TopActivatingExamples(model, "blocks.0", k=2.0)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        cv.TopActivatingExamples(model, "blocks.0", k=0)
+    with pytest.raises(TypeError, match="attribute_to_layer_input"):
+        cv.PatchActivationMap(model, "blocks.0", attribute_to_layer_input=1)
+    with pytest.raises(TypeError, match="call"):
+        cv.PatchActivationMap(model, "blocks.0", call="first")
+    with pytest.raises(TypeError, match="layer must be"):
+        cv.PatchActivationMap(model, 3)
+    with pytest.raises(ValueError, match="unknown layer"):
+        cv.PatchActivationMap(model, "blocks.7")
+    pam = cv.PatchActivationMap(model, "blocks.0")
+    with pytest.raises(TypeError, match="attribute_to_layer_input"):
+        pam.attribute(torch.rand(1, 3, *size), target=0, attribute_to_layer_input="yes")
+    with pytest.raises(TypeError, match="float"):
+        pam.attribute(torch.zeros(1, 3, *size, dtype=torch.uint8), target=0)
+    with pytest.raises(ValueError, match="255"):
+        pam.attribute(torch.full((1, 3, *size), 128.0), target=0)

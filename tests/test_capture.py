@@ -178,3 +178,89 @@ def test_preserved_state_restores_after_exception():
         assert not any(p.requires_grad for p in model.parameters())
         raise KeyError("x")
     assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- later in-place ops
+
+
+def cloning_hook_value(model, path, x, use_input=False):
+    """Independent oracle: a plain hook that copies what it sees, full forward."""
+    module = dict(model.named_modules())[path]
+    store = []
+    if use_input:
+        handle = module.register_forward_pre_hook(lambda m, a: store.append(a[0].clone()))
+    else:
+        handle = module.register_forward_hook(lambda m, a, o: store.append(o.clone()))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        handle.remove()
+    return store[0]
+
+
+def resnet_with_live_bn2():
+    """timm's resnet18 config; timm zero-initializes each block's last BatchNorm, so give
+    them random scales (else bn2 outputs zeros)."""
+    model = TIMM_ARCHS["resnet"][0]()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if name.endswith("bn2"):
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator))
+    return model
+
+
+def test_values_survive_later_in_place_ops():
+    # timm's BasicBlock: bn2's output is overwritten by `x += shortcut` and the in-place
+    # ReLU after it; layer2 runs later, so the forward goes on past bn2.
+    model = resnet_with_live_bn2()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    expected = cloning_hook_value(model, "layer1.0.bn2", x)
+    alone = capture_layers(model, "layer1.0.bn2", x)
+    together, layer2 = capture_layers(model, ["layer1.0.bn2", "layer2"], x)
+    assert expected.abs().amax() > 0.1
+    torch.testing.assert_close(alone, expected, rtol=0, atol=0)
+    torch.testing.assert_close(together, expected, rtol=0, atol=0)
+    torch.testing.assert_close(layer2, cloning_hook_value(model, "layer2", x), rtol=0, atol=0)
+    (late,) = capture_layers(model, ["layer1.0.bn2"], x, early_exit=False)
+    torch.testing.assert_close(late, expected, rtol=0, atol=0)
+    # Input capture: layer1.0.act2 is an in-place ReLU that overwrites its own input.
+    relu_in = cloning_hook_value(model, "layer1.0.act2", x, use_input=True)
+    assert (relu_in < 0).any()
+    given, _ = capture_layers(
+        model, ["layer1.0.act2", "layer1.1.act2"], x, attribute_to_layer_input=True
+    )
+    torch.testing.assert_close(given, relu_in, rtol=0, atol=0)
+
+
+def test_keep_graph_records_the_tensor_the_output_depends_on():
+    model = resnet_with_live_bn2()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with (
+        torch.enable_grad(),
+        LayerTap(model, "layer1.0.bn2", keep_graph=True, early_exit=False) as tap,
+    ):
+        outputs = []
+        handle = model.register_forward_hook(lambda m, a, o: outputs.append(o))
+        try:
+            (bn2,) = tap.run(x)
+        finally:
+            handle.remove()
+        (grad,) = torch.autograd.grad(outputs[0].sum(), bn2)
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(bn2.detach(), cloning_hook_value(model, "layer1.0.bn2", x))
+    torch.testing.assert_close(outputs[0].detach(), model(x).detach(), rtol=0, atol=0)
+
+
+def test_locality_of_a_layer_overwritten_later_is_its_own():
+    model = resnet_with_live_bn2()
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def probe(layers):  # the same 6 positions of the first layer in every run
+        return cv.SpatialLocalityProbe(model, layers=layers).attribute(x, positions=6)
+
+    both, alone, layer2 = probe(["layer1.0.bn2", "layer2"]), probe("layer1.0.bn2"), probe("layer2")
+    assert abs(float(alone.locality[0] - layer2.locality[0])) > 0.01  # the test can tell
+    torch.testing.assert_close(both.field(0), alone.field(0), rtol=0, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(both.locality[0], alone.locality[0], rtol=0, atol=1e-6)

@@ -69,8 +69,9 @@ def test_uniform_last_attention_mixes_only_that_layer(pool):
     model = small_vit(**kwargs)
     zero_attention(model, model.blocks[:-1])
     # The restored (random-init, weak) attention mixes a little; uniform attention of unit
-    # gain mixes a lot; with a dominant gain the share tends to 1 / (h*w).
-    probe = cv.SpatialLocalityProbe(model, pooled_last_block="output")
+    # gain mixes a lot; with a dominant gain the share tends to 1 / (h*w). The default
+    # reads every block at its output, also the last block of the cls-pooled model.
+    probe = cv.SpatialLocalityProbe(model)
     restored = probe.attribute(rgb()).locality
     assert restored[-1] < restored[:-1].min() - 0.01
     uniform_attention(model.blocks[-1], 1.0)
@@ -82,23 +83,32 @@ def test_uniform_last_attention_mixes_only_that_layer(pool):
     assert abs(float(strong[-1]) - 1 / 16) < 0.01  # 4x4 grid, uniform mixing
 
 
-def test_cls_pooled_last_block_is_read_at_its_input():
+def test_cls_pooled_last_block_is_measured_at_its_output_and_flagged():
     model = small_vit()
     zero_attention(model, model.blocks[:-1])
     uniform_attention(model.blocks[-1], 100.0)
     report = cv.SpatialLocalityProbe(model).attribute(rgb())
-    # The head reads only cls from blocks.3: its patch outputs are dead ends, so the row
-    # of blocks.3 is its input -- untouched by its own (mixing) attention.
-    assert report.sites == ["output", "output", "output", "input"]
-    torch.testing.assert_close(report.locality, torch.ones(4), atol=1e-5, rtol=0)
+    # The head reads only cls from blocks.3: its patch outputs feed no prediction, yet
+    # they are computed from the image, and its uniform attention mixes them globally.
+    assert report.sites == ["output"] * 4
+    assert report.feeds_output == [True, True, True, False]
+    assert abs(float(report.locality[-1]) - 1 / 16) < 0.01
+    assert "unused by the output" in str(report).splitlines()[-1]
+    # Read at their inputs, the rows shift by one block: all local.
+    inputs = cv.SpatialLocalityProbe(model, attribute_to_layer_input=True).attribute(rgb())
+    assert inputs.sites == ["input"] * 4
+    torch.testing.assert_close(inputs.locality, torch.ones(4), atol=1e-5, rtol=0)
     avg = cv.SpatialLocalityProbe(small_vit(class_token=False, global_pool="avg"))
-    assert avg.attribute(rgb(batch=1), positions=1).sites == ["output"] * 4
+    report = avg.attribute(rgb(batch=1), positions=1)
+    assert report.sites == ["output"] * 4 and report.feeds_output == [True] * 4
 
 
 def test_input_of_last_block_equals_output_of_previous_block():
     model = small_vit(depth=2)
     x = rgb()
-    last = cv.SpatialLocalityProbe(model, layers=["blocks.1"]).attribute(x)
+    last = cv.SpatialLocalityProbe(
+        model, layers=["blocks.1"], attribute_to_layer_input=True
+    ).attribute(x)
     previous = cv.SpatialLocalityProbe(model, layers=["blocks.0"]).attribute(x)
     assert last.sites == ["input"] and previous.sites == ["output"]
     # Same seed -> same projection; the input of blocks.1 is the output of blocks.0.
@@ -171,7 +181,7 @@ def test_fields_match_bruteforce_oracle(pool):
         **kwargs,
     ).eval()
     x = rgb((32, 32))
-    report = cv.SpatialLocalityProbe(model, pooled_last_block="output", batch_size=5).attribute(x)
+    report = cv.SpatialLocalityProbe(model, batch_size=5).attribute(x)
     cells = torch.tensor([0, 3, 5, 6, 9, 10, 12, 15])  # corners, edges and centre
     for index in range(2):
         expected = oracle_fields(model, index, x, report.projections[index], (4, 4), cells)
@@ -234,19 +244,21 @@ def test_every_architecture(name):
     )
     assert len(report.layers) == len(report.locality) >= 2
     assert ((report.locality >= 0) & (report.locality <= 1)).all()
-    assert report.sites[:-1] == ["output"] * (len(report.sites) - 1)
-    # Token pooling (the facts table measured zero head gradient on the last block) reads
-    # the last block at its input; average pooling, CaiT's class attention, CNNs do not.
+    assert report.sites == ["output"] * len(report.sites)
+    assert report.feeds_output[:-1] == [True] * (len(report.sites) - 1)
+    # Token pooling: the head's gradient on the last block's patch tokens is exactly zero;
+    # average pooling, CaiT's class attention, CNNs use them.
     if name in ("vit", "vit_dynamic", "deit_distilled", "dinov2_reg", "convit", "pit", "coat_lite"):
-        assert report.sites[-1] == "input", report.sites
+        assert report.feeds_output[-1] is False, report.feeds_output
     if name in ("vit_avg", "vit_map", "swin", "twins_svt", "twins_pcpvt", "resnet", "cait"):
-        assert report.sites[-1] == "output", report.sites
+        assert report.feeds_output[-1] is True, report.feeds_output
 
 
 def test_open_clip_towers():
     for tower in (open_clip_tower(), open_clip_tower(batch_first=False), open_clip_timm_trunk()):
         report = cv.SpatialLocalityProbe(tower).attribute(rgb((32, 32), batch=1))
-        assert len(report.layers) == 2 and report.sites == ["output", "input"]
+        assert len(report.layers) == 2 and report.sites == ["output", "output"]
+        assert report.feeds_output == [True, False]  # cls pooling
         assert ((report.locality > 0) & (report.locality <= 1)).all()
 
 
@@ -265,13 +277,13 @@ def test_find_blocks():
     assert cait.layers == ["blocks.0", "blocks.1"]  # class-attention blocks have no grid
 
 
-def test_layers_in_forward_order_and_mixed_sites():
+def test_layers_in_forward_order():
     model = small_vit(depth=3)
     report = cv.SpatialLocalityProbe(model, layers=["blocks.2", "blocks.0.mlp.fc1"]).attribute(
         rgb(batch=1), positions=2
     )
     assert report.layers == ["blocks.0.mlp.fc1", "blocks.2"]
-    assert report.sites == ["output", "input"]
+    assert report.sites == ["output", "output"]
 
 
 # --------------------------------------------------------------------------- hygiene, errors
@@ -309,13 +321,19 @@ def test_errors():
     model = small_vit(depth=2)
     with pytest.raises(ValueError, match="unknown layer"):
         cv.SpatialLocalityProbe(model, layers=["blocks.9"])
-    with pytest.raises(ValueError, match="pooled_last_block"):
-        cv.SpatialLocalityProbe(model, pooled_last_block="middle")
+    with pytest.raises(TypeError, match="attribute_to_layer_input"):
+        cv.SpatialLocalityProbe(model, attribute_to_layer_input="input")
     with pytest.raises(ValueError, match="batch_size"):
         cv.SpatialLocalityProbe(model, batch_size=0)
+    with pytest.raises(TypeError, match="batch_size"):
+        cv.SpatialLocalityProbe(model, batch_size=2.0)
     probe = cv.SpatialLocalityProbe(model)
     with pytest.raises(ValueError, match="positions"):
         probe.attribute(rgb(), positions=0)
+    with pytest.raises(TypeError, match="positions"):
+        probe.attribute(rgb(), positions="all")
+    with pytest.raises(ValueError, match="divide 0-255 images by 255"):
+        probe.attribute(rgb() * 255)
     with pytest.raises(ValueError, match="RGB"):
         probe.attribute(torch.rand(1, 1, 64, 64))
     with pytest.raises(ValueError, match="64x64"):

@@ -7,6 +7,7 @@ import timm
 import torch
 from archs import open_clip_model, open_clip_tower
 
+import captum_vit as cv
 from captum_vit.models import ImageModel, check_images, fixed_input_size, input_config
 
 
@@ -66,8 +67,52 @@ def test_fixed_input_size():
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "float"),
         (torch.rand(1, 3, 16, 32), ValueError, "32x32 images only"),
         ([1, 2], TypeError, "torch.Tensor"),
+        (torch.rand(1, 3, 32, 32) * 255, ValueError, "divide 0-255 images by 255"),
+        (torch.rand(1, 3, 32, 32) * 4 - 2, ValueError, r"\[0, 1\].*mean / std"),
+        (torch.rand(1, 3, 32, 32) + 0.01, ValueError, "clamp"),
     ],
 )
 def test_check_images(images, error, match):
     with pytest.raises(error, match=match):
         check_images(images, size=(32, 32))
+
+
+def test_check_images_accepts_the_range_up_to_rounding():
+    edges = torch.tensor([0.0, 1.0, -1e-4, 1 + 1e-4]).repeat(8).view(1, 1, 1, 32)
+    check_images(edges.expand(1, 3, 32, 32), size=(32, 32))
+    check_images(torch.rand(1, 3, 32, 32, dtype=torch.bfloat16))
+
+
+def test_public_methods_refuse_0_255_images():
+    model = timm.create_model(
+        "vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2
+    ).eval()
+    x = torch.rand(2, 3, 32, 32) * 255
+    with pytest.raises(ValueError, match="255"):
+        cv.PatchActivationMap(model, "blocks.0").attribute(x, target=0)
+    with pytest.raises(ValueError, match="255"):
+        cv.TopActivatingExamples(model, "blocks.0", k=1).attribute(x)
+
+
+def test_full_clip_text_tower_names_are_refused_with_the_vision_path():
+    clip = open_clip_model()  # image tower: 2 blocks; text tower: 1 block
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"'visual\.transformer\.resblocks\.0\.mlp\.gelu'"):
+        cv.PatchActivationMap(clip, "transformer.resblocks.0.mlp.gelu")
+    with pytest.raises(ValueError, match="ambiguous"):
+        cv.SpatialLocalityProbe(clip, layers=["transformer.resblocks.0"])
+    with pytest.raises(ValueError, match="ambiguous"):
+        cv.resolve_layout(clip, "transformer.resblocks.0", torch.rand(1, 3, 32, 32))
+    for text_only in ("ln_final", clip.transformer.resblocks[0]):
+        with pytest.raises(ValueError, match=r"image tower.*'visual\.transformer\.resblocks\.0'"):
+            cv.TopActivatingExamples(clip, text_only)
+    # The image tower's path, or a name only the image tower has, resolves.
+    ours = cv.PatchActivationMap(clip, "visual.transformer.resblocks.0.mlp.gelu")
+    tower = cv.PatchActivationMap(clip.visual, "transformer.resblocks.0.mlp.gelu")
+    assert ours.layer is clip.visual.transformer.resblocks[0].mlp.gelu
+    torch.testing.assert_close(ours.attribute(x, target=3), tower.attribute(x, target=3))
+    assert (
+        cv.PatchActivationMap(clip, "transformer.resblocks.1").layer
+        is (clip.visual.transformer.resblocks[1])
+    )
+    assert cv.PatchActivationMap(clip, clip.visual.conv1).layer_name == "conv1"

@@ -80,6 +80,38 @@ def test_captum_arrays_work_with_captum_visualization():
     assert figure is not None
 
 
+def test_captum_arrays_are_drawable_by_captum_or_refused():
+    image = torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(0))
+    signed = torch.linspace(-1, 1, 9).view(3, 3)
+    attr, original = render.captum_arrays(signed, image, sign=["positive", "negative", "all"])
+    assert attr.dtype == np.float32 and original.dtype == np.float32
+    figure, _ = viz.visualize_image_attr_multiple(
+        attr,
+        original,
+        methods=["original_image", "blended_heat_map", "heat_map"],
+        signs=["all", "positive", "negative"],
+        use_pyplot=False,
+    )
+    assert len(figure.axes) >= 3
+    # Captum itself cannot draw an all-zero map or a map without the asked-for sign ...
+    zeros, negative = torch.zeros(3, 3), -torch.rand(3, 3) - 0.1
+    for values, sign in ((zeros, "positive"), (negative, "positive"), (zeros, "all")):
+        raw = render._resize_map(values, (24, 24)).numpy()[..., None]
+        with pytest.raises(AssertionError, match="scale factor = 0"):
+            viz.visualize_image_attr(raw, original, sign=sign, use_pyplot=False)
+        # ... so our helper says why, naming the sign, instead of handing it over.
+        with pytest.raises(ValueError, match=f"sign='{sign}'.*scale factor = 0"):
+            render.captum_arrays(values, image, sign=sign)
+    # The same maps with a sign that keeps their values are drawn.
+    attr, original = render.captum_arrays(negative, image, sign="negative")
+    figure, _ = viz.visualize_image_attr(
+        attr, original, method="blended_heat_map", sign="negative", use_pyplot=False
+    )
+    assert figure is not None
+    with pytest.raises(ValueError, match="NaN"):
+        render.captum_arrays(torch.full((3, 3), float("nan")), image)
+
+
 def test_unit_grid_layout_and_png(tmp_path):
     images = torch.rand(3, 3, 20, 20)
     maps = torch.rand(3, 4, 4)

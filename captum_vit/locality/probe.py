@@ -9,6 +9,13 @@ grid. Its share inside region ``(i, j)`` is 1 for a token that sees only its own
 about ``1 / (h*w)`` for uniform mixing. The locality of a layer is the mean share over
 images and positions.
 
+Every layer is measured at its own output (or, with ``attribute_to_layer_input=True``, at
+its input). A token's receptive field does not depend on whether the model's output uses
+it: the last block of a cls-pooled ViT mixes its patch tokens globally (the paper's "the
+last layer acts as a global pooling", its Fig. 2b) even though its head reads only cls.
+:attr:`LocalityReport.feeds_output` says, per layer, whether the model's output depends
+on the layer's patch tokens at all.
+
 How it is computed: the image is replicated along the batch, copy ``k`` probing one
 position, and the gradient of ``sum_k r . t_k[pos_k]`` with respect to the copies gives
 every copy's own field in one backward pass (copies never interact in eval mode). All
@@ -22,15 +29,17 @@ import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
+from .._base import check_count
 from .._progress import progress, resolve_progress
-from ..capture import LayerTap, find_module, preserved_state
+from ..capture import LayerTap, preserved_state
 from ..layout import TokenLayout, resolve_layout
-from ..models import ImageModel, check_images, fixed_input_size, model_device
+from ..models import ImageModel, check_images, fixed_input_size, model_device, vision_layer
 from .plots import plot_locality
 from .pooling import pooling_experiments
 from .reports import Accuracy, LocalityReport, PoolingReport
@@ -46,7 +55,6 @@ __all__ = [
 
 _CONTAINERS = (nn.Sequential, nn.ModuleList)
 _BLOCK_WORDS = ("block", "bottleneck", "layer")
-_SITES = ("input", "output")
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -89,26 +97,9 @@ class SpatialLocalityProbe(LayerAttribution):
     """Receptive-field locality per layer (the paper's pooling experiments are
     :func:`~captum_vit.pooling_experiments`).
 
-    Args:
-        model: a timm or open_clip vision model (or a CNN); it is never modified.
-        layers: ``None`` for every block (see :func:`find_blocks`; blocks without a patch
-            grid, such as CaiT's class-attention blocks, are skipped), or a layer / list of
-            layers (modules or dotted paths); reported in forward order.
-        mean, std, image_size: override the model's own normalization / input size.
-        seed: seed of the random feature projections.
-        batch_size: image copies (one probed position each) per forward / backward.
-        pooled_last_block: where to read the model's last block when its head reads only
-            the prefix (cls) tokens. Measured, not assumed: the model output's gradient on
-            that block's patch tokens is exactly zero (timm / DeiT / DINOv2 / ConViT / PiT /
-            CoaT / open_clip with cls pooling; not average-pooled ViTs, Swin, Twins, CaiT,
-            CNNs). ``"input"`` (default): those patch outputs are dead ends that no
-            prediction uses, and what the block does with spatial information is pool its
-            *input* patch tokens into cls, so its row reports the locality of the tokens it
-            pools. Its own attention then does not show in the row -- the paper's "last
-            layer acts as a global pooling" is what :func:`~captum_vit.pooling_experiments`
-            measures.
-            ``"output"``: read the dead patch outputs anyway (they do depend on the image:
-            only the head's gradient on them is zero), e.g. to see the block's own mixing.
+    Every layer is read at its own output; :attr:`LocalityReport.feeds_output` flags the
+    layers whose patch tokens the model's output does not use (the last block of a
+    cls-pooled ViT, whose locality shows its global mixing).
 
     Examples::
 
@@ -128,14 +119,37 @@ class SpatialLocalityProbe(LayerAttribution):
         image_size: int | Sequence[int] | None = None,
         seed: int = 0,
         batch_size: int = 16,
-        pooled_last_block: str = "input",
+        attribute_to_layer_input: bool = False,
     ) -> None:
-        if pooled_last_block not in _SITES:
-            raise ValueError(
-                f"pooled_last_block must be 'input' or 'output', got {pooled_last_block!r}"
+        """
+        Args:
+            model: a timm or open_clip vision model (a full CLIP model is reduced to its
+                image tower; name its layers ``"visual.<path>"``) or a CNN; it is never
+                modified.
+            layers: ``None`` for every block (see :func:`find_blocks`; blocks without a
+                patch grid, such as CaiT's class-attention blocks, are skipped), or a
+                layer / list of layers (modules or dotted paths); reported in forward
+                order.
+            mean, std, image_size: override the model's own normalization / input size.
+            seed: seed of the random feature projections.
+            batch_size: image copies (one probed position each) per forward / backward.
+            attribute_to_layer_input: read every layer at its input instead of its
+                output (for example the input of ``mlp.fc2``, the hidden layer of a SwiGLU
+                MLP). The input of a block is the previous block's output, so for blocks
+                this shifts the rows by one.
+
+        Raises:
+            TypeError / ValueError: an argument of the wrong type / a bad value; unknown
+                layers, an empty list, a model without blocks.
+        """
+        check_count(batch_size, "batch_size", "image copies per forward / backward")
+        if not isinstance(attribute_to_layer_input, bool):
+            raise TypeError(
+                "attribute_to_layer_input must be a bool, got "
+                f"{type(attribute_to_layer_input).__name__}"
             )
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.wrapped = ImageModel(model, mean=mean, std=std, image_size=image_size)
         self.vision = self.wrapped.model
         self.blocks = find_blocks(self.vision)
@@ -150,7 +164,7 @@ class SpatialLocalityProbe(LayerAttribution):
         else:
             if isinstance(layers, (str, nn.Module)):
                 layers = [layers]
-            names = [find_module(self.vision, layer)[0] for layer in layers]
+            names = [vision_layer(model, layer)[0] for layer in layers]
             if not names:
                 raise ValueError("layers is empty; pass None for every block")
         self.layer_names = list(dict.fromkeys(names))
@@ -158,7 +172,7 @@ class SpatialLocalityProbe(LayerAttribution):
         LayerAttribution.__init__(self, self.wrapped, modules)
         self.seed = seed
         self.batch_size = batch_size
-        self.pooled_last_block = pooled_last_block
+        self.attribute_to_layer_input = attribute_to_layer_input
         self._fixed_size = fixed_input_size(self.vision)
         self._plans: dict[tuple[int, int], _Plan] = {}
 
@@ -184,28 +198,20 @@ class SpatialLocalityProbe(LayerAttribution):
     def _make_plan(self, image: torch.Tensor) -> _Plan:
         probe = self.normalize(image)
         names = _forward_order(self.vision, self.layer_names, probe)
-        order = _forward_order(self.vision, self.blocks, probe) if self.blocks else []
-        last = _last_spatial_block(self.vision, order, probe)
-        pooled = last is not None and _head_ignores_patches(self.vision, last, probe)
-        layouts, sites, kept, taps = [], [], [], []
+        as_input = self.attribute_to_layer_input
+        site = "input" if as_input else "output"
+        order = _forward_order(self.vision, self.blocks, probe) if as_input and self.blocks else []
+        layouts, kept, taps = [], [], []
         for name in names:
-            site = "output"
-            if pooled and name == last[0] and self.pooled_last_block == "input":
-                site = "input"
             try:
-                layout = resolve_layout(
-                    self.vision, name, probe, attribute_to_layer_input=site == "input"
-                )
+                layout = resolve_layout(self.vision, name, probe, attribute_to_layer_input=as_input)
             except ValueError:
                 if self.default_layers:
                     continue  # blocks without a patch grid (CaiT class attention)
                 raise
             kept.append(name)
             layouts.append(layout)
-            sites.append(site)
-            taps.append((name, site == "input"))
-            if site == "input":
-                taps[-1] = _input_tap(self.vision, order, name, probe)
+            taps.append(_input_tap(self.vision, order, name, probe) if as_input else (name, False))
         if not kept:
             raise ValueError(
                 f"none of the blocks of {type(self.vision).__name__} has a patch grid; pass "
@@ -213,7 +219,8 @@ class SpatialLocalityProbe(LayerAttribution):
             )
         generator = torch.Generator().manual_seed(self.seed)
         projections = [torch.randn(layout.num_channels, generator=generator) for layout in layouts]
-        return _Plan(kept, layouts, sites, projections, taps)
+        feeds = _feeds_output(self.vision, kept, layouts, as_input, probe)
+        return _Plan(kept, layouts, [site] * len(kept), projections, taps, feeds)
 
     # ------------------------------------------------------------------ locality
 
@@ -236,18 +243,18 @@ class SpatialLocalityProbe(LayerAttribution):
                 stderr is a terminal.
 
         Returns:
-            :class:`LocalityReport`: ``locality`` (L,), ``fields`` (L, h, w, h, w) (a list
-            of per-layer tensors when grids differ), ``grids``, ``sites``, ``positions``.
+            :class:`LocalityReport` of float32 CPU tensors (whatever the model's dtype and
+            device): ``locality`` (L,), ``fields`` (L, h, w, h, w) (a list of per-layer
+            tensors when grids differ), ``grids``, ``sites``, ``feeds_output``,
+            ``positions``.
 
         Raises:
             ValueError / TypeError: invalid images, a requested layer without a patch grid,
                 ``positions`` not a positive int.
         """
         images = self._prepare(inputs)
-        if positions is not None and (
-            isinstance(positions, bool) or not isinstance(positions, int) or positions < 1
-        ):
-            raise ValueError(f"positions must be None or a positive int, got {positions!r}")
+        if positions is not None:
+            check_count(positions, "positions", "probed positions per layer, or None for all")
         show = resolve_progress(show_progress)
         with preserved_state(self.vision):
             plan = self._plan(images)
@@ -301,7 +308,7 @@ class SpatialLocalityProbe(LayerAttribution):
                     i = active[order]
                     rows = (slot < len(probed[i])).nonzero().squeeze(1)
                     cells = probed[i][slot[rows]]
-                    tokens = plan.layouts[i].tokens(values[order])
+                    tokens = plan.layouts[i].tokens(values[order]).float()
                     score = tokens[rows.to(device), cells.to(device)] @ plan.projections[i].to(
                         tokens
                     )
@@ -338,25 +345,15 @@ class SpatialLocalityProbe(LayerAttribution):
 class _Plan:
     """What the probe measures for one input size: layer names in forward order, their
     layouts, sites ("output" / "input"), random feature projections, and what to tap for
-    each: ``(module path, as_input)``."""
+    each: ``(module path, as_input)``; whether each layer's patch tokens reach the model's
+    output."""
 
     names: list[str]
     layouts: list[TokenLayout]
     sites: list[str]
     projections: list[torch.Tensor]
     taps: list[tuple[str, bool]]
-
-
-def _last_spatial_block(
-    model: nn.Module, order: Sequence[str], probe: torch.Tensor
-) -> tuple[str, TokenLayout] | None:
-    """The last block (in forward order) that has a patch grid, with its layout."""
-    for name in reversed(order):
-        try:
-            return name, resolve_layout(model, name, probe)
-        except ValueError:
-            continue
-    return None
+    feeds_output: list[bool | None]
 
 
 def _input_tap(
@@ -391,13 +388,18 @@ def _forward_order(model: nn.Module, names: Sequence[str], probe: torch.Tensor) 
     return [names[i] for i in order]
 
 
-def _head_ignores_patches(
-    model: nn.Module, last: tuple[str, TokenLayout], probe: torch.Tensor
-) -> bool:
-    """Whether the model's output has exactly zero gradient on the patch tokens of its
-    last block (cls / token pooling), measured with a random projection of the output."""
-    name, layout = last
-    outputs: list[torch.Tensor] = []
+def _feeds_output(
+    model: nn.Module,
+    names: Sequence[str],
+    layouts: Sequence[TokenLayout],
+    as_input: bool,
+    probe: torch.Tensor,
+) -> list[bool | None]:
+    """Per layer, whether the model's output has a non-zero gradient on the layer's patch
+    tokens (a random projection of the output, one forward and backward). ``False`` for
+    the last block of a cls-pooled model; ``None`` when the model's output is not a
+    tensor that depends on the image."""
+    outputs: list[Any] = []
 
     def keep_root(path: str, _module: nn.Module, output: object) -> None:
         if path == "":
@@ -406,22 +408,37 @@ def _head_ignores_patches(
     image = probe.clone().requires_grad_(True)
     with (
         torch.enable_grad(),
-        LayerTap(model, name, early_exit=False, watch=keep_root) as tap,
+        LayerTap(
+            model,
+            list(names),
+            attribute_to_layer_input=as_input,
+            early_exit=False,
+            keep_graph=True,  # the recorded tensors lie on the path to the output
+            watch=keep_root,
+        ) as tap,
     ):
-        (raw,) = tap.run(image)
+        values = tap.run(image)
     result = outputs[-1] if outputs else None
     if isinstance(result, (tuple, list)):
         result = next((r for r in result if isinstance(r, torch.Tensor)), None)
     if not isinstance(result, torch.Tensor) or not result.requires_grad:
-        return False
+        return [None] * len(names)
     generator = torch.Generator().manual_seed(0)
-    weights = torch.randn(result.shape, generator=generator).to(result)
-    (grad,) = torch.autograd.grad((result * weights).sum(), layout.select(raw), allow_unused=True)
+    weights = torch.randn(result.shape, generator=generator).to(result.device)
+    selected = [layout.select(value) for layout, value in zip(layouts, values, strict=True)]
+    grads = torch.autograd.grad((result.float() * weights).sum(), selected, allow_unused=True)
+    return [
+        _reaches_patches(layout, value, grad)
+        for layout, value, grad in zip(layouts, values, grads, strict=True)
+    ]
+
+
+def _reaches_patches(layout: TokenLayout, value: Any, grad: torch.Tensor | None) -> bool:
     if grad is None:
-        return True
+        return False
     if layout.element is not None:  # tuple outputs: put the gradient where the map was
-        grad = [grad if i == layout.element else item for i, item in enumerate(raw)]
-    return not bool(layout.tokens(grad).ne(0).any())
+        grad = [grad if i == layout.element else item for i, item in enumerate(value)]
+    return bool(layout.tokens(grad).ne(0).any())
 
 
 def _choose_positions(
@@ -482,6 +499,7 @@ def _locality_report(
         fields=torch.stack(fields) if same else fields,
         grids=grids,
         sites=list(plan.sites),
+        feeds_output=list(plan.feeds_output),
         positions=probed,
         projections=list(plan.projections),
         image_size=(int(images.shape[-2]), int(images.shape[-1])),

@@ -44,9 +44,14 @@ class LocalityReport:
         grids: ``(h, w)`` of each layer's grid; input region ``(a, b)`` of an ``H x W``
             image holds the pixel rows ``y`` with ``a*H/h <= y < (a+1)*H/h`` (and the same for
             columns), i.e. ``floor(y*h/H) == a``.
-        sites: ``"output"`` or ``"input"`` per layer: where the tokens were read. The last
-            block of a token-pooled model is read at its input (see
-            :class:`~captum_vit.locality.SpatialLocalityProbe`).
+        sites: ``"output"`` or ``"input"`` per layer: where the tokens were read
+            (``"output"`` unless the probe was built with ``attribute_to_layer_input``).
+        feeds_output: per layer, whether the model's output depends on the layer's patch
+            tokens (a non-zero gradient of the output on them). ``False`` for the last
+            block of a cls-pooled model (its head reads only cls): those patch tokens are
+            still computed from the image, and their locality shows the block's own
+            mixing, but no prediction uses them. ``None`` where it could not be measured
+            (an output that is not a tensor).
         positions: per layer, the flat indices (raster order) of the probed positions.
         projections: per layer, the fixed random ``(C,)`` projection of the features.
         image_size: ``(H, W)`` of the probed images.
@@ -58,6 +63,7 @@ class LocalityReport:
     fields: torch.Tensor | list[torch.Tensor]
     grids: list[tuple[int, int]]
     sites: list[str]
+    feeds_output: list[bool | None]
     positions: list[torch.Tensor]
     projections: list[torch.Tensor]
     image_size: tuple[int, int]
@@ -70,11 +76,19 @@ class LocalityReport:
 
     def __str__(self) -> str:
         lines = [f"LocalityReport ({self.num_images} image(s), {self.image_size} px)"]
-        for name, value, grid, site in zip(
-            self.layers, self.locality.tolist(), self.grids, self.sites, strict=True
+        for name, value, grid, site, feeds in zip(
+            self.layers,
+            self.locality.tolist(),
+            self.grids,
+            self.sites,
+            self.feeds_output,
+            strict=True,
         ):
             note = "" if site == "output" else f" ({site})"
-            lines.append(f"  {name + note:32s} grid {grid[0]}x{grid[1]}  locality {value:.3f}")
+            unused = "  (patch tokens unused by the output)" if feeds is False else ""
+            lines.append(
+                f"  {name + note:32s} grid {grid[0]}x{grid[1]}  locality {value:.3f}{unused}"
+            )
         return "\n".join(lines)
 
 
