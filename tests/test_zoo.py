@@ -19,8 +19,9 @@ from captum_vit.zoo import (
     frequency_sensitivity,
     load_model,
 )
-from captum_vit.zoo.registry import read_metadata
+from captum_vit.zoo.registry import build_model, read_metadata
 from captum_vit.zoo.train import main as train_main
+from captum_vit.zoo.train import mimetic_attention_init
 
 HELD_OUT_SEED = 1  # training uses seed 0
 
@@ -160,8 +161,12 @@ def test_bundled_cnn_reaches_90_percent(models, held_out):
     assert _held_out_accuracy(models["cnn"], held_out) >= 0.90
 
 
-def test_bundled_vit_reaches_90_percent(models, held_out):
-    assert _held_out_accuracy(models["vit"], held_out) >= 0.90
+def test_bundled_vit_reaches_92_percent_on_the_held_out_protocol(models):
+    """The model card's protocol: 2000 images of the held-out seed (the goal is 95%; the
+    bundled weights reach 92.15%, above the 90.45% of the previous ones)."""
+    accuracy = _held_out_accuracy(models["vit"], SyntheticScenes(2000, seed=HELD_OUT_SEED))
+    assert accuracy >= 0.92
+    assert accuracy == pytest.approx(models["vit"].zoo_info["held_out_top1"] / 100, abs=0.005)
 
 
 def test_training_script_quick_mode_gives_a_loadable_model(tmp_path):
@@ -178,6 +183,43 @@ def test_training_script_quick_mode_gives_a_loadable_model(tmp_path):
     assert not torch.equal(model.fc.weight, bundled.fc.weight)
     with pytest.raises(ValueError, match="holds zoo model"):
         load_model("vit", out)
+
+
+def test_vit_training_command_quick_mode_records_its_cost(tmp_path):
+    out = tmp_path / "vit.safetensors"
+    args = ["vit", "--quick", "--attention-init", "mimetic", "--label-smoothing", "0.1"]
+    assert train_main([*args, "--out", str(out), "--threads", "1"]) == 0
+    info = read_metadata(out)["info"]
+    assert info["config"]["steps"] == 3 and info["config"]["attention_init"] == "mimetic"
+    assert info["config"]["label_smoothing"] == 0.1
+    assert info["cpu_seconds"] > 0 and info["threads"] == 1
+    assert set(info["load_average_1min"]) == {"mean", "min", "max"}
+    model = load_model("vit", out)
+    assert model.state_dict().keys() == build_model("vit").state_dict().keys()
+
+
+def test_mimetic_attention_init_plants_the_products_it_promises():
+    """Oracle: the products of the planted factors, recomputed from the weights, against
+    the truncated SVD of the same ``alpha * Z + beta * I`` drawn from the same generator."""
+    model = build_model("vit")
+    names = [n for n, _ in model.named_parameters()]
+    assert mimetic_attention_init(model, torch.Generator().manual_seed(3)) == 6
+    assert [n for n, _ in model.named_parameters()] == names  # architecture unchanged
+    generator, width, head_dim = torch.Generator().manual_seed(3), 128, 32
+    attn = model.blocks[0].attn
+    weight = attn.qkv.weight.detach()
+    for h in range(4):
+        noise = torch.randn(width, width, generator=generator) / math.sqrt(width)
+        u, s, vh = torch.linalg.svd(0.7 * noise + 0.7 * torch.eye(width))
+        expected = u[:, :head_dim] @ torch.diag(s[:head_dim]) @ vh[:head_dim]
+        w_q = weight[h * head_dim : (h + 1) * head_dim].T
+        w_k = weight[width + h * head_dim : width + (h + 1) * head_dim].T
+        torch.testing.assert_close(w_q @ w_k.T, expected, atol=1e-4, rtol=1e-4)
+    noise = torch.randn(width, width, generator=generator) / math.sqrt(width)
+    value_proj = weight[2 * width :].T @ attn.proj.weight.detach().T  # x -> v -> proj
+    torch.testing.assert_close(
+        value_proj, 0.4 * noise - 0.4 * torch.eye(width), atol=1e-4, rtol=1e-4
+    )
 
 
 # ---- experiments ---------------------------------------------------------------------------

@@ -6,17 +6,22 @@ Usage::
     python -m captum_vit.zoo.train cnn --quick --out /tmp/cnn.safetensors   # a few steps
 
 Every training image is fresh (item ``step * batch + i`` of seed ``--seed``); the held-out
-accuracy is measured on seed ``--eval-seed``, which training never sees.
+accuracy is measured on seed ``--eval-seed``, which training never sees. The record saved
+with the weights holds the command, the settings, wall-clock and CPU time and the machine's
+load average during the run.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
+import resource
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,21 +33,28 @@ from .registry import MODEL_NAMES, WEIGHTS_DIR, build_model, load_model, save_mo
 
 __all__ = ["TrainConfig", "evaluate", "main", "train"]
 
+Log = Callable[[str], None]
+
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run (the defaults are the bundled models')."""
+    """Hyper-parameters of one training run (the defaults of :data:`DEFAULTS` are the
+    bundled models')."""
 
     steps: int
     batch_size: int = 64
     lr: float = 2e-3
     weight_decay: float = 0.05
     warmup: int = 60
+    betas: tuple[float, float] = (0.9, 0.99)
+    label_smoothing: float = 0.0
+    clip_grad: float = 1.0
+    attention_init: str = "default"
     seed: int = 0
     eval_seed: int = 1
     eval_images: int = 2000
     background_bias: float = 0.5
-    bf16: bool = True
+    bf16: bool = False
     log_every: int = 50
 
 
@@ -53,11 +65,13 @@ DEFAULTS: dict[str, dict] = {
         "batch_size": 32,
         "lr": 1e-3,
         "warmup": 100,
-        "bf16": False,
         "log_every": 250,
     },
-    "cnn": {"steps": 800, "lr": 2e-3, "bf16": False, "log_every": 100},
+    "cnn": {"steps": 800, "lr": 2e-3, "log_every": 100},
 }
+
+#: Settings of ``--quick`` (a smoke test of the whole pipeline in seconds).
+QUICK = {"steps": 3, "batch_size": 8, "warmup": 1, "eval_images": 16, "log_every": 1}
 
 
 @torch.no_grad()
@@ -73,6 +87,7 @@ def evaluate(model: torch.nn.Module, data: SyntheticScenes, batch_size: int = 25
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``cfg.lr``, then cosine decay to 0 at ``cfg.steps``."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     progress = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
@@ -86,93 +101,241 @@ def _total_seconds(record: dict | None) -> float:
     return record.get("total_train_seconds", record["train_seconds"])
 
 
-def train(
-    name: str, cfg: TrainConfig, log=print, init: str | Path | None = None
-) -> tuple[torch.nn.Module, dict]:
-    """Train zoo model ``name`` with ``cfg``; returns the model (eval mode) and a record
-    (time, held-out accuracy, settings) for the weights' metadata and the model card.
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
-    ``init``: continue from a weights file written by this script (a further stage with
-    its own warm-up and cosine schedule); its training images are the next unseen items of
-    the same seed, and its record is kept under ``"previous"``."""
-    torch.manual_seed(cfg.seed)
-    previous, first_item = None, 0
-    if init is not None:
-        model = load_model(name, init).train()
-        previous = model.zoo_info
-        config = previous["config"]
-        first_item = previous.get("last_item", config["steps"] * config["batch_size"])
-        if previous["config"]["seed"] != cfg.seed:
-            raise ValueError("a continued run must use the seed of the run it continues")
-    else:
-        model = build_model(name)
-    classifier = ImageModel(model)  # normalizes [0, 1] images with the model's mean / std
-    last_item = first_item + cfg.steps * cfg.batch_size
-    data = SyntheticScenes(last_item, seed=cfg.seed, background_bias=cfg.background_bias)
+
+def _initial_model(
+    name: str, cfg: TrainConfig, init: str | Path | None
+) -> tuple[torch.nn.Module, dict | None, int]:
+    """A fresh model, or the one in ``init`` with its record and the first unseen item."""
+    if init is None:
+        return build_model(name), None, 0
+    model = load_model(name, init).train()
+    previous = model.zoo_info
+    config = previous["config"]
+    if config["seed"] != cfg.seed:
+        raise ValueError("a continued run must use the seed of the run it continues")
+    first_item = previous.get("last_item", config["steps"] * config["batch_size"])
+    return model, previous, first_item
+
+
+def _factors(
+    width: int, alpha: float, beta: float, rank: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a, b)``, each ``(width, rank)``, with ``a @ b.T`` the best rank-``rank``
+    approximation of ``alpha * Z + beta * I`` (``Z`` Gaussian, variance ``1 / width``)."""
+    noise = torch.randn(width, width, generator=generator) / math.sqrt(width)
+    u, s, vh = torch.linalg.svd(alpha * noise + beta * torch.eye(width))
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, vh[:rank].T * root
+
+
+@torch.no_grad()
+def mimetic_attention_init(model: torch.nn.Module, generator: torch.Generator) -> int:
+    """Initialize every timm self-attention layer of ``model`` "mimetically" (Trockman &
+    Kolter, ICML 2023): each head's query-key product ``W_q W_k^T`` starts near
+    ``0.7 Z + 0.7 I`` (tokens attend to similar tokens, the diagonal of a trained ViT's
+    attention) and the value-projection product ``W_v W_proj`` near ``0.4 Z - 0.4 I``, with
+    ``Z`` random of variance ``1 / width``. Only weights change: the architecture and its
+    layer names stay as built. Returns the number of attention layers initialized."""
+    count = 0
+    for module in model.modules():
+        qkv, proj = getattr(module, "qkv", None), getattr(module, "proj", None)
+        if not isinstance(qkv, torch.nn.Linear) or not isinstance(proj, torch.nn.Linear):
+            continue
+        width, heads = qkv.in_features, module.num_heads
+        head_dim = width // heads
+
+        for h in range(heads):
+            rows = slice(h * head_dim, (h + 1) * head_dim)
+            w_q, w_k = _factors(width, 0.7, 0.7, head_dim, generator)
+            qkv.weight[rows] = w_q.T  # q = x W_q, k = x W_k: q k^T = x W_q W_k^T x^T
+            qkv.weight[width + h * head_dim : width + (h + 1) * head_dim] = w_k.T
+        w_v, w_p = _factors(width, 0.4, -0.4, width, generator)
+        qkv.weight[2 * width :] = w_v.T
+        proj.weight.copy_(w_p)  # v = x w_v; output v w_p^T = x (0.4 Z - 0.4 I)
+        count += 1
+    return count
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on biases, norms, tokens' scales)."""
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
+    return torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": cfg.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ],
         lr=cfg.lr,
-        betas=(0.9, 0.99),
+        betas=tuple(cfg.betas),
+    )
+
+
+def _train_step(
+    classifier: ImageModel,
+    optimizer: torch.optim.Optimizer,
+    batch: dict,
+    cfg: TrainConfig,
+    lr: float,
+) -> tuple[float, float]:
+    """One optimizer step on ``batch``; returns its loss and accuracy (fraction)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        logits = classifier(batch["image"])
+    loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(classifier.parameters(), cfg.clip_grad)
+    optimizer.step()
+    accuracy = (logits.argmax(1) == batch["label"]).float().mean().item()
+    return loss.item(), accuracy
+
+
+@dataclass
+class _Progress:
+    """Running means between log lines, and the load average seen at each of them."""
+
+    start: float = field(default_factory=time.perf_counter)
+    cpu_start: float = field(default_factory=_cpu_seconds)
+    losses: list[float] = field(default_factory=list)
+    accuracies: list[float] = field(default_factory=list)
+    loads: list[float] = field(default_factory=list)
+
+    def add(self, loss: float, accuracy: float) -> None:
+        self.losses.append(loss)
+        self.accuracies.append(accuracy)
+
+    def line(
+        self, step: int, cfg: TrainConfig, held_out_accuracy: float, held_out_images: int
+    ) -> str:
+        loss = sum(self.losses) / len(self.losses)
+        accuracy = 100 * sum(self.accuracies) / len(self.accuracies)
+        self.losses.clear()
+        self.accuracies.clear()
+        self.loads.append(os.getloadavg()[0])
+        return (
+            f"step {step}/{cfg.steps}  loss {loss:.3f}  train acc {accuracy:.1f}%  "
+            f"held-out acc {held_out_accuracy:.1f}% ({held_out_images} imgs)  "
+            f"wall {self.wall():.0f}s  cpu {self.cpu():.0f}s  load {self.loads[-1]:.1f}"
+        )
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.start
+
+    def cpu(self) -> float:
+        return _cpu_seconds() - self.cpu_start
+
+
+def _run_steps(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    first_item: int,
+    log: Log,
+    save_every: int = 0,
+    save: Callable[[int], None] | None = None,
+) -> _Progress:
+    """The training loop: fresh images ``first_item ...`` of seed ``cfg.seed``."""
+    classifier = ImageModel(model)  # normalizes [0, 1] images with the model's mean / std
+    data = SyntheticScenes(
+        first_item + cfg.steps * cfg.batch_size,
+        seed=cfg.seed,
+        background_bias=cfg.background_bias,
     )
     held_out = SyntheticScenes(
         min(cfg.eval_images, 250), seed=cfg.eval_seed, background_bias=cfg.background_bias
     )
+    optimizer = _optimizer(model, cfg)
     model.train()
-    start, cpu_start = time.perf_counter(), time.process_time()
-    running = []
+    progress = _Progress()
     for step in range(cfg.steps):
         offset = first_item + step * cfg.batch_size
         batch = data.batch(range(offset, offset + cfg.batch_size))
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            logits = classifier(batch["image"])
-        loss = F.cross_entropy(logits.float(), batch["label"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running.append((loss.item(), (logits.argmax(1) == batch["label"]).float().mean().item()))
+        progress.add(*_train_step(classifier, optimizer, batch, cfg, _lr_at(step, cfg)))
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            loss_avg = sum(r[0] for r in running) / len(running)
-            acc_avg = 100 * sum(r[1] for r in running) / len(running)
-            running.clear()
-            val = evaluate(model, held_out)
-            log(
-                f"step {step + 1}/{cfg.steps}  loss {loss_avg:.3f}  train acc {acc_avg:.1f}%  "
-                f"held-out acc {val:.1f}% (250 imgs)  {time.perf_counter() - start:.0f}s"
-            )
-    train_seconds = time.perf_counter() - start
-    cpu_seconds = time.process_time() - cpu_start
-    model.eval()
-    accuracy = evaluate(
-        model,
-        SyntheticScenes(cfg.eval_images, seed=cfg.eval_seed, background_bias=cfg.background_bias),
-    )
-    record = {
-        "train_seconds": round(train_seconds, 1),
-        "cpu_seconds": round(cpu_seconds, 1),
-        "total_train_seconds": round(train_seconds + _total_seconds(previous), 1),
+            accuracy = evaluate(model, held_out)
+            log(progress.line(step + 1, cfg, accuracy, len(held_out)))
+        if save is not None and save_every and (step + 1) % save_every == 0:
+            save(step + 1)
+    return progress
+
+
+def _record(
+    cfg: TrainConfig,
+    progress: _Progress,
+    accuracy: float,
+    first_item: int,
+    previous: dict | None,
+) -> dict:
+    """What the weights' metadata and the model card keep about a run."""
+    wall, cpu = progress.wall(), progress.cpu()
+    loads = progress.loads or [os.getloadavg()[0]]
+    return {
+        "train_seconds": round(wall, 1),
+        "cpu_seconds": round(cpu, 1),
+        "total_train_seconds": round(wall + _total_seconds(previous), 1),
+        "load_average_1min": {
+            "mean": round(sum(loads) / len(loads), 2),
+            "min": round(min(loads), 2),
+            "max": round(max(loads), 2),
+        },
         "first_item": first_item,
-        "last_item": last_item,
+        "last_item": first_item + cfg.steps * cfg.batch_size,
         "previous": previous,
         "held_out_top1": round(accuracy, 2),
-        "held_out": f"SyntheticScenes({cfg.eval_images}, seed={cfg.eval_seed}, background_bias={cfg.background_bias})",
-        "config": {k: v for k, v in vars(cfg).items()},
+        "held_out": (
+            f"SyntheticScenes({cfg.eval_images}, seed={cfg.eval_seed}, "
+            f"background_bias={cfg.background_bias})"
+        ),
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
     }
-    log(f"done in {train_seconds:.0f}s; held-out top-1 {accuracy:.2f}% on {cfg.eval_images} images")
+
+
+def train(
+    name: str,
+    cfg: TrainConfig,
+    log: Log = print,
+    init: str | Path | None = None,
+    save_every: int = 0,
+    save: Callable[[torch.nn.Module, int], None] | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """Train zoo model ``name`` with ``cfg``; returns the model (eval mode) and a record
+    (wall and CPU time, load average, held-out accuracy, settings) for the weights'
+    metadata and the model card.
+
+    ``init``: continue from a weights file written by this script (a further stage with
+    its own warm-up and cosine schedule); its training images are the next unseen items of
+    the same seed, and its record is kept under ``"previous"``. ``save(model, step)`` is
+    called every ``save_every`` steps (checkpoints of a long run)."""
+    torch.manual_seed(cfg.seed)
+    model, previous, first_item = _initial_model(name, cfg, init)
+    if cfg.attention_init == "mimetic" and init is None:
+        mimetic_attention_init(model, torch.Generator().manual_seed(cfg.seed))
+    checkpoint = None if save is None else (lambda step: save(model, step))
+    progress = _run_steps(model, cfg, first_item, log, save_every, checkpoint)
+    model.eval()
+    held_out = SyntheticScenes(
+        cfg.eval_images, seed=cfg.eval_seed, background_bias=cfg.background_bias
+    )
+    accuracy = evaluate(model, held_out)
+    record = _record(cfg, progress, accuracy, first_item, previous)
+    log(
+        f"done in {record['train_seconds']:.0f}s wall, {record['cpu_seconds']:.0f}s CPU; "
+        f"held-out top-1 {accuracy:.2f}% on {cfg.eval_images} images"
+    )
     return model, record
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m captum_vit.zoo.train", description=__doc__.split("\n")[0]
     )
@@ -185,33 +348,67 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps")
     parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--label-smoothing", type=float, default=None)
+    parser.add_argument(
+        "--attention-init",
+        choices=("default", "mimetic"),
+        default=None,
+        help="initialization of the ViT's attention layers (see mimetic_attention_init)",
+    )
     parser.add_argument(
         "--init", type=Path, default=None, help="continue from this weights file (next stage)"
     )
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch CPU threads (1 is fastest on a busy shared machine; 2 on an idle one)",
+        default=min(2, os.cpu_count() or 1),
+        help="torch CPU threads (default 2; on a machine busy with other jobs 1 is faster)",
+    )
+    parser.add_argument(
+        "--save-every",
+        type=int,
+        default=0,
+        help="also write a checkpoint (OUT with suffix .stepN) every this many steps",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="weights file (default: the bundled one)"
     )
-    args = parser.parse_args(argv)
+    return parser
 
-    torch.set_num_threads(args.threads)
+
+def _config(args: argparse.Namespace) -> TrainConfig:
+    """The run's settings: the model's defaults, then ``--quick``, then explicit flags."""
     settings = dict(DEFAULTS[args.model])
     if args.quick:
-        settings.update(steps=3, batch_size=8, warmup=1, eval_images=16, log_every=1)
-    for key in ("steps", "lr", "warmup", "batch_size"):
+        settings.update(QUICK)
+    for key in ("steps", "lr", "warmup", "batch_size", "label_smoothing", "attention_init"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    cfg = TrainConfig(seed=args.seed, **settings)
+    return TrainConfig(seed=args.seed, **settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = _config(args)
     out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
-    model, record = train(args.model, cfg, log=lambda msg: print(msg, flush=True), init=args.init)
-    record["command"] = "python -m captum_vit.zoo.train " + " ".join(
+    command = "python -m captum_vit.zoo.train " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
+
+    def checkpoint(model: torch.nn.Module, step: int) -> None:
+        info = {"command": command, "checkpoint_step": step, "config": vars(cfg)}
+        save_model(model, args.model, out.with_suffix(f".step{step}.safetensors"), info=info)
+
+    model, record = train(
+        args.model,
+        cfg,
+        log=lambda msg: print(msg, flush=True),
+        init=args.init,
+        save_every=args.save_every,
+        save=checkpoint,
+    )
+    record["command"] = command
     save_model(model, args.model, out, info=record)
     print(f"saved {out}", flush=True)
     return 0
