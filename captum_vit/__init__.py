@@ -23,8 +23,12 @@ _LAZY = {
     "PoolingReport": ".locality.reports",
     "pooling_experiments": ".locality.pooling",
     "objectives": ".optim.objectives",
+    "robust_activation": ".optim.quality",
+    "transfer_score": ".optim.quality",
     "zoo": ".zoo",
     "render": ".render",
+    "atlas": ".atlas",
+    "build_atlas": ".atlas.build",
 }
 
 __all__ = [

@@ -1,9 +1,11 @@
 """The ``captum-vit`` command (also ``python -m captum_vit``).
 
 Subcommands:
-  demo [--out DIR]      the main job: what the bundled zoo ViT learned (feature
-                        visualizations, top examples with patch maps, locality), written
-                        as PNGs and an HTML page
+  atlas [MODEL] [--zoo vit|cnn] [--images DIR] [--out DIR] ...
+                        the main job: a static site of what every unit of every layer
+                        responds to (feature visualizations, top images with patch
+                        activation maps, histograms, locality, Table 1); resumable, and
+                        split over processes under torchrun
   layouts               resolve token layouts of a set of timm / open_clip architectures
                         (random weights, small configurations, no network) and show the
                         early-exit capture
@@ -13,6 +15,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -22,7 +25,7 @@ import torch
 from .capture import capture_layers
 from .layout import resolve_layout
 
-_DEMO_MODELS = [
+_LAYOUT_MODELS = [
     ("vit_tiny_patch16_224", "blocks.1.mlp.fc1", {}),
     ("deit_tiny_distilled_patch16_224", "blocks.1", {}),
     ("vit_small_patch14_reg4_dinov2", "blocks.1", {"img_size": 56, "patch_size": 14}),
@@ -53,9 +56,9 @@ def _small(name: str, kwargs: dict) -> torch.nn.Module:
 
 
 def layouts() -> int:
-    print("captum_vit demo: token layouts measured in one forward pass (random weights)\n")
+    print("captum_vit layouts: token layouts measured in one forward pass (random weights)\n")
     print(f"{'model':34s} {'layer':26s} {'kind':5s} {'grid':>7s}  prefix")
-    for name, layer, kwargs in _DEMO_MODELS:
+    for name, layer, kwargs in _LAYOUT_MODELS:
         model = _small(name, kwargs)
         layout = resolve_layout(model, layer, attribute_to_layer_input=layer.endswith("fc2"))
         grid = f"{layout.grid[0]}x{layout.grid[1]}"
@@ -87,12 +90,84 @@ def layout_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _units(text: str) -> str | int | list[int]:
+    """``all``, ``top:N`` (the N most active units per layer) or ``3,17,42``."""
+    if text == "all":
+        return "all"
+    try:
+        if text.startswith("top:"):
+            return int(text[4:])
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--units takes all, top:N or a list like 3,17,42; got {text!r}"
+        ) from None
+
+
+def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
+    atlas = sub.add_parser(
+        "atlas",
+        help="a static site of what every unit of every layer responds to",
+        description="Build (or resume, or extend) an atlas: what every unit of every layer "
+        "responds to, over your images, as a static site. Under torchrun --nproc_per_node N "
+        "the work is split over the processes (same files as one process).",
+    )
+    atlas.add_argument(
+        "model", nargs="?", help="timm name, open_clip name (with --weights) or module:function"
+    )
+    atlas.add_argument("--zoo", choices=["vit", "cnn"], help="a bundled zoo model instead")
+    atlas.add_argument("--weights", help="local checkpoint (.safetensors or torch state dict)")
+    atlas.add_argument("--pretrained", action="store_true", help="timm's weights (network)")
+    atlas.add_argument("--images", help="folder of image files (recursive); default zoo scenes")
+    atlas.add_argument("--scenes", type=int, default=256, help="zoo scenes without --images")
+    atlas.add_argument("--out", default="atlas", help="the atlas folder (default: atlas)")
+    atlas.add_argument(
+        "--layers", help="comma-separated dotted paths; default every MLP hidden layer"
+    )
+    atlas.add_argument(
+        "--units", type=_units, default=8, help="all, top:N (default top:8) or 3,17,42"
+    )
+    atlas.add_argument("--k", type=int, default=8, help="top images per unit (default 8)")
+    atlas.add_argument(
+        "--preset", help="feature-visualization preset (default: fast on CPU, ghiasi2023 on GPU)"
+    )
+    atlas.add_argument("--steps", type=int, help="optimization steps (default: the preset's)")
+    atlas.add_argument("--seed", type=int, default=0)
+    atlas.add_argument("--batch-size", type=int, default=64, help="images per forward")
+    atlas.add_argument("--fv-batch", type=int, default=8, help="units optimized together")
+    atlas.add_argument("--device", help="cpu or cuda (default: cuda when present)")
+
+
+def atlas_command(args: argparse.Namespace) -> int:
+    from .atlas import build_atlas, load_model
+
+    loaded = load_model(
+        args.model, zoo_name=args.zoo, weights=args.weights, pretrained=args.pretrained
+    )
+    local_rank = os.environ.get("LOCAL_RANK", "0")  # set by torchrun: one GPU per process
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    loaded.model.to(device)
+    build_atlas(
+        loaded,
+        args.images,
+        args.out,
+        layers=args.layers.split(",") if args.layers else None,
+        units=args.units,
+        k=args.k,
+        preset=args.preset,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        fv_batch=args.fv_batch,
+        scenes=args.scenes,
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="captum-vit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="what the bundled zoo ViT learned (PNGs + HTML)")
-    demo.add_argument("--out", default="captum_vit_demo")
-    demo.add_argument("--steps", type=int, default=256)
+    _add_atlas_parser(sub)
     sub.add_parser("layouts", help="token layouts of many architectures, early-exit capture")
     layout = sub.add_parser("layout", help="token layout of one layer of a timm model")
     layout.add_argument("model")
@@ -100,16 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     layout.add_argument("--img-size", type=int, default=None)
     layout.add_argument("--pretrained", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        from .demo import run_demo
-
-        run_demo(args.out, steps=args.steps)
-        return 0
     if args.command == "layouts":
         return layouts()
+    command = atlas_command if args.command == "atlas" else layout_command
     try:
-        return layout_command(args)
-    except ValueError as error:
+        return command(args)
+    except (ValueError, TypeError, FileNotFoundError, IndexError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -4,7 +4,8 @@ Tokens are local (attention outputs zeroed, no positional embedding, norms repla
 identities), the patch embedding writes ``<P, patch>`` into channel 0 and unit ``UNIT`` of
 ``blocks.0.mlp.fc1`` reads channel 0, so ``fc1[UNIT]`` at each patch is a linear response to
 the smooth colour pattern ``P`` (3 x 32 x 32): the images that maximize it carry ``P`` in
-every patch (clamped to [0, 1]: its sign pattern).
+every patch (clamped to [0, 1]: its sign pattern). ``planted_vit(planted_colour())`` plants
+a flat red-minus-blue unit instead, whose optimum no augmentation changes.
 """
 
 from __future__ import annotations
@@ -34,7 +35,14 @@ def planted_pattern() -> torch.Tensor:
     return pattern / pattern.norm()
 
 
-def planted_vit() -> torch.nn.Module:
+def planted_colour() -> torch.Tensor:
+    """(3, PATCH, PATCH): red minus blue, flat; unit norm. Its optimum (red 1, blue 0 in
+    every pixel) survives every augmentation: shift, scale, rotation, flip."""
+    pattern = torch.tensor([1.0, 0.0, -1.0])[:, None, None].expand(3, PATCH, PATCH)
+    return pattern / pattern.norm()
+
+
+def planted_vit(pattern: torch.Tensor | None = None) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(
         "vit_tiny_patch16_224",
@@ -56,7 +64,7 @@ def planted_vit() -> torch.nn.Module:
         model.cls_token.zero_()
         model.patch_embed.proj.weight.zero_()
         model.patch_embed.proj.bias.zero_()
-        model.patch_embed.proj.weight[0] = planted_pattern()
+        model.patch_embed.proj.weight[0] = planted_pattern() if pattern is None else pattern
         block.mlp.fc1.weight.zero_()
         block.mlp.fc1.bias.zero_()
         block.mlp.fc1.weight[UNIT, 0] = 4.0

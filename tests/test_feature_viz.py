@@ -13,12 +13,14 @@ from fv_planted import (
     UNIT,
     best_shift_correlation,
     patch_correlations,
+    planted_colour,
     planted_pattern,
     planted_vit,
 )
 
 import captum_vit as cv
 import captum_vit.optim.objectives as obj
+from captum_vit.optim.presets import get_preset
 from captum_vit.optim.transforms import ColorShift, FadingNoise, slot_generator
 
 
@@ -63,6 +65,29 @@ def test_planted_unit_recovers_its_pattern_with_the_paper_recipe():
     assert correlations.min() > 0.85
     other = fv.attribute(target=UNIT + 1, preset=None, steps=5)[0]  # a dead unit: no signal
     assert patch_correlations(other, pattern).abs().max() < 0.3
+
+
+def test_fast_preset_recovers_the_planted_pattern():
+    fv = cv.FeatureVisualization(planted_vit(), "blocks.0.mlp.fc1")
+    image = fv.attribute(target=UNIT, preset="fast", steps=30, show_progress=False)[0]
+    assert best_shift_correlation(image, planted_pattern(), limit=9) > 0.8
+
+
+@pytest.mark.parametrize("preset", ["robust", "maco", "lucid"])
+def test_transform_robust_presets_find_the_planted_answers(preset):
+    """Scale, rotation and flip move the patch-locked pattern against the grid, so these
+    presets find it only in part (a dead unit: about 0.06); the flat red-minus-blue unit,
+    which no augmentation changes, they find (a larger step keeps the test short)."""
+    fv = cv.FeatureVisualization(planted_vit(), "blocks.0.mlp.fc1")
+    image = fv.attribute(target=UNIT, preset=preset, steps=30, show_progress=False)[0]
+    assert best_shift_correlation(image, planted_pattern(), limit=9) > 0.18
+    colour = cv.FeatureVisualization(planted_vit(planted_colour()), "blocks.0.mlp.fc1")
+    image, dead = colour.attribute(
+        target=[UNIT, UNIT + 1], preset=preset, steps=20, lr=0.5, show_progress=False
+    )
+    red_minus_blue = image[0].mean() - image[2].mean()
+    assert red_minus_blue > 0.2
+    assert red_minus_blue > dead[0].mean() - dead[2].mean() + 0.2  # dead: its start
 
 
 def test_neuron_objective_changes_only_its_own_patch():
@@ -332,3 +357,60 @@ def test_bad_arguments_raise():
         fv.attribute(target=1, token=(4, 4), steps=1)
     with pytest.raises(ValueError, match="unknown layer"):
         cv.FeatureVisualization(model, "blocks.9")
+
+
+# --------------------------------------------------------------------------- recipe, cost
+
+
+def test_recipe_keywords_are_checked_in_one_place():
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    with pytest.raises(TypeError, match="did you mean 'copies'"):
+        fv.attribute(target=1, steps=1, copie=2)
+    with pytest.raises(ValueError, match="schedule must be"):
+        fv.attribute(target=1, steps=1, schedule="linear")
+    with pytest.raises(ValueError, match="images_per_target"):
+        fv.attribute(target=1, steps=1, images_per_target=0)
+    recipe = fv.recipe("fast", copies=3, transforms=[])
+    assert recipe.copies == 3 and recipe.transforms((32, 32)) == []
+    assert recipe.steps == get_preset("fast").steps
+    assert fv.recipe() == get_preset("ghiasi2023")  # a hidden layer: the paper's
+    logits = cv.FeatureVisualization(model, "head")
+    assert logits.recipe(spatial=False) == get_preset("robust")
+    images, trace = logits.attribute(target=[1, 2], steps=2, return_trace=True)
+    assert images.shape == (2, 3, 32, 32) and trace.shape == (2, 2)
+
+
+def test_a_long_run_says_what_it_will_cost(monkeypatch, caplog, capsys):
+    import captum_vit.optim.feature_viz as feature_viz
+
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    with caplog.at_level("INFO", logger="captum_vit"):
+        fv.attribute(target=[1, 2], preset="fast", steps=2, show_progress=False)
+    assert not caplog.records  # short: nothing to say
+    monkeypatch.setattr(feature_viz, "ESTIMATE_AFTER_SECONDS", 0.0)
+    with caplog.at_level("INFO", logger="captum_vit"):
+        fv.attribute(target=[1, 2], preset="fast", steps=3, show_progress=True)
+    message = caplog.records[-1].getMessage()
+    copies = get_preset("fast").copies
+    assert f"3 steps x 2 images x {copies} copies, about" in message
+    assert "about" in capsys.readouterr().err  # printed with the progress bar
+
+
+def test_progress_bar_on_by_default_when_stderr_is_a_terminal(monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    fv = cv.FeatureVisualization(TIMM_ARCHS["vit"][0](), "blocks.1.mlp.act")
+    quiet = io.StringIO()
+    monkeypatch.setattr("sys.stderr", quiet)
+    fv.attribute(target=1, preset="fast", steps=2)
+    assert quiet.getvalue() == ""
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    fv.attribute(target=1, preset="fast", steps=2)
+    assert "feature visualization" in terminal.getvalue()

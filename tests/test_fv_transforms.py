@@ -132,8 +132,44 @@ def test_presets():
     assert names == ["ColorShift", "FadingNoise", "RollJitter"]
     plain = get_preset(None)
     assert plain.copies == 1 and plain.transforms((32, 32)) == [] and plain.tv_weight == 0
-    assert set(PRESETS) == {None, "ghiasi2023", "lucid", "fast"}
+    assert set(PRESETS) == {None, "ghiasi2023", "lucid", "fast", "robust", "maco"}
     custom = Preset(copies=3)
     assert get_preset(custom) is custom
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("paper")
+
+
+def test_maco_keeps_the_magnitude_and_optimizes_the_phase():
+    from captum_vit.optim.params import MacoImage, magnitude_spectrum
+
+    size = (16, 12)
+    scene = torch.rand(1, 3, 20, 20, generator=torch.Generator().manual_seed(0))
+    magnitude = magnitude_spectrum(scene, size)
+    # oracle: the one image's own spectrum at that size, around grey
+    small = torch.nn.functional.interpolate(scene, size=size, mode="bilinear", antialias=True)
+    torch.testing.assert_close(magnitude, torch.fft.rfft2(small[0] - 0.5, norm="ortho").abs())
+    param = make_param("maco", RandomDraws(0, 2, 1, 1), size, None, magnitude=scene)
+    assert isinstance(param, MacoImage) and param.parameters()[0].shape == (2, 3, 16, 7)
+    x = param.images()
+    assert x.shape == (2, 3, 16, 12) and 0 < x.min() and x.max() < 1
+    # the image's own spectrum (before the sigmoid) is the fixed magnitude up to one scale
+    # per image (the standardization), on every bin not forced real by irfft2
+    spectrum = torch.fft.rfft2(torch.logit(x.double()), norm="ortho").abs()[..., 1:-1]
+    ratio = spectrum / magnitude[..., 1:-1].double()
+    spread = ratio.flatten(1).std(1) / ratio.flatten(1).mean(1)
+    assert (spread < 1e-3).all(), spread
+    photos = magnitude_spectrum("photos", size)
+    assert photos.shape == (3, 16, 7) and magnitude_spectrum("photos", size) is photos  # cached
+    # natural images: most energy in low frequencies
+    assert photos[:, 1, 1].mean() > 5 * photos[:, 8, 6].mean()
+    with pytest.raises(ValueError, match="magnitude must be"):
+        magnitude_spectrum("imagenet", size)
+
+
+def test_fast_is_the_paper_preset_plus_its_differences():
+    from dataclasses import fields
+
+    paper, fast = get_preset("ghiasi2023"), get_preset("fast")
+    differ = {f.name for f in fields(Preset) if getattr(paper, f.name) != getattr(fast, f.name)}
+    assert differ <= {"copies", "steps", "lr", "transforms"}
+    assert fast.steps * fast.copies * 4 <= paper.steps * paper.copies  # 1/4 of the work

@@ -3,8 +3,9 @@
 N targets (units or objectives) are optimized together, one image each (or
 ``images_per_target`` each), in one forward/backward pass per step that stops at the
 target layer; the model's parameters get no gradients. The recipe comes from a preset
-(``"ghiasi2023"``, the paper's; ``"lucid"``; ``"fast"``; ``None`` for plain gradient
-ascent) and every knob of it is an argument.
+(:mod:`~captum_vit.optim.presets`: ``"ghiasi2023"``, the paper's; ``"fast"``;
+``"robust"``; ``"maco"``; ``"lucid"``; ``None`` for plain gradient ascent) and any field of
+it can be overridden by keyword.
 
 Targets do not interfere: each image's loss term depends only on its own rows, Adam works
 per element, and every random draw (initial image, augmentations) is made per image slot
@@ -16,9 +17,11 @@ rounding of batched matrix products).
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import sys
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -27,6 +30,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .._base import _LayerMethod
+from .._progress import resolve_progress
 from ..capture import LayerTap, preserved_state
 from ..layout import TokenLayout
 from ..models import _is_open_clip, _pair, check_images
@@ -38,11 +42,17 @@ from .objectives import (
     compile_objectives,
     total_variation,
 )
-from .params import make_param
-from .presets import Preset, get_preset
+from .params import ImageParam, make_param
+from .presets import Preset, resolve_recipe
 from .transforms import RandomDraws, Transform, apply_transforms
 
 __all__ = ["FeatureVisualization"]
+
+logger = logging.getLogger("captum_vit")
+
+#: a run whose first step, extrapolated, says it will take longer than this (seconds)
+#: gets a one-line cost estimate (logged; also printed with the progress bar)
+ESTIMATE_AFTER_SECONDS = 60.0
 
 
 class FeatureVisualization(_LayerMethod):
@@ -64,7 +74,8 @@ class FeatureVisualization(_LayerMethod):
 
         >>> fv = FeatureVisualization(model, "blocks.5.mlp.act")
         >>> images = fv.attribute(target=[3, 17, 42], preset="ghiasi2023")  # (3, 3, H, W)
-        >>> images, trace = fv.attribute(target=7, preset="fast", return_trace=True)
+        >>> images = fv.attribute(target=7, preset="fast", copies=2, transforms=[])
+        >>> logits = FeatureVisualization(model, "head").attribute(target=[0, 1])  # "robust"
     """
 
     def tap(self, *, call: int | None = None) -> LayerTap:
@@ -82,31 +93,16 @@ class FeatureVisualization(_LayerMethod):
         inputs: Tensor | None = None,
         target: int | Sequence[int | Objective] | Tensor | Objective = 0,
         token: Token = "patches",
-        preset: str | Preset | None = "ghiasi2023",
+        preset: str | Preset | None = "auto",
         steps: int | None = None,
         image_size: int | Sequence[int] | None = None,
         seed: int = 0,
         *,
         images_per_target: int = 1,
-        param: str | None = None,
-        init: str | None = None,
-        copies: int | None = None,
-        transforms: Sequence[Transform] | Callable | None = None,
-        tv_weight: float | None = None,
-        tv_on_augmented: bool | None = None,
-        objective_scale: float | None = None,
-        optimizer: str | None = None,
-        lr: float | None = None,
-        betas: tuple[float, float] | None = None,
-        eps: float | None = None,
-        schedule: str | None = None,
-        clamp: bool | None = None,
-        fourier_sd: float | None = None,
-        decay_power: float | None = None,
-        decorrelate: bool | None = None,
-        autocast: bool = False,
-        show_progress: bool = False,
+        show_progress: bool | None = None,
         return_trace: bool = False,
+        autocast: bool = False,
+        **recipe: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Optimize one image per target (all targets in one batch).
 
@@ -121,10 +117,12 @@ class FeatureVisualization(_LayerMethod):
                 excluded: the paper), ``"cls"``, ``"all"``, a token index or a
                 ``(row, col)`` patch position. Non-spatial layers (logits, pooled or
                 embedding vectors) take the unit directly.
-            preset: ``"ghiasi2023"``, ``"lucid"``, ``"fast"``, ``None`` (plain gradient
-                ascent: no augmentation, no regularizer) or a
-                :class:`~captum_vit.optim.presets.Preset`. Every field below overrides it.
-            steps: optimization steps.
+            preset: ``"auto"`` (``"robust"`` on a non-spatial layer such as class logits,
+                else the paper's ``"ghiasi2023"``), ``"ghiasi2023"``, ``"fast"``,
+                ``"robust"``, ``"maco"``, ``"lucid"``, ``None`` (plain gradient ascent: no
+                augmentation, no regularizer) or a
+                :class:`~captum_vit.optim.presets.Preset`.
+            steps: optimization steps (default: the preset's).
             image_size: ``(H, W)`` of the optimized images; default the size of
                 ``inputs``, else the model's. A fixed-size model sees the (augmented)
                 images resized to its own size.
@@ -132,19 +130,15 @@ class FeatureVisualization(_LayerMethod):
                 the same stream, so results do not depend on the other targets.
             images_per_target: images per target (with ``objectives.diversity()`` for
                 varied images); output rows are ordered target-major.
-            param: ``"pixel"`` or ``"fourier"``. init: ``"uniform"`` or ``"gray"``.
-            copies: augmented copies per image and step (the paper: 8).
-            transforms: a list of transforms (``[]``: no augmentation) or a function
-                ``size -> list``.
-            tv_weight, tv_on_augmented: total-variation weight and where it is taken.
-            objective_scale: factor on the objective (the paper's code: 1/8).
-            optimizer, lr, betas, eps, schedule, clamp: the optimization; ``lr`` wins over
-                the preset's (CLIP models use the preset's ``clip_lr`` otherwise).
-            fourier_sd, decay_power, decorrelate: Fourier parameterization.
-            autocast: run the model under bfloat16 autocast (CUDA only; ignored on CPU).
-            show_progress: a tqdm progress bar.
+            show_progress: a progress bar (default: on when stderr is a terminal). A run
+                whose first step says it will take over a minute also gets a one-line
+                cost estimate (logged to the ``"captum_vit"`` logger; printed with the bar).
             return_trace: also return the objective of every image at every step
                 (mean over its copies), ``(steps, N)``.
+            autocast: run the model under bfloat16 autocast (CUDA only; ignored on CPU).
+            **recipe: any field of :class:`~captum_vit.optim.presets.Preset` overrides the
+                preset's, e.g. ``copies=2``, ``lr=0.05``, ``param="fourier"``,
+                ``transforms=[]`` (no augmentation) or a list of transforms.
 
         Returns:
             ``(N, 3, H, W)`` images in [0, 1], N = targets x ``images_per_target``; with
@@ -152,45 +146,21 @@ class FeatureVisualization(_LayerMethod):
 
         Raises:
             ValueError: bad images, sizes, token specs, presets or settings.
+            TypeError: a keyword that is no recipe setting.
             IndexError: a unit outside the layer's channels.
         """
-        overrides = {
-            name: value
-            for name, value in dict(
-                steps=steps,
-                param=param,
-                init=init,
-                copies=copies,
-                tv_weight=tv_weight,
-                tv_on_augmented=tv_on_augmented,
-                objective_scale=objective_scale,
-                optimizer=optimizer,
-                lr=lr,
-                betas=betas,
-                eps=eps,
-                schedule=schedule,
-                clamp=clamp,
-                fourier_sd=fourier_sd,
-                decay_power=decay_power,
-                decorrelate=decorrelate,
-            ).items()
-            if value is not None
-        }
-        recipe = replace(get_preset(preset), **overrides)
-        if lr is None and recipe.clip_lr is not None and _is_open_clip(self.vision):
-            recipe = replace(recipe, lr=recipe.clip_lr)
-        _check_recipe(recipe, images_per_target)
-
-        objectives = _as_objectives(target, token)
-        n_targets = len(objectives)
-        rows = n_targets * images_per_target
+        if images_per_target < 1:
+            raise ValueError(f"images_per_target must be at least 1, got {images_per_target}")
         size = self._image_size(inputs, image_size)
         model_size = self._fixed_size or size
         device = self.device()
+        layout, num_channels = self._layout(model_size, device)
+        recipe = self.recipe(preset, spatial=layout is not None, steps=steps, **recipe)
+
+        objectives = _as_objectives(target, token)
+        rows = len(objectives) * images_per_target
         if inputs is not None:
             inputs = self._start_images(inputs, rows, size).to(device)
-
-        layout, num_channels = self._layout(model_size, device)
         scorer = compile_objectives(
             objectives,
             layout,
@@ -200,26 +170,12 @@ class FeatureVisualization(_LayerMethod):
             default_token=token,
             device=device,
         )
-        if transforms is None:
-            transforms = recipe.transforms(size)
-        elif callable(transforms):
-            transforms = transforms(size)
-        draws = RandomDraws(seed, n_targets, images_per_target, recipe.copies, device)
-        image_param = make_param(
-            recipe.param,
-            draws,
-            size,
-            inputs,
-            init=recipe.init,
-            clamp=recipe.clamp,
-            fourier_sd=recipe.fourier_sd,
-            decay_power=recipe.decay_power,
-            decorrelate=recipe.decorrelate,
-        )
+        draws = RandomDraws(seed, len(objectives), images_per_target, recipe.copies, device)
+        image_param = _image_param(recipe, draws, size, inputs)
         trace = self._optimize(
             image_param,
             scorer,
-            list(transforms),
+            recipe.transforms(size),
             draws,
             recipe,
             model_size,
@@ -230,11 +186,21 @@ class FeatureVisualization(_LayerMethod):
             images = image_param.images().detach().float().clamp(0.0, 1.0)
         return (images, trace) if return_trace else images
 
+    def recipe(
+        self, preset: str | Preset | None = "auto", *, spatial: bool = True, **overrides: Any
+    ) -> Preset:
+        """The :class:`~captum_vit.optim.presets.Preset` a call would run: ``preset``
+        (``"auto"``: ``"robust"`` for a non-spatial layer, else ``"ghiasi2023"``) with the
+        keyword overrides applied; the preset's ``clip_lr`` on an open_clip model."""
+        if isinstance(preset, str) and preset == "auto":
+            preset = "ghiasi2023" if spatial else "robust"
+        return resolve_recipe(preset, overrides, clip=_is_open_clip(self.vision))
+
     # ------------------------------------------------------------------ the loop
 
     def _optimize(
         self,
-        image_param: Any,
+        image_param: ImageParam,
         scorer: BatchScorer,
         transforms: list[Transform],
         draws: RandomDraws,
@@ -242,13 +208,50 @@ class FeatureVisualization(_LayerMethod):
         model_size: tuple[int, int],
         *,
         autocast: bool,
-        show_progress: bool,
+        show_progress: bool | None,
     ) -> Tensor:
-        steps, copies = recipe.steps, recipe.copies
         optimizer = _make_optimizer(image_param.parameters(), recipe)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(recipe))
-        device = self.device()
+        step_fn = self._step_function(
+            image_param, scorer, transforms, draws, recipe, model_size, autocast=autocast
+        )
+        show = resolve_progress(show_progress)
+        trace = []
+        bar = tqdm(
+            range(recipe.steps), desc="feature visualization", disable=not show, file=sys.stderr
+        )
+        with preserved_state(self.vision), torch.enable_grad(), self.tap() as tap:
+            for step in bar:
+                started = time.perf_counter()
+                loss, per_image = step_fn(tap, step)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                image_param.after_step()
+                trace.append(per_image.detach().float())
+                if step == 0:
+                    seconds = time.perf_counter() - started
+                    _estimate_cost(seconds, recipe, draws, bar if show else None)
+                if show:
+                    bar.set_postfix(objective=f"{float(trace[-1].mean()):.4g}")
+        return torch.stack(trace).cpu()
+
+    def _step_function(
+        self,
+        image_param: ImageParam,
+        scorer: BatchScorer,
+        transforms: list[Transform],
+        draws: RandomDraws,
+        recipe: Preset,
+        model_size: tuple[int, int],
+        *,
+        autocast: bool,
+    ) -> Callable[[LayerTap, int], tuple[Tensor, Tensor]]:
+        """``(tap, step) -> (loss, objective per image)`` for one optimization step."""
+        steps, copies = recipe.steps, recipe.copies
         dtype = _model_dtype(self.vision)
+        device = self.device()
         amp = (
             torch.autocast("cuda", dtype=torch.bfloat16)
             if autocast and device.type == "cuda"
@@ -257,34 +260,28 @@ class FeatureVisualization(_LayerMethod):
         # the model's normalization (x - mean) / std as one fused multiply-add
         scale = (1 / self.wrapped.std).to(device)
         shift = (-self.wrapped.mean / self.wrapped.std).to(device)
-        trace = []
-        bar = tqdm(range(steps), disable=not show_progress, desc="feature visualization")
-        with preserved_state(self.vision), torch.enable_grad(), self.tap() as tap:
-            for step in bar:
-                images = image_param.images()
-                x = images.repeat_interleave(copies, dim=0) if copies > 1 else images
-                x = apply_transforms(x, transforms, draws, step, steps)
-                seen = x
-                if tuple(x.shape[-2:]) != tuple(model_size):
-                    seen = F.interpolate(x, size=model_size, mode="bilinear", align_corners=False)
-                with amp:
-                    output = tap.run(torch.addcmul(shift, seen, scale).to(dtype))[0]
-                    scores = scorer(output)
-                per_image = scores.view(-1, copies).mean(dim=1)
-                loss = -recipe.objective_scale * per_image.sum()
-                if recipe.tv_weight:
-                    tv = total_variation(x if recipe.tv_on_augmented else images)
-                    tv = tv.view(-1, copies).mean(dim=1) if recipe.tv_on_augmented else tv
-                    loss = loss + recipe.tv_weight * tv.sum()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                image_param.after_step()
-                trace.append(per_image.detach().float())
-                if show_progress:
-                    bar.set_postfix(objective=f"{float(trace[-1].mean()):.4g}")
-        return torch.stack(trace).cpu() if trace else torch.empty(0, draws.targets)
+
+        def step_fn(tap: LayerTap, step: int) -> tuple[Tensor, Tensor]:
+            images = image_param.images()
+            x = images.repeat_interleave(copies, dim=0) if copies > 1 else images
+            x = apply_transforms(x, transforms, draws, step, steps)
+            seen = x
+            if tuple(x.shape[-2:]) != tuple(model_size):
+                seen = F.interpolate(x, size=model_size, mode="bilinear", align_corners=False)
+            with amp:
+                output = tap.run(torch.addcmul(shift, seen, scale).to(dtype))[0]
+                scores = scorer(output)
+            per_image = scores.view(-1, copies).mean(dim=1)
+            loss = -recipe.objective_scale * per_image.sum()
+            if recipe.tv_weight:
+                if recipe.tv_on_augmented:
+                    tv = total_variation(x).view(-1, copies).mean(dim=1)
+                else:
+                    tv = total_variation(images)
+                loss = loss + recipe.tv_weight * tv.sum()
+            return loss, per_image
+
+        return step_fn
 
     # ------------------------------------------------------------------ helpers
 
@@ -359,21 +356,6 @@ def _as_objectives(target: Any, token: Token) -> list[Objective]:
     )
 
 
-def _check_recipe(recipe: Preset, images_per_target: int) -> None:
-    if recipe.steps < 1:
-        raise ValueError(f"steps must be at least 1, got {recipe.steps}")
-    if recipe.copies < 1:
-        raise ValueError(f"copies must be at least 1, got {recipe.copies}")
-    if images_per_target < 1:
-        raise ValueError(f"images_per_target must be at least 1, got {images_per_target}")
-    if recipe.schedule not in ("cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or 'constant', got {recipe.schedule!r}")
-    if recipe.optimizer not in ("adam", "sgd"):
-        raise ValueError(f"optimizer must be 'adam' or 'sgd', got {recipe.optimizer!r}")
-    if recipe.lr <= 0:
-        raise ValueError(f"lr must be positive, got {recipe.lr}")
-
-
 def _make_optimizer(params: list[Tensor], recipe: Preset) -> torch.optim.Optimizer:
     if recipe.optimizer == "adam":
         return torch.optim.Adam(params, lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
@@ -390,3 +372,43 @@ def _schedule(recipe: Preset) -> Callable[[int], float]:
 def _model_dtype(model: nn.Module) -> torch.dtype:
     param = next(model.parameters(), None)
     return param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+
+def _image_param(
+    recipe: Preset, draws: RandomDraws, size: tuple[int, int], inputs: Tensor | None
+) -> ImageParam:
+    return make_param(
+        recipe.param,
+        draws,
+        size,
+        inputs,
+        init=recipe.init,
+        clamp=recipe.clamp,
+        fourier_sd=recipe.fourier_sd,
+        decay_power=recipe.decay_power,
+        decorrelate=recipe.decorrelate,
+        magnitude=recipe.magnitude,
+    )
+
+
+def _estimate_cost(first_step: float, recipe: Preset, draws: RandomDraws, bar: Any) -> None:
+    """Log (and print with the progress bar) what a long run will cost."""
+    seconds = first_step * recipe.steps
+    if seconds < ESTIMATE_AFTER_SECONDS:
+        return
+    message = (
+        f"feature visualization: {recipe.steps} steps x {draws.targets * draws.images} "
+        f"images x {recipe.copies} copies, about {_duration(seconds)} "
+        f"(first step {first_step:.2f} s)"
+    )
+    logger.info(message)
+    if bar is not None:
+        bar.write(message, file=sys.stderr)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

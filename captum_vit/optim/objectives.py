@@ -294,7 +294,6 @@ class BatchScorer:
         channel_weights: ``(J, B, C)``.
         coefficients: ``(J, B)``; ``cosine``: ``(J, B)`` bool.
         diversity: ``(B,)`` coefficient of the diversity term per row (zeros if none).
-        units: the single unit per target when every target is one plain unit (else None).
     """
 
     layout: TokenLayout | None
@@ -305,7 +304,6 @@ class BatchScorer:
     diversity: Tensor
     images: int
     copies: int
-    units: Tensor | None
 
     def __call__(self, output: Any) -> Tensor:
         tokens = layer_tokens(output, self.layout)
@@ -364,34 +362,12 @@ def compile_objectives(
     default_token = _check_token(default_token)
     per_target = [obj.terms() for obj in objectives]
     linear = [[(c, p) for c, p in terms if isinstance(p, _Linear)] for terms in per_target]
-    slots = max(1, max(len(t) for t in linear))
+    diversity = torch.tensor(
+        [sum(c for c, p in terms if isinstance(p, _Diversity)) for terms in per_target],
+        dtype=torch.float32,
+    )
+    token_w, channel_w, coef, cosine = _term_matrices(linear, layout, num_channels, default_token)
     repeat = images * copies
-    num_tokens = 1 if layout is None else layout.num_tokens
-    if layout is not None and layout.prefix_element is not None:
-        num_tokens += layout.num_prefix_tokens
-    token_w = torch.zeros(slots, len(objectives), num_tokens)
-    channel_w = torch.zeros(slots, len(objectives), num_channels)
-    coef = torch.zeros(slots, len(objectives))
-    cosine = torch.zeros(slots, len(objectives), dtype=torch.bool)
-    div = torch.zeros(len(objectives))
-    cache: dict[Token, Tensor] = {}
-    for index, terms in enumerate(per_target):
-        for coefficient, primitive in terms:
-            if isinstance(primitive, _Diversity):
-                div[index] += coefficient
-        for slot, (coefficient, primitive) in enumerate(linear[index]):
-            token = default_token if primitive.token is None else primitive.token
-            if token not in cache:
-                cache[token] = _token_weights(token, layout)
-            token_w[slot, index] = cache[token]
-            channel_w[slot, index] = _channel_weights(primitive, num_channels)
-            coef[slot, index] = coefficient
-            cosine[slot, index] = primitive.cosine
-    units = None
-    if all(len(t) == 1 and t[0][0] == 1.0 and t[0][1].unit is not None for t in linear) and not (
-        div.any()
-    ):
-        units = torch.tensor([t[0][1].unit for t in linear])
 
     def rows(t: Tensor) -> Tensor:
         return t.repeat_interleave(repeat, dim=1).to(device)
@@ -402,11 +378,40 @@ def compile_objectives(
         channel_weights=rows(channel_w),
         coefficients=rows(coef),
         cosine=rows(cosine),
-        diversity=div.repeat_interleave(repeat).to(device),
+        diversity=diversity.repeat_interleave(repeat).to(device),
         images=images,
         copies=copies,
-        units=units,
     )
+
+
+def _term_matrices(
+    linear: list[list[tuple[float, _Linear]]],
+    layout: TokenLayout | None,
+    num_channels: int,
+    default_token: Token,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Token weights ``(J, N, T)``, channel weights ``(J, N, C)``, coefficients and cosine
+    flags ``(J, N)`` of the linear terms, term slot ``j`` of target ``n``."""
+    slots = max(1, max(len(terms) for terms in linear))
+    num_tokens = 1 if layout is None else layout.num_tokens
+    if layout is not None and layout.prefix_element is not None:
+        num_tokens += layout.num_prefix_tokens
+    n = len(linear)
+    token_w = torch.zeros(slots, n, num_tokens)
+    channel_w = torch.zeros(slots, n, num_channels)
+    coef = torch.zeros(slots, n)
+    cosine = torch.zeros(slots, n, dtype=torch.bool)
+    cache: dict[Token, Tensor] = {}
+    for index, terms in enumerate(linear):
+        for slot, (coefficient, primitive) in enumerate(terms):
+            token = default_token if primitive.token is None else primitive.token
+            if token not in cache:
+                cache[token] = _token_weights(token, layout)
+            token_w[slot, index] = cache[token]
+            channel_w[slot, index] = _channel_weights(primitive, num_channels)
+            coef[slot, index] = coefficient
+            cosine[slot, index] = primitive.cosine
+    return token_w, channel_w, coef, cosine
 
 
 # --------------------------------------------------------------------------- regularizers

@@ -3,7 +3,10 @@
 * :class:`PixelImage` -- plain RGB pixels in [0, 1], clamped after every step (the paper);
 * :class:`FourierImage` -- Lucid's parameterization: a scaled Fourier spectrum (1/f
   weighting, so low frequencies learn faster) in a decorrelated colour space, squashed to
-  [0, 1] by a sigmoid.
+  [0, 1] by a sigmoid;
+* :class:`MacoImage` -- MaCo (Fel et al. 2023): the Fourier magnitude is fixed to the mean
+  magnitude spectrum of natural images (:func:`magnitude_spectrum`), only the phase is
+  optimized, so every image keeps natural-image statistics.
 
 Both hold ``(B, ...)`` parameters, one image per row, and expose ``parameters()``,
 ``images()`` (the ``(B, 3, H, W)`` images in [0, 1]) and ``after_step()``.
@@ -11,12 +14,22 @@ Both hold ``(B, ...)`` parameters, one image per row, and expose ``parameters()`
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .transforms import RandomDraws
 
-__all__ = ["ImageParam", "PixelImage", "FourierImage", "make_param"]
+__all__ = [
+    "ImageParam",
+    "PixelImage",
+    "FourierImage",
+    "MacoImage",
+    "magnitude_spectrum",
+    "make_param",
+]
 
 #: Lucid's square root of the ImageNet colour correlation matrix (its SVD).
 _COLOR_CORRELATION_SQRT = torch.tensor(
@@ -133,6 +146,114 @@ class FourierImage(ImageParam):
         return torch.sigmoid(x)
 
 
+class MacoImage(ImageParam):
+    """Magnitude-constrained phase: ``images = sigmoid(standardize(irfft2(M * exp(i phase))))``
+    with the magnitude ``M`` fixed (a natural-image spectrum) and the phase optimized.
+    Standardization is per image over its pixels and channels (MaCo, Fel et al. 2023).
+
+    Args:
+        phase: ``(B, 3, H, W // 2 + 1)`` starting phase in radians.
+        magnitude: ``(3, H, W // 2 + 1)`` magnitude spectrum.
+    """
+
+    def __init__(self, phase: Tensor, magnitude: Tensor, size: tuple[int, int]) -> None:
+        if tuple(phase.shape[1:]) != tuple(magnitude.shape):
+            raise ValueError("phase and magnitude spectra must have the same shape")
+        self.magnitude = magnitude.to(phase.device, torch.float32)
+        self.size = size
+        self.phase = phase.detach().float().clone().requires_grad_(True)
+
+    @classmethod
+    def random(cls, draws: RandomDraws, magnitude: Tensor, size: tuple[int, int]) -> MacoImage:
+        phase = draws.per_image(tuple(magnitude.shape), torch.rand) * (2 * math.pi) - math.pi
+        return cls(phase, magnitude, size)
+
+    @classmethod
+    def from_images(cls, images: Tensor, magnitude: Tensor) -> MacoImage:
+        """Start from the phase of ``images`` (their magnitude is replaced by ``M``)."""
+        x = torch.logit(images.detach().float().clamp(1e-3, 1 - 1e-3))
+        x = x - x.mean(dim=(-2, -1), keepdim=True)
+        phase = torch.angle(torch.fft.rfft2(x, norm="ortho"))
+        return cls(phase, magnitude, (images.shape[-2], images.shape[-1]))
+
+    def parameters(self) -> list[Tensor]:
+        return [self.phase]
+
+    def images(self) -> Tensor:
+        spectrum = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
+        x = torch.fft.irfft2(spectrum, s=self.size, norm="ortho")
+        x = x - x.mean(dim=(1, 2, 3), keepdim=True)
+        x = x / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-4)
+        return torch.sigmoid(x)
+
+
+_SPECTRA: dict[tuple, Tensor] = {}
+
+
+def _photographs() -> list[Tensor]:
+    """Square crops of the colour photographs bundled with ``skimage.data``."""
+    try:
+        from skimage import data
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ValueError(
+            "magnitude='photos' needs scikit-image (pip install scikit-image); or pass "
+            "magnitude='scenes' or your own (B, 3, H, W) images"
+        ) from error
+    crops = []
+    for name in ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field"):
+        photo = torch.from_numpy(getattr(data, name)()).permute(2, 0, 1).float() / 255
+        h, w = photo.shape[-2:]
+        side = min(h, w) * 2 // 3
+        for top, left in ((0, 0), (0, w - side), (h - side, 0), (h - side, w - side)):
+            crops.append(photo[:, top : top + side, left : left + side])
+        c = (h - side) // 2, (w - side) // 2
+        crops.append(photo[:, c[0] : c[0] + side, c[1] : c[1] + side])
+    return crops
+
+
+def _scenes() -> list[Tensor]:
+    from ..zoo import SyntheticScenes
+
+    return list(SyntheticScenes(64, seed=1).batch(range(64))["image"])
+
+
+def magnitude_spectrum(source: str | Tensor, size: tuple[int, int]) -> Tensor:
+    """Mean Fourier magnitude ``(3, H, W // 2 + 1)`` (orthonormal ``rfft2`` per channel of
+    ``image - 0.5``, so the DC term says how far colours stray from grey) of images resized
+    to ``size``; computed on first use and kept in memory.
+
+    Args:
+        source: ``"photos"`` (square crops of the ``skimage.data`` colour photographs),
+            ``"scenes"`` (64 of the zoo's synthetic scenes) or ``(B, 3, H, W)`` images in
+            [0, 1].
+        size: ``(H, W)``.
+    """
+    size = (int(size[0]), int(size[1]))
+    if isinstance(source, Tensor):
+        if source.dim() != 4 or source.shape[1] != 3:
+            raise ValueError(
+                f"magnitude images must be (B, 3, H, W), got shape {tuple(source.shape)}"
+            )
+        return _mean_magnitude(list(source.detach().float().cpu()), size)
+    key = (source, size)
+    if key not in _SPECTRA:
+        if source == "photos":
+            _SPECTRA[key] = _mean_magnitude(_photographs(), size)
+        elif source == "scenes":
+            _SPECTRA[key] = _mean_magnitude(_scenes(), size)
+        else:
+            raise ValueError(f"magnitude must be 'photos', 'scenes' or images, got {source!r}")
+    return _SPECTRA[key]
+
+
+def _mean_magnitude(images: list[Tensor], size: tuple[int, int]) -> Tensor:
+    total = torch.zeros(3, size[0], size[1] // 2 + 1)
+    for image in images:
+        x = F.interpolate(image[None], size=size, mode="bilinear", antialias=True)[0]
+        total += torch.fft.rfft2(x - 0.5, norm="ortho").abs()
+    return total / len(images)
+
+
 def make_param(
     kind: str,
     draws: RandomDraws,
@@ -144,6 +265,7 @@ def make_param(
     fourier_sd: float = 0.01,
     decay_power: float = 1.0,
     decorrelate: bool = True,
+    magnitude: str | Tensor = "photos",
 ) -> ImageParam:
     """Build a parameterization for ``draws.targets * draws.images`` images.
 
@@ -154,6 +276,7 @@ def make_param(
         inputs: starting images ``(targets * images, 3, H, W)`` in [0, 1], or None.
         init: for pixels without inputs: ``"uniform"`` (the paper) or ``"gray"`` (0.5 plus
             small noise).
+        magnitude: for ``"maco"``: see :func:`magnitude_spectrum`.
     """
     h, w = size
     if kind == "pixel":
@@ -170,4 +293,9 @@ def make_param(
         if inputs is not None:
             return FourierImage.from_images(inputs, decay_power, decorrelate)
         return FourierImage.random(draws, size, fourier_sd, decay_power, decorrelate)
-    raise ValueError(f"param must be 'pixel' or 'fourier', got {kind!r}")
+    if kind == "maco":
+        spectrum = magnitude_spectrum(magnitude, size).to(draws.device)
+        if inputs is not None:
+            return MacoImage.from_images(inputs, spectrum)
+        return MacoImage.random(draws, spectrum, size)
+    raise ValueError(f"param must be 'pixel', 'fourier' or 'maco', got {kind!r}")

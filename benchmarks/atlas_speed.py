@@ -1,0 +1,141 @@
+"""Speed of the atlas on ViT-Ti/16 at 224 px (random weights; speed does not depend on
+them), one CPU process, ``fast`` preset:
+
+* units per minute: feature visualization of ``--units`` units in one chunk and writing
+  each unit's files (PNGs, ``unit.json``), as ``captum-vit atlas`` does;
+* images per second of the top-k pass of one layer (``blocks.6.mlp.act``: top-k images,
+  patch maps and histogram statistics of all its 768 hidden units);
+* the share of time outside the model's forward / backward: each step is measured against
+  a bare loop doing only the model work it needs, in the same run (a truncated forward per
+  batch for the scan; forward to the layer + backward on the same batch of augmented
+  copies, ``steps`` times, for the feature visualizations). Goal: under 15%.
+
+Rounds alternate atlas step and baseline; medians are reported (the machine may be shared).
+
+    .venv/bin/python benchmarks/atlas_speed.py [--images 128] [--units 8] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+
+import timm
+import torch
+
+from captum_vit.atlas import ZooScenes
+from captum_vit.atlas.resume import AtlasFiles
+from captum_vit.atlas.scan import scan_layer
+from captum_vit.atlas.shard import Shard, fixed_batches
+from captum_vit.atlas.units import FVSettings, visualize_units, write_unit
+from captum_vit.capture import LayerTap
+from captum_vit.models import ImageModel
+from captum_vit.optim.presets import get_preset
+
+LAYER = "blocks.6.mlp.act"
+
+
+class Scenes224(ZooScenes):
+    """Zoo scenes drawn at 224 px (the model's size)."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__(count)
+        from captum_vit import zoo
+
+        self.scenes = zoo.SyntheticScenes(count, seed=1, image_size=224)
+
+
+def _cached(batch):
+    store: dict[tuple[int, ...], dict] = {}
+
+    def cached(indices):
+        key = tuple(indices)
+        if key not in store:
+            store[key] = batch(key)
+        return store[key]
+
+    return cached
+
+
+def bare_scan(model, images, batch_size: int) -> None:
+    wrapped = ImageModel(model)
+    with torch.no_grad(), LayerTap(model, LAYER) as tap:
+        for indices in fixed_batches(len(images), batch_size):
+            tap.run(wrapped.normalize(images.batch(indices)["image"]))
+
+
+def bare_optimization(model, units: int, steps: int, copies: int) -> None:
+    wrapped = ImageModel(model)
+    pixels = torch.rand(units * copies, 3, 224, 224, requires_grad=True)
+    with LayerTap(model, LAYER) as tap:
+        for _ in range(steps):
+            out = tap.run(wrapped.normalize(pixels))[0]
+            out[:, 1:, :units].mean().backward()
+
+
+def timed(function, *args) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=128)
+    parser.add_argument("--units", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224").eval()
+    images = Scenes224(args.images)
+    images.batch = _cached(images.batch)  # draw each scene once: time the atlas, not the data
+    for indices in fixed_batches(len(images), args.batch_size):
+        images.batch(indices)
+    preset = get_preset("fast")
+    fv = FVSettings("fast", None, 0)
+    units = list(range(args.units))
+    scan_times, bare_scan_times, fv_times, bare_fv_times, fv_cpu = [], [], [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        files = AtlasFiles(folder)
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            scan = scan_layer(model, LAYER, images, k=8, batch_size=args.batch_size, shard=Shard())
+            scan_times.append(time.perf_counter() - start)
+            bare_scan_times.append(timed(bare_scan, model, images, args.batch_size))
+            start, cpu = time.perf_counter(), time.process_time()
+            pictures, scores = visualize_units(model, LAYER, units, fv)
+            for unit, picture, score in zip(units, pictures, scores.tolist(), strict=True):
+                write_unit(files, scan, unit, picture, score, images)
+            fv_times.append(time.perf_counter() - start)
+            fv_cpu.append(time.process_time() - cpu)
+            bare_fv_times.append(
+                timed(bare_optimization, model, len(units), preset.steps, preset.copies)
+            )
+    scan_s, bare_s = statistics.median(scan_times), statistics.median(bare_scan_times)
+    fv_s, bare_fv_s = statistics.median(fv_times), statistics.median(bare_fv_times)
+    print(f"ViT-Ti/16 at 224, {LAYER}, {args.threads} thread(s), medians of {args.rounds} rounds")
+    print(
+        f"top-k pass: {args.images / scan_s:.1f} images/s ({scan_s:.2f} s for {args.images}); "
+        f"bare truncated forward {args.images / bare_s:.1f} images/s; "
+        f"share outside the model {100 * (1 - bare_s / scan_s):.1f}%"
+    )
+    print(
+        f"units: {60 * len(units) / fv_s:.1f} units/min ({fv_s:.2f} s for {len(units)} units, "
+        f"fast preset, {preset.steps} steps x {preset.copies} copies, files included); bare "
+        f"forward+backward {bare_fv_s:.2f} s; share outside the model "
+        f"{100 * (1 - bare_fv_s / fv_s):.1f}%"
+    )
+    cpu_s = statistics.median(fv_cpu)
+    print(
+        f"units per CPU-minute (process time, less sensitive to other load): "
+        f"{60 * len(units) / cpu_s:.1f} ({cpu_s:.2f} CPU-s for {len(units)} units)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,368 @@
+"""Building an atlas: validate everything, scan the images per layer, visualize the units
+(split over processes), then the per-model figures and the site.
+
+Order of work, each step skipped where its files exist (resume / incremental):
+
+1. checks that need no writing: the model, the layers (exist, have a patch grid), the
+   images, the settings against an existing atlas in ``out``;
+2. per layer, ``data/<layer>.scan.pt``: every unit's top-k images and the activation
+   statistics (one pass over the images, split over processes);
+3. per unit, its folder under ``layers/<layer>/`` (written by the process that owns its
+   chunk; ``unit.json`` last);
+4. by the first process: locality and Table 1 (``data/model.json``), the manifest and the
+   pages, ``index.html`` last.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .._progress import resolve_progress
+from ..capture import find_module
+from ..layout import resolve_layout
+from ..locality.probe import find_blocks
+from ..models import ImageModel, model_device, unwrap_vision
+from ..optim.presets import get_preset
+from .model_stats import layer_locality, pooling_table
+from .pages import write_site
+from .resume import AtlasFiles
+from .scan import LayerScan, scan_layer
+from .shard import Shard
+from .sources import ImageFiles, LoadedModel, ZooScenes, open_images, weights_fingerprint
+from .units import FVSettings, select_units, unit_folder, visualize_units, write_unit
+
+__all__ = ["build_atlas", "default_layers", "default_preset"]
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """Every block's MLP hidden layer (``*.mlp.act``, the paper's), else every block.
+
+    Raises:
+        ValueError: the model has neither.
+    """
+    vision = unwrap_vision(model)
+    names = [name for name, _ in vision.named_modules() if name.endswith("mlp.act")]
+    if not names:
+        names = find_blocks(vision)
+    if not names:
+        raise ValueError(
+            f"found no MLP hidden layers or blocks in {type(vision).__name__}; name the "
+            "layers to show (--layers)"
+        )
+    return names
+
+
+def default_preset(device: torch.device) -> str:
+    """``"ghiasi2023"`` (the paper's) on a GPU, ``"fast"`` on a CPU."""
+    return "ghiasi2023" if device.type == "cuda" else "fast"
+
+
+def _check_layers(model: nn.Module, layers: Sequence[str], image: torch.Tensor) -> dict:
+    """Each layer's grid and width; a clear error for a missing or non-spatial layer."""
+    vision = unwrap_vision(model)
+    probe = ImageModel(vision).normalize(image.to(model_device(vision)))
+    found = {}
+    for layer in layers:
+        name, _ = find_module(vision, layer)
+        try:
+            layout = resolve_layout(vision, name, probe)
+        except ValueError as error:
+            raise ValueError(f"layer {name} cannot be shown in an atlas: {error}") from error
+        found[name] = {"grid": list(layout.grid), "channels": layout.num_channels}
+    return found
+
+
+def _say(shard: Shard, text: str) -> None:
+    if shard.is_main:
+        print(text, flush=True)
+
+
+def _wanted_units(units: str | int | Sequence[int], channels: int) -> int:
+    if units == "all":
+        return channels
+    if isinstance(units, int):
+        return min(units, channels)
+    return len(set(units))
+
+
+def _estimate(
+    model, images, layer_info, pending_scans, units, fv: FVSettings, options, files, shard
+) -> str:
+    """One line, before the work: the estimated cost, from one timed forward of a batch
+    and the timed difference of one and two optimization steps of a chunk."""
+    batch_size, fv_batch = options["batch_size"], options["fv_batch"]
+    start = time.perf_counter()
+    batch = images.batch(range(min(batch_size, len(images))))["image"]
+    with torch.no_grad():
+        ImageModel(model)(batch.to(model_device(model)))
+    scan = (
+        (time.perf_counter() - start) * len(range(0, len(images), batch_size)) * len(pending_scans)
+    )
+    count = 0
+    for name, info in layer_info.items():
+        done = len(list((files.out / "layers" / name).glob("unit_*/unit.json")))
+        count += max(0, _wanted_units(units, info["channels"]) - done)
+    steps = fv.steps or get_preset(fv.preset).steps
+    optimize = 0.0
+    if count:
+        name, info = next(iter(layer_info.items()))
+        chunk = list(range(min(fv_batch, info["channels"])))
+        times = []
+        for trial_steps in (1, 2):
+            start = time.perf_counter()
+            visualize_units(model, name, chunk, FVSettings(fv.preset, trial_steps, fv.seed))
+            times.append(time.perf_counter() - start)
+        per_step = max(times[1] - times[0], 0.1 * times[0])
+        optimize = (times[0] + per_step * (steps - 1)) * -(-count // fv_batch)
+    total = (scan + optimize) / shard.world
+    return (
+        f"estimated cost: about {total:.0f} s on {model_device(model).type} with "
+        f"{shard.world} process(es) (top-k scan of {len(images)} images at "
+        f"{len(pending_scans)} layer(s) ~{scan:.0f} s; feature visualization of {count} "
+        f"unit(s) x {steps} steps ~{optimize:.0f} s; then locality, Table 1 and the pages)"
+    )
+
+
+def build_atlas(
+    model: nn.Module | LoadedModel,
+    images: str | Path | ImageFiles | ZooScenes | None = None,
+    out: str | Path = "atlas",
+    *,
+    layers: Sequence[str] | None = None,
+    units: str | int | Sequence[int] = 8,
+    k: int = 8,
+    preset: str | None = None,
+    steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    fv_batch: int = 8,
+    scenes: int = 256,
+    show_progress: bool | None = None,
+) -> Path:
+    """Build (or resume, or extend) the atlas of ``model`` over ``images`` in ``out``.
+
+    Run it under ``torchrun --nproc_per_node N`` to split the work; the files are the same
+    as with one process.
+
+    Args:
+        model: an image model (timm, open_clip, zoo, any ``nn.Module``) or a
+            :class:`LoadedModel` from :func:`~captum_vit.atlas.sources.load_model`.
+        images: a folder of image files (recursive), an image source, or ``None`` for
+            ``scenes`` zoo scenes.
+        out: the atlas folder; an existing atlas with the same settings is resumed or
+            extended with new layers and units.
+        layers: dotted paths; default every block's MLP hidden layer.
+        units: ``"all"``, a list of unit ids (every layer), or ``N``: the ``N`` most
+            active units of each layer.
+        k: top images per unit.
+        preset, steps, seed: feature visualization (default preset: ``"fast"`` on CPU,
+            ``"ghiasi2023"`` on GPU; default steps: the preset's).
+        batch_size: images per forward of the scan. fv_batch: units optimized together.
+        show_progress: progress bars (``None``: when stderr is a terminal); unless
+            ``False``, the first process also prints the estimated cost before the work.
+
+    Returns:
+        The path of ``index.html``.
+
+    Raises:
+        ValueError: no readable image, a layer that does not exist or has no patch grid, an
+            ``out`` folder that holds another atlas or other files, bad units.
+
+    Examples::
+
+        >>> build_atlas(zoo.load_model("vit"), None, "atlas")            # zoo scenes
+        >>> build_atlas(timm_model, "photos/", "atlas", units=16, layers=["blocks.6.mlp.act"])
+    """
+    loaded = model if isinstance(model, LoadedModel) else None
+    model = loaded.model if loaded else model
+    shard = Shard.from_environment()
+    try:
+        return _build(
+            model,
+            loaded,
+            images,
+            Path(out),
+            shard,
+            layers=layers,
+            units=units,
+            k=k,
+            preset=preset,
+            steps=steps,
+            seed=seed,
+            batch_size=batch_size,
+            fv_batch=fv_batch,
+            scenes=scenes,
+            show_progress=show_progress,
+        )
+    finally:
+        shard.close()
+
+
+def _check_arguments(k: int, batch_size: int, fv_batch: int) -> None:
+    for name, value in (("k", k), ("batch_size", batch_size), ("fv_batch", fv_batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_units(units: str | int | Sequence[int], layer_info: dict) -> None:
+    """The unit choice against every layer's width (before anything is written)."""
+    if isinstance(units, str):
+        if units != "all":
+            raise ValueError(f"units must be 'all', N or a list of unit ids, got {units!r}")
+        return
+    if isinstance(units, int) and not isinstance(units, bool):
+        if units < 1:
+            raise ValueError(f"the number of most active units must be >= 1, got {units}")
+        return
+    if not units:
+        raise ValueError("the list of units is empty")
+    for name, info in layer_info.items():
+        bad = [u for u in units if not 0 <= int(u) < info["channels"]]
+        if bad:
+            raise ValueError(
+                f"unit {bad[0]} does not exist in layer {name} (it has units "
+                f"0..{info['channels'] - 1})"
+            )
+
+
+def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Path:
+    k, batch_size, fv_batch = options["k"], options["batch_size"], options["fv_batch"]
+    _check_arguments(k, batch_size, fv_batch)
+    estimate = options["show_progress"] is not False and shard.is_main
+    progress = resolve_progress(options["show_progress"]) and shard.is_main
+    if images is None or isinstance(images, (str, Path)):
+        images = open_images(model, images, scenes=options["scenes"])
+    layer_info = _check_layers(
+        model, options["layers"] or default_layers(model), images.batch([0])["image"]
+    )
+    _check_units(options["units"], layer_info)
+    device = model_device(model)
+    fv = FVSettings(options["preset"] or default_preset(device), options["steps"], options["seed"])
+    get_preset(fv.preset)  # an unknown preset fails here, before anything is written
+    settings = {
+        "model": loaded.fingerprint if loaded else weights_fingerprint(model),
+        "images": images.fingerprint,
+        "k": k,
+        "batch_size": batch_size,
+        "preset": fv.preset,
+        "steps": fv.steps,
+        "seed": fv.seed,
+    }
+    files = AtlasFiles(out)
+    error = None
+    if shard.is_main:
+        try:
+            old_layers = files.check_settings(settings)
+        except ValueError as caught:
+            error, old_layers = str(caught), {}
+    shard.agree(error is None if shard.is_main else True, error or "")
+    old_layers = shard.gather(old_layers if shard.is_main else None)[0]
+    if shard.is_main:
+        files.discard_work()
+        files.write_manifest(settings, old_layers)
+    shard.barrier()
+
+    scans_done = shard.gather(
+        [files.exists(_scan_file(name)) for name in layer_info] if shard.is_main else None
+    )[0]
+    scans: dict[str, LayerScan] = {}
+    pending_scans = [name for name, done in zip(layer_info, scans_done, strict=True) if not done]
+    for name, done in zip(layer_info, scans_done, strict=True):
+        if done:
+            scans[name] = LayerScan.from_file(files.out / _scan_file(name))
+
+    _say(shard, f"{len(images)} images ({images.description}); {len(layer_info)} layer(s)")
+    if estimate:
+        line = _estimate(
+            model, images, layer_info, pending_scans, options["units"], fv, options, files, shard
+        )
+        print(line, flush=True)
+    for name in pending_scans:
+        scans[name] = scan_layer(
+            model, name, images, k=k, batch_size=batch_size, shard=shard, show_progress=progress
+        )
+        if shard.is_main:
+            files.write_bytes(_scan_file(name), scans[name].to_bytes())
+
+    chosen = {name: select_units(scans[name], options["units"]) for name in layer_info}
+    pending = shard.gather(
+        {
+            name: [u for u in chosen[name] if not files.exists(f"{unit_folder(name, u)}/unit.json")]
+            for name in layer_info
+        }
+        if shard.is_main
+        else None
+    )[0]
+    _visualize(model, scans, images, pending, fv, fv_batch, files, shard, progress)
+    shard.barrier()
+    if shard.is_main:
+        layers_record = _merge_layers(old_layers, layer_info, chosen)
+        overview = _overview(model, loaded, images, files, layers_record)
+        files.write_manifest(settings, layers_record)
+        index = write_site(files, {"settings": settings, "layers": layers_record}, overview)
+        files.discard_work()
+        _say(shard, f"atlas written: {index}")
+    shard.barrier()
+    return files.out / "index.html"
+
+
+def _scan_file(layer: str) -> str:
+    return f"data/{layer}.scan.pt"
+
+
+def _visualize(model, scans, images, pending, fv, fv_batch, files, shard, progress) -> None:
+    chunks = [
+        (name, units[start : start + fv_batch])
+        for name, units in pending.items()
+        for start in range(0, len(units), fv_batch)
+    ]
+    mine = shard.mine(chunks)
+    total = sum(len(units) for _, units in mine)
+    with tqdm(
+        total=total, disable=not progress or total == 0, unit="unit", desc="feature visualization"
+    ) as bar:
+        for name, units in mine:
+            pictures, scores = visualize_units(model, name, units, fv)
+            for unit, picture, score in zip(units, pictures, scores.tolist(), strict=True):
+                write_unit(files, scans[name], unit, picture.cpu(), score, images)
+            bar.update(len(units))
+
+
+def _merge_layers(old: dict, found: dict, chosen: dict) -> dict:
+    """Layers of the atlas in forward order of this run, then earlier ones; units merged."""
+    merged = {}
+    for name in list(found) + [name for name in old if name not in found]:
+        info = dict(old.get(name, {}))
+        info.update(found.get(name, {}))
+        info["units"] = sorted(set(old.get(name, {}).get("units", [])) | set(chosen.get(name, [])))
+        merged[name] = info
+    return merged
+
+
+def _overview(model, loaded, images, files: AtlasFiles, layers: dict) -> dict:
+    """Locality of every layer and Table 1, cached in ``data/model.json`` (recomputed only
+    when the atlas's layers change)."""
+    names = list(layers)
+    cached = files.read_json("data/model.json") if files.exists("data/model.json") else {}
+    if cached.get("layers") != names:
+        cached = {
+            "layers": names,
+            "locality": layer_locality(model, names, images),
+            "pooling": cached.get("pooling") or pooling_table(model, images),
+        }
+        files.write_json("data/model.json", cached)
+    return {
+        "model": loaded.description if loaded else type(unwrap_vision(model)).__name__,
+        "images": images.description,
+        "num_images": len(images),
+        "skipped_files": len(images.skipped),
+        "locality": cached["locality"],
+        "pooling": cached["pooling"],
+    }

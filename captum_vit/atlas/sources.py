@@ -1,0 +1,298 @@
+"""Where an atlas's model and images come from.
+
+Models: a bundled zoo model, a timm name (``pretrained=True`` with a network, or a local
+``weights`` file), an open_clip name with a local ``weights`` file, or ``module:function``
+returning a model. Images: a folder of image files (recursive, any format Pillow reads,
+prepared with the model's own preprocessing; an ``ImageFolder`` tree gives labels), or the
+zoo's synthetic scenes. Every image source has ``len()``, ``batch(indices)`` (a dict with
+``"image"`` in [0, 1] and ``"label"``), a ``description`` and a ``fingerprint``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+
+from .. import zoo
+from ..models import input_config, unwrap_vision
+
+__all__ = ["ImageFiles", "LoadedModel", "ZooScenes", "load_model", "open_images"]
+
+#: A Pillow decoding failure, whatever the file's problem.
+_UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, how it was named, and a hash of its weights."""
+
+    model: nn.Module
+    description: str
+    fingerprint: str
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    zoo_name: str | None = None,
+    weights: str | Path | None = None,
+    pretrained: bool = False,
+) -> LoadedModel:
+    """Load the atlas's model.
+
+    Args:
+        name: a timm model name, an open_clip model name (needs ``weights``), or
+            ``"module:function"`` (the function returns the model).
+        zoo_name: ``"vit"`` or ``"cnn"``, a bundled zoo model (instead of ``name``).
+        weights: a local checkpoint (``.safetensors`` or a ``torch.save`` state dict).
+        pretrained: download timm's pretrained weights (needs a network).
+
+    Raises:
+        ValueError: no model or two models named, an unknown name, weights that do not
+            match the architecture.
+        FileNotFoundError: the weights file does not exist.
+    """
+    if (name is None) == (zoo_name is None):
+        raise ValueError(
+            "name exactly one model: a timm / open_clip name, module:function, or --zoo"
+        )
+    if weights is not None and not Path(weights).is_file():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+    if zoo_name is not None:
+        model, description = zoo.load_model(zoo_name), f"zoo {zoo_name}"
+    elif ":" in name and not Path(name).exists():
+        model, description = _from_function(name), name
+    else:
+        model, description = _from_library(name, weights, pretrained), name
+    if weights is not None and zoo_name is not None:
+        _load_weights(model, weights, f"zoo {zoo_name}")
+    if weights is not None:
+        description += f" with weights {Path(weights).name}"
+    model.eval()
+    return LoadedModel(model, description, weights_fingerprint(model))
+
+
+def _from_function(spec: str) -> nn.Module:
+    module_name, _, function = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"cannot import {module_name!r} of {spec!r}: {error}") from error
+    if not callable(getattr(module, function, None)):
+        raise ValueError(f"{module_name} has no function {function!r} (from {spec!r})")
+    model = getattr(module, function)()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{spec} returned a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _from_library(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:
+    import open_clip
+    import timm
+
+    if Path(name).is_dir():
+        raise ValueError(
+            f"{name} is a directory: Hugging Face model directories are not supported by the "
+            "atlas yet; pass a timm name with --weights FILE"
+        )
+    if timm.is_model(name):
+        model = timm.create_model(name, pretrained=pretrained)
+        if weights is not None:
+            _load_weights(model, weights, name)
+        return model
+    if name in open_clip.list_models():
+        if weights is None:
+            raise ValueError(f"open_clip model {name} needs --weights FILE (a local checkpoint)")
+        try:
+            return open_clip.create_model(name, pretrained=str(weights))
+        except RuntimeError as error:
+            raise ValueError(_mismatch(weights, name, error)) from error
+    raise ValueError(
+        f"unknown model {name!r}: not a timm or open_clip name, and not module:function; "
+        "use --zoo vit for the bundled model"
+    )
+
+
+def _load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
+    path = Path(weights)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"cannot read weights file {path}: {error}") from error
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(_mismatch(path, name, error)) from error
+
+
+def _mismatch(path: str | Path, name: str, error: Exception) -> str:
+    detail = " ".join(str(error).split())[:300]
+    return f"weights file {path} does not match the architecture {name}: {detail}"
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of the model's parameters and buffers (names, shapes and values)."""
+    digest = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- images
+
+
+class ZooScenes:
+    """The zoo's synthetic scenes (labelled) as an atlas image source."""
+
+    def __init__(self, count: int = 256, seed: int = 1) -> None:
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"the number of scenes must be a positive int, got {count!r}")
+        self.scenes = zoo.SyntheticScenes(count, seed=seed)
+        self.class_names = list(self.scenes.class_names)
+        self.description = f"{count} zoo scenes (seed {seed})"
+        self.fingerprint = f"zoo-scenes:{count}:{seed}"
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return len(self.scenes)
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        item = self.scenes.batch(list(indices))
+        return {"image": item["image"], "label": item["label"]}
+
+    def name(self, index: int) -> str:
+        return f"scene {index}: {self.class_names[int(self.scenes[index]['label'])]}"
+
+
+class ImageFiles:
+    """Every image file under a folder (recursive, sorted by path), prepared for a model.
+
+    A file is prepared as the model's preprocessing does: RGB, the shorter side resized to
+    ``size / crop_pct`` (bicubic), the centre ``size`` cropped, values in [0, 1].
+    Unreadable files are skipped with a warning and listed in :attr:`skipped`. When every
+    image lies in a first-level subfolder (an ``ImageFolder`` tree), the subfolders are the
+    classes (sorted) and :attr:`class_names` lists them.
+
+    Raises:
+        ValueError: the folder does not exist or holds no readable image.
+    """
+
+    def __init__(self, root: str | Path, size: tuple[int, int], crop_pct: float = 1.0) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"image folder {root} does not exist or is not a folder")
+        self.size = (int(size[0]), int(size[1]))
+        self.crop_pct = float(crop_pct)
+        files = sorted(p for p in self.root.rglob("*") if p.is_file() and not _hidden(p, self.root))
+        self.files: list[Path] = []
+        self.skipped: list[str] = []
+        for path in files:
+            if _readable(path):
+                self.files.append(path)
+            else:
+                self.skipped.append(str(path.relative_to(self.root)))
+        if self.skipped:
+            warnings.warn(
+                f"skipped {len(self.skipped)} unreadable file(s) in {root}: "
+                + ", ".join(self.skipped[:5])
+                + (" ..." if len(self.skipped) > 5 else ""),
+                stacklevel=2,
+            )
+        if not self.files:
+            raise ValueError(
+                f"image folder {root} holds no readable image (skipped {len(self.skipped)} "
+                "file(s)); point --images at a folder of image files"
+            )
+        folders = {p.relative_to(self.root).parts[0] for p in self.files}
+        nested = all(len(p.relative_to(self.root).parts) >= 2 for p in self.files)
+        self.class_names = sorted(folders) if nested else None
+        self.description = f"{len(self.files)} images from {self.root.name}/"
+        self.fingerprint = _files_fingerprint(self.root, self.files, self.size, self.crop_pct)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        images = torch.stack([self._load(self.files[i]) for i in indices])
+        labels = [self._label(self.files[i]) for i in indices]
+        return {"image": images, "label": torch.tensor(labels)}
+
+    def name(self, index: int) -> str:
+        return str(self.files[index].relative_to(self.root))
+
+    def _label(self, path: Path) -> int:
+        if self.class_names is None:
+            return -1
+        return self.class_names.index(path.relative_to(self.root).parts[0])
+
+    def _load(self, path: Path) -> torch.Tensor:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            height, width = self.size
+            scale = max(height, width) / self.crop_pct / min(image.size)
+            resized = (
+                max(width, round(image.width * scale)),
+                max(height, round(image.height * scale)),
+            )
+            image = image.resize(resized, Image.Resampling.BICUBIC)
+            left, top = (image.width - width) // 2, (image.height - height) // 2
+            image = image.crop((left, top, left + width, top + height))
+            array = np.asarray(image, dtype=np.float32) / 255.0
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _readable(path: Path) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except _UNREADABLE:
+        return False
+
+
+def _files_fingerprint(root: Path, files: list[Path], size: tuple, crop_pct: float) -> str:
+    digest = hashlib.sha256(f"{size}:{crop_pct}".encode())
+    for path in files:
+        digest.update(f"{path.relative_to(root)}:{path.stat().st_size}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def crop_fraction(model: nn.Module) -> float:
+    """The model's declared centre-crop fraction (timm's ``crop_pct``), else 1."""
+    cfg = getattr(unwrap_vision(model), "pretrained_cfg", None) or {}
+    value = cfg.get("crop_pct") if isinstance(cfg, dict) else None
+    return float(value) if value else 1.0
+
+
+def open_images(
+    model: nn.Module, folder: str | Path | None = None, *, scenes: int = 256
+) -> ImageFiles | ZooScenes:
+    """The atlas's images: the files under ``folder`` prepared for ``model``, or (no
+    folder) ``scenes`` zoo scenes."""
+    if folder is None:
+        return ZooScenes(scenes)
+    size = input_config(model).size
+    return ImageFiles(folder, size, crop_fraction(model))

@@ -1,0 +1,238 @@
+"""The atlas: its pages in a real browser (headless Chromium), its statistics against an
+independent capture, image folders, and incremental runs."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from browser import Browser, chromium_path
+from PIL import Image
+from skimage import data as photos
+
+from captum_vit import capture_layers, zoo
+from captum_vit.atlas import ImageFiles, build_atlas, default_layers, load_model
+from captum_vit.atlas.scan import LayerScan
+from captum_vit.atlas.units import select_units
+
+LAYERS = ["blocks.1.mlp.act", "blocks.4.mlp.act"]
+
+
+def _photo_folder(root: Path) -> Path:
+    """An ImageFolder tree of 12 photos (two classes, JPEG / PNG, one grey) and one
+    unreadable file."""
+    pictures = [photos.astronaut(), photos.coffee(), photos.chelsea(), photos.rocket()]
+    for number in range(12):
+        picture = pictures[number % 4]
+        picture = picture[:, ::-1] if number // 4 == 1 else picture
+        picture = picture[number * 9 :, number * 5 :] if number // 4 == 2 else picture
+        folder = root / ("cats" if number % 2 else "things")
+        folder.mkdir(parents=True, exist_ok=True)
+        suffix = ".png" if number % 3 else ".jpg"
+        Image.fromarray(np.ascontiguousarray(picture)).save(folder / f"photo{number:02d}{suffix}")
+    Image.fromarray(photos.camera()).save(root / "things" / "grey.png")
+    (root / "cats" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread for these builds: the results do not depend on it, and on a shared
+    machine it avoids threads spinning against each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory, one_thread):
+    root = tmp_path_factory.mktemp("atlas")
+    folder = _photo_folder(root / "photos")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        index = build_atlas(
+            load_model(zoo_name="vit"),
+            folder,
+            root / "site",
+            layers=LAYERS,
+            units=2,
+            k=3,
+            steps=3,
+            batch_size=8,
+            fv_batch=2,
+            show_progress=False,
+        )
+    return index
+
+
+def test_atlas_files_and_manifest(atlas):
+    site = atlas.parent
+    manifest = json.loads((site / "atlas.json").read_text())
+    assert list(manifest["layers"]) == LAYERS
+    for layer in LAYERS:
+        units = manifest["layers"][layer]["units"]
+        assert len(units) == 2
+        for unit in units:
+            record = json.loads((site / f"layers/{layer}/unit_{unit:04d}/unit.json").read_text())
+            assert len(record["top"]) == 3 and record["num_images"] == 13
+            assert sum(record["histogram"]["counts"]) == 13
+            assert record["prefix_names"] == ["cls"]
+    assert "1 unreadable file(s) skipped" in atlas.read_text()
+    assert not (site / ".work").exists()
+
+
+def test_scan_statistics_match_an_independent_capture():
+    model = zoo.load_model("vit")
+    scenes = zoo.SyntheticScenes(10, seed=3)
+    from captum_vit.atlas import ZooScenes
+    from captum_vit.atlas.scan import scan_layer
+    from captum_vit.atlas.shard import Shard
+
+    source = ZooScenes(10, seed=3)
+    scan = scan_layer(model, LAYERS[0], source, k=4, batch_size=4, shard=Shard())
+    images = scenes.batch(range(len(scenes)))["image"]
+    normalized = (images - 0.5) / 0.25  # the zoo's normalization
+    tokens = capture_layers(model, LAYERS[0], normalized)  # (B, 1 + 64, C)
+    torch.testing.assert_close(scan.means, tokens[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scan.prefix[:, 0], tokens[:, 0], atol=1e-5, rtol=1e-5)
+    best = scan.means.topk(4, dim=0)
+    torch.testing.assert_close(scan.examples.scores, best.values.t())
+    assert select_units(scan, 3) == sorted(best.values[0].topk(3).indices.tolist())
+    assert select_units(scan, [5, 1, 5]) == [1, 5]
+    with pytest.raises(ValueError, match="does not exist in layer"):
+        select_units(scan, [10_000])
+    copy = LayerScan.from_file(io.BytesIO(scan.to_bytes()))
+    assert torch.equal(copy.means, scan.means) and copy.grid == (8, 8)
+
+
+def test_image_files_prepare_like_the_model_and_skip_unreadable_files(tmp_path):
+    # a 40x80 image: left half red, right half blue, a green column at the centre
+    array = np.zeros((40, 80, 3), np.uint8)
+    array[:, :40, 0] = 255
+    array[:, 40:, 2] = 255
+    array[:, 38:42] = (0, 255, 0)
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(array).save(tmp_path / "wide.png")
+    (tmp_path / "sub" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning, match="skipped 1 unreadable file"):
+        files = ImageFiles(tmp_path, (20, 20))
+    assert files.skipped == ["sub/notes.txt"] and len(files) == 1 and files.class_names is None
+    image = files.batch([0])["image"][0]
+    # shorter side 40 -> 20, so the width 80 -> 40, centre crop 20: columns 10..29 of 40
+    assert image.shape == (3, 20, 20)
+    assert image[1, :, 9:11].mean() > 0.5  # the green centre column stays in the middle
+    assert image[0, :, :5].mean() > 0.9 and image[2, :, -5:].mean() > 0.9
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no readable image"):
+        ImageFiles(empty, (20, 20))
+
+
+def test_adding_units_and_layers_keeps_finished_units(atlas, tmp_path):
+    site = tmp_path / "site"
+    shutil.copytree(atlas.parent, site)
+    before = {p: p.stat().st_mtime_ns for p in site.glob("layers/*/unit_*/unit.json")}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        build_atlas(
+            load_model(zoo_name="vit"),
+            atlas.parent.parent / "photos",
+            site,
+            layers=[*LAYERS, "blocks.5.mlp.act"],
+            units=3,
+            k=3,
+            steps=3,
+            batch_size=8,
+            fv_batch=2,
+            show_progress=False,
+        )
+    manifest = json.loads((site / "atlas.json").read_text())
+    assert [len(info["units"]) for info in manifest["layers"].values()] == [3, 3, 3]
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in before.items())
+    assert len(list(site.glob("layers/*/unit_*/unit.json"))) == 9
+    with pytest.raises(ValueError, match="other settings"):
+        build_atlas(zoo.load_model("vit"), None, site, layers=LAYERS, show_progress=False)
+
+
+# --------------------------------------------------------------------------- browser
+
+_SMALLEST_TEXT = """(() => {
+  const sizes = [];
+  for (const e of document.querySelectorAll('body *')) {
+    const text = [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim());
+    const box = e.getBoundingClientRect();
+    if (text && box.width > 0) sizes.push(parseFloat(getComputedStyle(e).fontSize));
+  }
+  return Math.min(...sizes);
+})()"""
+
+
+def _not_blank(png: Path) -> bool:
+    with Image.open(png) as picture:
+        pixels = np.asarray(picture.convert("RGB"), dtype=np.float32)
+    return pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200
+
+
+@pytest.mark.skipif(
+    chromium_path() is None, reason="chromium is not installed (apt-get install chromium)"
+)
+def test_pages_in_headless_chromium(atlas, tmp_path):
+    site = atlas.parent
+    manifest = json.loads((site / "atlas.json").read_text())
+    layer = LAYERS[1]
+    unit = manifest["layers"][layer]["units"][0]
+    pages = [
+        atlas,
+        site / "layers" / layer / "index.html",
+        site / f"layers/{layer}/unit_{unit:04d}.html",
+    ]
+    with Browser() as browser:
+        for number, page in enumerate(pages):
+            browser.open(page)
+            assert browser.errors() == [], page
+            widths = browser.evaluate("[...document.images].map(i => i.complete && i.naturalWidth)")
+            assert all(width and width > 0 for width in widths), (page, widths)
+            assert browser.evaluate(_SMALLEST_TEXT) >= 12, page
+            assert _not_blank(browser.screenshot(tmp_path / f"{number}_{page.stem}.png")), page
+        assert len(widths) == 1 + 2 * 3  # the unit page: visualization, 3 images + 3 maps
+        assert browser.evaluate("document.querySelectorAll('svg text').length") >= 5
+        browser.open(atlas)
+        other = manifest["layers"][LAYERS[0]]["units"][-1]
+        browser.events.clear()
+        browser.evaluate(
+            f"document.getElementById('unit-search').value = '0:{other}';"
+            "document.querySelector('#search button').click()"
+        )
+        browser.wait_for("Page.loadEventFired")  # the unit page, found by the search box
+        assert browser.evaluate("location.href").endswith(f"{LAYERS[0]}/unit_{other:04d}.html")
+        browser.open(atlas)
+        browser.evaluate(
+            "document.getElementById('unit-search').value = '0:99999';"
+            "document.querySelector('#search button').click()"
+        )
+        assert "not in this atlas" in browser.evaluate(
+            "document.getElementById('search-result').textContent"
+        )
+
+
+def small_vit() -> torch.nn.Module:
+    """A model named as ``module:function`` (this test module)."""
+    import timm
+
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+
+
+def test_models_named_as_module_function():
+    loaded = load_model("test_atlas:small_vit")
+    assert loaded.description == "test_atlas:small_vit" and not loaded.model.training
+    assert default_layers(loaded.model) == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_model("test_atlas:nope")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_model("no_such_module_xyz:build")

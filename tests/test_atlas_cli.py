@@ -1,0 +1,162 @@
+"""``captum-vit atlas`` as a user runs it: resumed after SIGKILL, split over two processes
+with torchrun, and refusing bad input with a clear message and a non-zero exit. Also the
+other subcommands."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from captum_vit import zoo
+from captum_vit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny settings: the zoo ViT, two layers, two units each (four chunks), 32 scenes.
+ARGS = [
+    "atlas",
+    "--zoo",
+    "vit",
+    "--scenes",
+    "32",
+    "--layers",
+    "blocks.1.mlp.act,blocks.4.mlp.act",
+    "--units",
+    "top:2",
+    "--k",
+    "3",
+    "--steps",
+    "3",
+    "--batch-size",
+    "8",
+    "--fv-batch",
+    "1",
+]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def _run(out: Path, *prefix: str) -> subprocess.CompletedProcess:
+    command = [*(prefix or (sys.executable, "-m")), "captum_vit", *ARGS, "--out", str(out)]
+    return subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted single-process run (in this process, one thread)."""
+    out = tmp_path_factory.mktemp("reference") / "atlas"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*ARGS, "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def test_killed_run_resumes_to_identical_files(reference, tmp_path):
+    out = tmp_path / "atlas"
+    command = [sys.executable, "-m", "captum_vit", *ARGS, "--out", str(out)]
+    process = subprocess.Popen(
+        command, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not list(out.glob("layers/*/unit_*/unit.json")):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("layers/*/unit_*/unit.json")}
+    assert 1 <= len(finished) < 4  # killed after some units, before the last
+    assert not (out / "index.html").exists()  # nothing presented as finished
+    result = _run(out)
+    assert result.returncode == 0, result.stderr
+    assert "estimated cost: about" in result.stdout
+    assert all(path.stat().st_mtime_ns == stamp for path, stamp in finished.items())
+    assert _tree(out) == _tree(reference)
+
+
+def test_two_processes_with_torchrun_give_identical_files(reference, tmp_path):
+    out = tmp_path / "atlas"
+    torchrun = (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+    )
+    result = _run(out, *torchrun)
+    assert result.returncode == 0, result.stderr
+    assert _tree(out) == _tree(reference)
+
+
+def _fails(capsys, *args: str, match: str) -> None:
+    assert main(list(args)) == 2
+    assert match in capsys.readouterr().err
+
+
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _check_bad_input(tmp_path, capsys)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check_bad_input(tmp_path, capsys):
+    out = tmp_path / "atlas"
+    base = ["atlas", "--zoo", "vit", "--out", str(out), "--scenes", "4"]
+    _fails(capsys, *base, "--layers", "blocks.1.mlp.nope", match="blocks.1.mlp.nope")
+    _fails(capsys, *base, "--layers", "head", match="layer head cannot be shown in an atlas")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, *base, "--images", str(tmp_path / "empty"), match="holds no readable image")
+    _fails(capsys, *base, "--images", str(tmp_path / "missing"), match="does not exist")
+    cnn = {key: value.contiguous() for key, value in zoo.load_model("cnn").state_dict().items()}
+    save_file(cnn, tmp_path / "cnn.safetensors")
+    weights = str(tmp_path / "cnn.safetensors")
+    _fails(capsys, *base, "--weights", weights, match="does not match the architecture zoo vit")
+    torch.save({"not": "weights"}, tmp_path / "bad.pt")
+    _fails(
+        capsys,
+        "atlas",
+        "vit_tiny_patch16_224",
+        "--weights",
+        str(tmp_path / "bad.pt"),
+        match="does not match",
+    )
+    _fails(capsys, "atlas", "no_such_model_xyz", match="unknown model")
+    _fails(capsys, *base, "--units", "top:0", match="most active units must be >= 1")
+    _fails(capsys, *base, "--preset", "nope", match="nope")
+    assert not out.exists()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "file.txt").write_text("mine")
+    _fails(
+        capsys, "atlas", "--zoo", "vit", "--out", str(tmp_path / "other"), match="holds no atlas"
+    )
+
+
+def test_cli_layouts_and_layout_errors(capsys):
+    assert main(["layouts"]) == 0
+    assert "cls, dist" in capsys.readouterr().out
+    assert main(["layout", "vit_tiny_patch16_224", "blocks.1.mlp.fc", "--img-size", "32"]) == 2
+    assert "blocks.1.mlp.fc1" in capsys.readouterr().err
