@@ -29,6 +29,10 @@ _LAZY = {
     "render": ".render",
     "atlas": ".atlas",
     "build_atlas": ".atlas.build",
+    "patch_grid": ".interop",
+    "patch_feature_mask": ".interop",
+    "AttentionRollout": ".rollout",
+    "hf": ".hf",
 }
 
 __all__ = [

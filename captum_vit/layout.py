@@ -319,9 +319,9 @@ def _declared_prefix_names(model: nn.Module) -> tuple[str, ...]:
         # PiT distilled keeps cls and dist in one (1, 2, C) parameter.
         count = cls.shape[1] if cls.dim() == 3 else 1
         names += ["cls", "dist"][:count] if count <= 2 else [f"cls{i}" for i in range(count)]
-    if leaf.get("dist_token") is not None:
+    if leaf.get("dist_token", leaf.get("distillation_token")) is not None:
         names.append("dist")
-    reg = leaf.get("reg_token")
+    reg = leaf.get("reg_token", leaf.get("register_tokens"))
     if reg is not None:
         names += [f"reg{i}" for i in range(reg.shape[1] if reg.dim() == 3 else 1)]
     return tuple(names)
@@ -397,6 +397,8 @@ def resolve_layout(
         >>> spatial, prefix = layout.split(block3_output)
     """
     vision = unwrap_vision(model)
+    if getattr(vision, "image_prefix", None) is not None:
+        model = vision  # Hugging Face: run the image tower (CLIPModel needs no text)
     name, module = find_module(model, layer)
     if inputs is None:
         inputs = _default_inputs(model)

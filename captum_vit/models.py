@@ -36,6 +36,10 @@ def unwrap_vision(model: nn.Module) -> nn.Module:
     wrapped model for an :class:`ImageModel`, the model itself otherwise."""
     if isinstance(model, ImageModel):
         return model.model
+    if type(model).__module__.startswith("transformers."):
+        from .hf import vision_tower  # Hugging Face: pixel_values -> tensor, image tower only
+
+        return vision_tower(model)
     return _clip_image_tower(model) or model
 
 
@@ -128,7 +132,10 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
 
 def _declared_config(vision: nn.Module) -> dict:
     """mean / std / size declared by timm (``pretrained_cfg``) or open_clip
-    (``preprocess_cfg``, legacy ``image_mean`` / ``image_std``)."""
+    (``preprocess_cfg``, legacy ``image_mean`` / ``image_std``) or a Hugging Face tower
+    (``declared_input_config``, see :mod:`captum_vit.hf`)."""
+    if getattr(vision, "declared_input_config", None):
+        return dict(vision.declared_input_config)
     for module in (vision, getattr(vision, "trunk", None)):
         if module is None:
             continue

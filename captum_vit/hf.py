@@ -1,0 +1,150 @@
+"""Hugging Face ``transformers`` vision models as a model source (optional extra ``[hf]``).
+
+Supported: ``ViTModel`` / ``ViTForImageClassification``, DeiT (also
+``DeiTForImageClassificationWithTeacher``: cls + distillation token), DINOv2 (also with
+registers), ``CLIPVisionModel`` / ``CLIPModel`` (its image tower) and Swin. Every public
+class of captum_vit takes these models directly; internally they are seen through
+:class:`HFVisionModel`, which
+
+* returns a tensor instead of a ``ModelOutput``: ``logits`` for classifiers, the projected
+  image embedding for ``CLIPModel``, ``pooler_output`` (else the first token of
+  ``last_hidden_state``) for backbones;
+* runs only the image tower of ``CLIPModel`` (``get_image_features``);
+* declares the input size from the model's config and the normalization of the model
+  family's image processor (``config.image_mean`` / ``image_std`` when the config has
+  them; ViT 0.5 / 0.5, CLIP OpenAI mean / std, the others ImageNet mean / std). Pass
+  ``mean=`` / ``std=`` to override, as for any model.
+
+Layer paths are those of the Hugging Face model (``"vit.layers.3"``,
+``"vision_model.encoder.layers.3"``, ``"encoder.layers.0.blocks.1"``).
+
+To give a Hugging Face model to Captum directly (it returns ``ModelOutput`` objects,
+which Captum cannot index), use :func:`vision_tower`::
+
+    >>> forward = cv.hf.vision_tower(model)           # pixel_values -> logits tensor
+    >>> with cv.patch_grid(model, "vit.layers.3", pixel_values) as grid:
+    ...     cam = LayerGradCam(forward, grid).attribute(pixel_values, target=3)
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["HFVisionModel", "is_hf_model", "model_output_tensor", "vision_tower"]
+
+_IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+_HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
+#: Normalization of each model family's image processor (``model_type`` of the config).
+_FAMILY_NORMALIZATION = {"vit": _HALF, "clip": _OPENAI, "clip_vision_model": _OPENAI}
+
+_TOWERS: weakref.WeakKeyDictionary[nn.Module, HFVisionModel] = weakref.WeakKeyDictionary()
+
+
+def is_hf_model(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``transformers`` model."""
+    return type(module).__module__.startswith("transformers.")
+
+
+def model_output_tensor(output: Any) -> torch.Tensor:
+    """The tensor a ``ModelOutput`` stands for: ``logits``, else ``image_embeds``, else
+    ``pooler_output``, else the first token of ``last_hidden_state``."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for key in ("logits", "image_embeds", "pooler_output"):
+        value = output.get(key) if hasattr(output, "get") else getattr(output, key, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    hidden = getattr(output, "last_hidden_state", None)
+    if isinstance(hidden, torch.Tensor):
+        return hidden[:, 0]
+    raise TypeError(
+        f"cannot find a tensor output in {type(output).__name__} (no logits, image_embeds, "
+        "pooler_output or last_hidden_state)"
+    )
+
+
+class HFVisionModel(nn.Module):
+    """A Hugging Face vision model seen as ``pixel_values -> tensor``.
+
+    The wrapped model is a submodule (``.model``; for ``CLIPModel`` its ``vision_model``
+    and ``visual_projection``, under the same paths), shared, not copied: hooks on its
+    modules fire as usual and it is never modified.
+
+    Args:
+        model: a supported ``transformers`` vision model (see the module docstring).
+
+    Attributes:
+        image_size: ``(H, W)`` from the model's (vision) config.
+        declared_input_config: ``mean`` / ``std`` / ``size`` for
+            :func:`captum_vit.models.input_config`.
+        image_prefix: dotted path prefix of the image tower inside this wrapper
+            (``"vision_model."`` for ``CLIPModel``, ``"model."`` otherwise).
+
+    Examples::
+
+        >>> tower = HFVisionModel(transformers.ViTForImageClassification(config))
+        >>> logits = tower(pixel_values)
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not is_hf_model(model):
+            raise TypeError(f"expected a transformers model, got {type(model).__name__}")
+        self._clip_pair = hasattr(model, "get_image_features") and hasattr(model, "text_model")
+        if self._clip_pair:
+            # The image tower only: the same modules, under the same paths as in CLIPModel.
+            self.vision_model = model.vision_model
+            self.visual_projection = model.visual_projection
+        else:
+            self.model = model
+        config = model.config
+        vision_config = getattr(config, "vision_config", None) if self._clip_pair else None
+        config = vision_config or config
+        size = getattr(config, "image_size", None)
+        if size is None:
+            raise ValueError(
+                f"{type(model).__name__}'s config has no image_size: pass image_size=(H, W)"
+            )
+        self.image_size = _pair(size)
+        mean, std = _normalization(config)
+        self.declared_input_config = {"mean": mean, "std": std, "size": self.image_size}
+        self.image_prefix = "vision_model." if self._clip_pair else "model."
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self._clip_pair:  # as CLIPModel.get_image_features
+            pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+            return self.visual_projection(pooled)
+        else:
+            output = self.model(pixel_values=pixel_values)
+        return model_output_tensor(output)
+
+
+def vision_tower(model: nn.Module) -> HFVisionModel:
+    """The :class:`HFVisionModel` of a Hugging Face model (one per model, reused)."""
+    if isinstance(model, HFVisionModel):
+        return model
+    tower = _TOWERS.get(model)
+    if tower is None:
+        tower = HFVisionModel(model)
+        _TOWERS[model] = tower
+    return tower
+
+
+def _pair(value: Any) -> tuple[int, int]:
+    if isinstance(value, int):
+        return (value, value)
+    value = tuple(int(v) for v in value)
+    return (value[0], value[-1])
+
+
+def _normalization(config: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    if mean is not None and std is not None:
+        return tuple(mean), tuple(std)
+    return _FAMILY_NORMALIZATION.get(getattr(config, "model_type", ""), _IMAGENET)

@@ -1,0 +1,226 @@
+"""Hugging Face transformers models as a model source: layouts against the models' own
+output_hidden_states, outputs unwrapped, results equal to timm's with the same weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from archs import hooks_left
+
+import captum_vit as cv
+
+transformers = pytest.importorskip("transformers")
+
+SMALL = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    patch_size=8,
+    layer_norm_eps=1e-6,
+)
+
+
+def build(kind):
+    torch.manual_seed(0)
+    T = transformers
+    if kind == "vit":
+        model = T.ViTForImageClassification(T.ViTConfig(**SMALL, image_size=(32, 48), num_labels=5))
+    elif kind == "vit_model":
+        model = T.ViTModel(T.ViTConfig(**SMALL, image_size=32))
+    elif kind == "deit":
+        model = T.DeiTForImageClassificationWithTeacher(
+            T.DeiTConfig(**SMALL, image_size=32, num_labels=5)
+        )
+    elif kind == "dinov2_reg":
+        model = T.Dinov2WithRegistersModel(
+            T.Dinov2WithRegistersConfig(**SMALL, image_size=32, num_register_tokens=4)
+        )
+    elif kind == "clip_vision":
+        model = T.CLIPVisionModel(T.CLIPVisionConfig(**SMALL, image_size=32))
+    elif kind == "clip":
+        model = T.CLIPModel(
+            T.CLIPConfig(
+                vision_config=dict(SMALL, image_size=32),
+                text_config=dict(SMALL, vocab_size=64, max_position_embeddings=8),
+                projection_dim=16,
+            )
+        )
+    elif kind == "swin":
+        model = T.SwinForImageClassification(
+            T.SwinConfig(
+                image_size=(32, 48),
+                patch_size=4,
+                embed_dim=16,
+                depths=[2, 2],
+                num_heads=[2, 2],
+                window_size=4,
+                num_labels=5,
+            )
+        )
+    return model.eval()
+
+
+def size_of(kind):
+    return (32, 48) if kind in ("vit", "swin") else (32, 32)
+
+
+def pixels(kind, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, *size_of(kind), generator=generator)
+
+
+def hidden_states(model, x):
+    with torch.no_grad():
+        if hasattr(model, "get_image_features"):
+            return model.vision_model(pixel_values=x, output_hidden_states=True).hidden_states
+        return model(pixel_values=x, output_hidden_states=True).hidden_states
+
+
+# kind -> (layer path, index in hidden_states, prefix names, grid)
+LAYERS = {
+    "vit": ("vit.layers.1", 2, ("cls",), (4, 6)),
+    "vit_model": ("layers.0", 1, ("cls",), (4, 4)),
+    "deit": ("deit.layers.0", 1, ("cls", "dist"), (4, 4)),
+    "dinov2_reg": ("encoder.layer.1", 2, ("cls", "reg0", "reg1", "reg2", "reg3"), (4, 4)),
+    "clip_vision": ("encoder.layers.0", 1, ("cls",), (4, 4)),
+    "clip": ("vision_model.encoder.layers.1", 2, ("cls",), (4, 4)),
+}
+
+
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_layout_split_equals_the_models_own_hidden_states(kind):
+    model = build(kind)
+    path, index, names, grid = LAYERS[kind]
+    x = pixels(kind)
+    layout = cv.resolve_layout(model, path, x)
+    assert layout.prefix_names == names and layout.grid == grid
+    output = cv.capture_layers(model, path, x) if kind != "clip" else None
+    if kind == "clip":
+        output = cv.capture_layers(cv.hf.vision_tower(model), path, x)
+    spatial, prefix = layout.split(output)
+    hidden = hidden_states(model, x)[index]
+    p = len(names)
+    expected = hidden[:, p:].reshape(2, *grid, -1).permute(0, 3, 1, 2)
+    assert torch.equal(spatial, expected)
+    assert torch.equal(prefix, hidden[:, :p])
+
+
+def test_swin_stage_layout_equals_reshaped_hidden_states():
+    model = build("swin")
+    x = pixels("swin")
+    layout = cv.resolve_layout(model, "swin.encoder.layers.0", x)
+    with torch.no_grad():
+        reshaped = model(pixel_values=x, output_hidden_states=True).reshaped_hidden_states
+    spatial, _ = layout.split(cv.capture_layers(model, "swin.encoder.layers.0", x))
+    assert torch.equal(spatial, reshaped[1])
+    block = cv.resolve_layout(model, "swin.encoder.layers.0.blocks.1", x)
+    assert block.grid == (8, 12) and block.num_prefix_tokens == 0
+    with pytest.raises(ValueError, match="windows"):
+        cv.AttentionRollout(model)
+
+
+def test_outputs_are_unwrapped_and_normalization_comes_from_the_config():
+    vit, clip = build("vit"), build("clip")
+    images = torch.rand(2, 3, 32, 48)
+    config = cv.input_config(vit)
+    assert config.mean == (0.5, 0.5, 0.5) and config.size == (32, 48)
+    with torch.no_grad():
+        logits = cv.ImageModel(vit)(images)
+        assert torch.equal(logits, vit(pixel_values=(images - 0.5) / 0.5).logits)
+        clip_images = torch.rand(2, 3, 32, 32)
+        embeds = cv.ImageModel(clip)(clip_images)
+        normalized = cv.ImageModel(clip).normalize(clip_images)
+        expected = clip.get_image_features(pixel_values=normalized).pooler_output
+    assert embeds.shape == (2, 16) and torch.allclose(embeds, expected)
+    assert cv.input_config(clip).mean[0] == pytest.approx(0.48145466)
+
+
+def timm_twin(hf):
+    """timm vit_tiny with the HF ViT classifier's weights."""
+    import timm
+
+    timm_model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=(32, 48),
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        mlp_ratio=2.0,
+        num_classes=5,
+    ).eval()
+    src = hf.state_dict()
+    dst = {
+        "cls_token": src["vit.embeddings.cls_token"],
+        "pos_embed": src["vit.embeddings.position_embeddings"],
+        "patch_embed.proj.weight": src["vit.embeddings.patch_embeddings.projection.weight"],
+        "patch_embed.proj.bias": src["vit.embeddings.patch_embeddings.projection.bias"],
+        "norm.weight": src["vit.layernorm.weight"],
+        "norm.bias": src["vit.layernorm.bias"],
+        "head.weight": src["classifier.weight"],
+        "head.bias": src["classifier.bias"],
+    }
+    for i in range(2):
+        s, d = f"vit.layers.{i}.", f"blocks.{i}."
+        for param in ("weight", "bias"):
+            dst[d + "norm1." + param] = src[s + "layernorm_before." + param]
+            dst[d + "norm2." + param] = src[s + "layernorm_after." + param]
+            dst[d + "attn.qkv." + param] = torch.cat(
+                [src[s + f"attention.{p}_proj." + param] for p in "qkv"]
+            )
+            dst[d + "attn.proj." + param] = src[s + "attention.o_proj." + param]
+            dst[d + "mlp.fc1." + param] = src[s + "mlp.fc1." + param]
+            dst[d + "mlp.fc2." + param] = src[s + "mlp.fc2." + param]
+    timm_model.load_state_dict(dst)
+    return timm_model
+
+
+def test_results_agree_with_timm_built_with_the_same_weights():
+    hf = build("vit")
+    twin = timm_twin(hf)
+    images = torch.rand(2, 3, 32, 48)
+    mean_std = dict(mean=(0.5,) * 3, std=(0.5,) * 3)
+    with torch.no_grad():
+        assert torch.allclose(
+            cv.ImageModel(hf)(images), cv.ImageModel(twin, **mean_std)(images), atol=1e-5
+        )
+    hf_map = cv.PatchActivationMap(hf, "vit.layers.0.mlp.fc1").attribute(images, target=7)
+    timm_map = cv.PatchActivationMap(twin, "blocks.0.mlp.fc1", **mean_std).attribute(
+        images, target=7
+    )
+    assert hf_map.shape == (2, 4, 6) and torch.allclose(hf_map, timm_map, atol=1e-5)
+    hf_roll = cv.AttentionRollout(hf).attribute(images)
+    timm_roll = cv.AttentionRollout(twin, **mean_std).attribute(images)
+    assert torch.allclose(hf_roll, timm_roll, atol=1e-6)
+    x = cv.ImageModel(hf).normalize(images)
+    from captum.attr import LayerGradCam
+
+    with cv.patch_grid(hf, "vit.layers.0", x) as grid:
+        hf_cam = LayerGradCam(cv.hf.vision_tower(hf), grid).attribute(x, target=2)
+    with cv.patch_grid(twin, "blocks.0", x) as grid:
+        timm_cam = LayerGradCam(twin, grid).attribute(x, target=2)
+    assert hf_cam.shape == (2, 1, 4, 6)
+    assert torch.allclose(hf_cam, timm_cam, atol=1e-5, rtol=1e-3)
+    assert hooks_left(hf) == 0
+
+
+@pytest.mark.parametrize("kind", ["deit", "dinov2_reg", "clip"])
+def test_package_methods_run_on_hf_models(kind):
+    model = build(kind)
+    path = LAYERS[kind][0]
+    images = torch.rand(3, 3, 32, 32)
+    maps = cv.PatchActivationMap(model, path + ".mlp.fc1").attribute(images, target=5)
+    assert maps.shape == (3, 4, 4)
+    examples = cv.TopActivatingExamples(model, path, k=2).attribute([images], target=[0, 1])
+    assert examples.scores.shape == (2, 2)
+    fv = cv.FeatureVisualization(model, path + ".mlp.fc1")
+    viz = fv.attribute(target=[3], steps=2, preset=None, image_size=32)
+    assert viz.shape == (1, 3, 32, 32)
+    report = cv.SpatialLocalityProbe(model, layers=[path]).attribute(images[:1])
+    assert report.locality.shape == (1,)
+    rollout = cv.AttentionRollout(model).attribute(images)
+    assert rollout.shape == (3, 4, 4)
+    assert (rollout > 0).all() and (rollout.sum(dim=(1, 2)) <= 1 + 1e-6).all()
+    assert hooks_left(model) == 0

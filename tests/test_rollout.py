@@ -1,0 +1,158 @@
+"""AttentionRollout against a hand computation from explicitly computed attention
+probabilities (timm with fused attention off, read at attn_drop; open_clip's own
+nn.MultiheadAttention with need_weights=True)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from archs import TIMM_ARCHS, hooks_left, open_clip_tower
+
+import captum_vit as cv
+
+
+def unit_images(size, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 3, *size, generator=generator)
+
+
+def timm_probabilities(model, x):
+    """Per block (B, heads, N, N), from a copy with fused attention off."""
+    explicit = copy.deepcopy(model)
+    store = []
+    handles = []
+    for module in explicit.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+            handles.append(module.attn_drop.register_forward_hook(lambda m, a, o: store.append(o)))
+    with torch.no_grad():
+        explicit(x)
+    for handle in handles:
+        handle.remove()
+    return store
+
+
+def open_clip_probabilities(tower, x):
+    store = []
+
+    def grab(module, args, kwargs):
+        with torch.no_grad():
+            _, weights = module.forward(*args[:3], need_weights=True, average_attn_weights=False)
+        store.append(weights)
+
+    handles = [
+        block.attn.register_forward_pre_hook(grab, with_kwargs=True)
+        for block in tower.transformer.resblocks
+    ]
+    with torch.no_grad():
+        tower(x)
+    for handle in handles:
+        handle.remove()
+    return store
+
+
+def hand_rollout(probabilities, prefix, grid, row="cls", fusion="mean", discard=0.0):
+    result = None
+    for probs in probabilities:
+        fused = {"mean": probs.mean(1), "max": probs.amax(1), "min": probs.amin(1)}[fusion]
+        tokens = fused.shape[-1]
+        if discard:
+            fused = fused.clone()
+            for b in range(fused.shape[0]):
+                for i in range(tokens):
+                    order = fused[b, i].argsort()
+                    fused[b, i, order[: int(tokens * discard)]] = 0
+        step = 0.5 * fused + 0.5 * torch.eye(tokens)
+        step = step / step.sum(-1, keepdim=True)
+        result = step if result is None else step @ result
+    read = result[:, 0] if row == "cls" else result.mean(1)
+    return read[:, prefix:].reshape(-1, *grid)
+
+
+CASES = {
+    # arch -> (prefix tokens, grid, row)
+    "vit": (1, (4, 4), "cls"),
+    "deit_distilled": (2, (4, 4), "cls"),
+    "dinov2_reg": (5, (4, 4), "cls"),
+    "vit_avg": (0, (4, 4), "mean"),
+    "eva02": (1, (4, 4), "cls"),
+}
+
+
+@pytest.mark.parametrize("arch", list(CASES))
+def test_rollout_equals_hand_computation_from_explicit_probabilities(arch):
+    factory, size = TIMM_ARCHS[arch]
+    model = factory()
+    prefix, grid, row = CASES[arch]
+    x = unit_images(size)
+    fused = [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")]
+    rollout = cv.AttentionRollout(model)
+    maps = rollout.attribute(x)
+    probs = timm_probabilities(model, cv.ImageModel(model).normalize(x))
+    expected = hand_rollout(probs, prefix, grid, row)
+    assert maps.shape == (2, *grid)
+    assert torch.allclose(maps, expected, atol=1e-5)
+    assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused
+    assert hooks_left(model) == 0
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("fusion,discard", [("max", 0.0), ("min", 0.0), ("mean", 0.5)])
+def test_head_fusion_and_discard_ratio(fusion, discard):
+    factory, size = TIMM_ARCHS["vit"]
+    model = factory()
+    x = unit_images(size)
+    maps = cv.AttentionRollout(model, head_fusion=fusion, discard_ratio=discard).attribute(x)
+    probs = timm_probabilities(model, cv.ImageModel(model).normalize(x))
+    expected = hand_rollout(probs, 1, (4, 4), fusion=fusion, discard=discard)
+    assert torch.allclose(maps, expected, atol=1e-5)
+
+
+def test_open_clip_tower_rollout_equals_hand_computation():
+    tower = open_clip_tower()
+    x = unit_images((32, 32))
+    maps = cv.AttentionRollout(tower).attribute(x, interpolate=False)
+    probs = open_clip_probabilities(tower, cv.ImageModel(tower).normalize(x))
+    assert torch.allclose(maps, hand_rollout(probs, 1, (4, 4)), atol=1e-5)
+    up = cv.AttentionRollout(tower).attribute(x, interpolate=True)
+    assert up.shape == (2, 32, 32)
+
+
+def test_exactly_uniform_attention_gives_a_uniform_map():
+    factory, size = TIMM_ARCHS["vit"]
+    model = factory()
+    with torch.no_grad():
+        for block in model.blocks:
+            width = block.attn.qkv.weight.shape[1]
+            block.attn.qkv.weight[: 2 * width] = 0  # q = k = 0: every row is uniform
+            block.attn.qkv.bias[: 2 * width] = 0
+    maps = cv.AttentionRollout(model).attribute(unit_images(size))
+    assert torch.allclose(maps, maps.flatten()[0].expand_as(maps), atol=1e-7)
+    # cls row of 0.5^L I + (1 - 0.5^L) U over 17 tokens, two blocks
+    assert torch.allclose(maps, torch.full_like(maps, (1 - 0.25) / 17), atol=1e-6)
+
+
+def test_windowed_and_pooled_attention_raise_clear_errors():
+    swin = TIMM_ARCHS["swin"][0]()
+    with pytest.raises(ValueError, match="windows"):
+        cv.AttentionRollout(swin)
+    vit_map = TIMM_ARCHS["vit_map"][0]()
+    with pytest.raises(ValueError, match="pooling attention"):
+        cv.AttentionRollout(vit_map, layers=["attn_pool"])
+    maps = cv.AttentionRollout(vit_map).attribute(unit_images((32, 32)))  # blocks only
+    assert maps.shape == (2, 4, 4)
+    cait = TIMM_ARCHS["cait"][0]()
+    with pytest.raises(ValueError, match="cannot roll out"):
+        cv.AttentionRollout(cait)
+
+
+def test_bad_arguments_raise():
+    model = TIMM_ARCHS["vit"][0]()
+    with pytest.raises(ValueError, match="head_fusion"):
+        cv.AttentionRollout(model, head_fusion="median")
+    with pytest.raises(ValueError, match="discard_ratio"):
+        cv.AttentionRollout(model, discard_ratio=1.0)
+    with pytest.raises(ValueError, match="no cls token"):
+        cv.AttentionRollout(TIMM_ARCHS["vit_avg"][0]()).attribute(unit_images((32, 32)), row="cls")
