@@ -114,7 +114,7 @@ class TokenLayout:
 
         Raises:
             ValueError: the tensor does not have the shape this layout was resolved for
-            (for example another input size); resolve the layout again.
+                (for example another input size); resolve the layout again.
         """
         x = self.select(output)
         h, w = self.grid
@@ -149,7 +149,7 @@ class TokenLayout:
 
         Raises:
             ValueError: the layout has no token sequence (``BCHW`` / ``BHWC``) or the
-            sequence does not have this layout's token count and width.
+                sequence does not have this layout's token count and width.
         """
         if self.kind not in ("BNC", "NBC"):
             raise ValueError(

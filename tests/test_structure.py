@@ -242,6 +242,6 @@ def test_readme_links_resolve_inside_the_repository():
     readme = (ROOT / "README.md").read_text()
     targets = re.findall(r"\]\(([^)#]+)\)", readme)
     local = [t for t in targets if "://" not in t]
-    assert "docs/api.md" in local
+    assert "docs/api/index.md" in local
     for target in local:
         assert (ROOT / target).exists(), target
