@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._base import _LayerMethod
 from .._progress import resolve_progress
 from ..capture import LayerTap, preserved_state
 from ..layout import TokenLayout
-from ..models import _is_open_clip, _pair, check_images
+from ..models import _is_open_clip, _pair, check_images, model_dtype
 from .objectives import (
     BatchScorer,
     Objective,
@@ -250,7 +250,7 @@ class FeatureVisualization(_LayerMethod):
     ) -> Callable[[LayerTap, int], tuple[Tensor, Tensor]]:
         """``(tap, step) -> (loss, objective per image)`` for one optimization step."""
         steps, copies = recipe.steps, recipe.copies
-        dtype = _model_dtype(self.vision)
+        dtype = model_dtype(self.vision)
         device = self.device()
         amp = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -367,11 +367,6 @@ def _schedule(recipe: Preset) -> Callable[[int], float]:
         return lambda step: 1.0
     steps = recipe.steps
     return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
-
-
-def _model_dtype(model: nn.Module) -> torch.dtype:
-    param = next(model.parameters(), None)
-    return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
 
 def _image_param(
