@@ -3,11 +3,13 @@ them), one CPU process, ``fast`` preset:
 
 * units per minute: feature visualization of ``--units`` units in one chunk and writing
   each unit's files (PNGs, ``unit.json``), as ``captum-vit atlas`` does;
-* images per second of the top-k pass of one layer (``blocks.6.mlp.act``: top-k images,
-  patch maps and histogram statistics of all its 768 hidden units);
+* images per second of the top-k pass over the atlas's default layers (every block's MLP
+  hidden layer, ``blocks.0.mlp.act`` ... ``blocks.11.mlp.act``: top-k images, patch maps and
+  histogram statistics of all 12 x 768 hidden units, in one pass of forwards stopped after
+  the last of them);
 * the share of time outside the model's forward / backward: each step is measured against
-  a bare loop doing only the model work it needs, in the same run (a truncated forward per
-  batch for the scan; forward to the layer + backward on the same batch of augmented
+  a bare loop doing only the model work it needs, in the same run (a forward per batch
+  stopped after the deepest layer, for the scan; forward to the layer + backward on the same batch of augmented
   copies, ``steps`` times, for the feature visualizations). Goal: under 15%.
 
 Rounds alternate atlas step and baseline; medians are reported (the machine may be shared).
@@ -27,14 +29,15 @@ import torch
 
 from captum_vit.atlas import ZooScenes
 from captum_vit.atlas.resume import AtlasFiles
-from captum_vit.atlas.scan import scan_layer
+from captum_vit.atlas.scan import scan_layers
 from captum_vit.atlas.shard import Shard, fixed_batches
 from captum_vit.atlas.units import FVSettings, visualize_units, write_unit
 from captum_vit.capture import LayerTap
 from captum_vit.models import ImageModel
 from captum_vit.optim.presets import get_preset
 
-LAYER = "blocks.6.mlp.act"
+LAYER = "blocks.6.mlp.act"  # the layer of the feature visualizations
+SCAN_LAYERS = [f"blocks.{i}.mlp.act" for i in range(12)]
 
 
 class Scenes224(ZooScenes):
@@ -61,7 +64,7 @@ def _cached(batch):
 
 def bare_scan(model, images, batch_size: int) -> None:
     wrapped = ImageModel(model)
-    with torch.no_grad(), LayerTap(model, LAYER) as tap:
+    with torch.no_grad(), LayerTap(model, SCAN_LAYERS[-1]) as tap:
         for indices in fixed_batches(len(images), batch_size):
             tap.run(wrapped.normalize(images.batch(indices)["image"]))
 
@@ -88,6 +91,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--per-layer",
+        action="store_true",
+        help="also time one pass per layer (how the atlas scanned before), once",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -104,7 +112,10 @@ def main() -> None:
         files = AtlasFiles(folder)
         for _ in range(args.rounds):
             start = time.perf_counter()
-            scan = scan_layer(model, LAYER, images, k=8, batch_size=args.batch_size, shard=Shard())
+            scans = scan_layers(
+                model, SCAN_LAYERS, images, k=8, batch_size=args.batch_size, shard=Shard()
+            )
+            scan = scans[LAYER]
             scan_times.append(time.perf_counter() - start)
             bare_scan_times.append(timed(bare_scan, model, images, args.batch_size))
             start, cpu = time.perf_counter(), time.process_time()
@@ -120,7 +131,8 @@ def main() -> None:
     fv_s, bare_fv_s = statistics.median(fv_times), statistics.median(bare_fv_times)
     print(f"ViT-Ti/16 at 224, {LAYER}, {args.threads} thread(s), medians of {args.rounds} rounds")
     print(
-        f"top-k pass: {args.images / scan_s:.1f} images/s ({scan_s:.2f} s for {args.images}); "
+        f"top-k pass, {len(SCAN_LAYERS)} layers in one pass: {args.images / scan_s:.1f} "
+        f"images/s ({scan_s:.2f} s for {args.images}); "
         f"bare truncated forward {args.images / bare_s:.1f} images/s; "
         f"share outside the model {100 * (1 - bare_s / scan_s):.1f}%"
     )
@@ -130,6 +142,15 @@ def main() -> None:
         f"forward+backward {bare_fv_s:.2f} s; share outside the model "
         f"{100 * (1 - bare_fv_s / fv_s):.1f}%"
     )
+    if args.per_layer:
+        start = time.perf_counter()
+        for layer in SCAN_LAYERS:
+            scan_layers(model, [layer], images, k=8, batch_size=args.batch_size, shard=Shard())
+        per_layer_s = time.perf_counter() - start
+        print(
+            f"one pass per layer instead: {per_layer_s:.2f} s "
+            f"({per_layer_s / scan_s:.1f}x the one-pass scan)"
+        )
     cpu_s = statistics.median(fv_cpu)
     print(
         f"units per CPU-minute (process time, less sensitive to other load): "

@@ -13,7 +13,7 @@ over processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
 from typing import Any
@@ -24,10 +24,10 @@ from torch import nn
 from ._base import _LayerMethod, as_unit_tensor, check_count
 from ._batches import as_batch_stream, unpack_batch
 from ._progress import progress, resolve_progress
-from .capture import preserved_state
+from .capture import LayerTap, preserved_state
 from .layout import TokenLayout
 
-__all__ = ["ExampleSet", "TopActivatingExamples"]
+__all__ = ["ExampleSet", "TopActivatingExamples", "scan_top_examples"]
 
 _SCORES = ("mean", "max")
 
@@ -207,41 +207,9 @@ class TopActivatingExamples(_LayerMethod):
                 different patch grids, or an empty stream.
             IndexError: a unit outside the layer's channels.
         """
-        if score not in _SCORES:
-            raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
-        if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
-            raise TypeError(f"offset must be an int, got {type(offset).__name__}")
-        show_progress = resolve_progress(show_progress)
-        top: _RunningTopK | None = None
-        seen = 0
-        indexed: bool | None = None  # whether the batches carry their own indices
-        device = self.device()
-        with preserved_state(self.vision), torch.no_grad():
-            for images, given_index in _batches(inputs, show_progress):
-                self.check_images(images)
-                images = images.to(device, non_blocking=True)
-                layout = self.layout_for(images)
-                if top is None:
-                    top = _RunningTopK(layout.grid, self._units(target, layout), self.k, device)
-                elif layout.grid != top.grid:
-                    raise ValueError(
-                        f"images of size {tuple(images.shape[-2:])} give a {layout.grid} "
-                        f"patch grid, but earlier batches gave {top.grid}: all images of "
-                        "one scan must share a patch grid"
-                    )
-                indexed = _check_indexed(indexed, given_index is not None, offset)
-                if given_index is None:
-                    positions = torch.arange(seen, seen + images.shape[0], device=device)
-                else:
-                    positions = given_index.to(device)
-                with self.tap() as tap:
-                    output = tap.run(self.normalize(images))[0]
-                spatial, _ = layout.split(output)
-                top.add(spatial, positions, score)
-                seen += images.shape[0]
-        if indexed:
-            offset = 0
-        return self._finish(top, seen, target, score, offset)
+        return scan_top_examples(
+            [self], inputs, target, score=score, show_progress=show_progress, offset=offset
+        )[0]
 
     def _units(self, target: Any, layout: TokenLayout) -> torch.Tensor:
         if target is None:
@@ -271,6 +239,119 @@ class TopActivatingExamples(_LayerMethod):
         )
 
 
+#: ``on_batch(position, spatial, prefix, scores)`` after each layer of each batch:
+#: ``spatial`` (B, C, h, w) and ``prefix`` (B, P, C) or None as the layout splits the
+#: layer, ``scores`` (units, B) float32 as ranked.
+BatchCallback = Callable[[int, torch.Tensor, "torch.Tensor | None", torch.Tensor], None]
+
+
+def scan_top_examples(
+    methods: Sequence[TopActivatingExamples],
+    inputs: Iterable[Any] | torch.Tensor,
+    target: int | list[int] | torch.Tensor | None = None,
+    *,
+    score: str = "mean",
+    show_progress: bool | None = None,
+    offset: int | None = None,
+    on_batch: BatchCallback | None = None,
+) -> list[ExampleSet]:
+    """:meth:`TopActivatingExamples.attribute` for several layers of one model in one
+    pass: each batch runs one forward, stopped after the deepest of the layers, and every
+    layer's top-k is merged from it. ``methods`` must share the model, the
+    normalization, ``attribute_to_layer_input`` and ``call``; ``target`` applies to
+    every layer. Returns one :class:`ExampleSet` per method, each what its own
+    ``attribute`` would return.
+    """
+    if score not in _SCORES:
+        raise ValueError(f"score must be one of {_SCORES}, got {score!r}")
+    if offset is not None and (isinstance(offset, bool) or not isinstance(offset, int)):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    first = _check_compatible(methods)
+    show_progress = resolve_progress(show_progress)
+    tops: list[_RunningTopK | None] = [None] * len(methods)
+    seen = 0
+    indexed: bool | None = None  # whether the batches carry their own indices
+    device = first.device()
+    tap = LayerTap(
+        first.vision,
+        [method.layer_name for method in methods],
+        attribute_to_layer_input=first.attribute_to_layer_input,
+        call=first.call,
+    )
+    with preserved_state(first.vision), torch.no_grad():
+        for images, given_index in _batches(inputs, show_progress):
+            first.check_images(images)
+            images = images.to(device, non_blocking=True)
+            layouts = [method.layout_for(images) for method in methods]
+            for position, (method, layout) in enumerate(zip(methods, layouts, strict=True)):
+                tops[position] = _checked_top(tops[position], method, layout, target, images)
+            indexed = _check_indexed(indexed, given_index is not None, offset)
+            if given_index is None:
+                positions = torch.arange(seen, seen + images.shape[0], device=device)
+            else:
+                positions = given_index.to(device)
+            with tap:
+                outputs = tap.run(first.normalize(images))
+            for position, (layout, output) in enumerate(zip(layouts, outputs, strict=True)):
+                spatial, prefix = layout.split(output)
+                scores = tops[position].add(spatial, positions, score)
+                if on_batch is not None:
+                    on_batch(position, spatial, prefix, scores)
+            seen += images.shape[0]
+    if indexed:
+        offset = 0
+    return [
+        method._finish(top, seen, target, score, offset)
+        for method, top in zip(methods, tops, strict=True)
+    ]
+
+
+def _check_compatible(methods: Sequence[TopActivatingExamples]) -> TopActivatingExamples:
+    """The first method, once every method is known to share its model and settings."""
+    if not methods:
+        raise ValueError("scan_top_examples needs at least one TopActivatingExamples")
+    first = methods[0]
+    for method in methods[1:]:
+        if method.vision is not first.vision or (
+            method.attribute_to_layer_input,
+            method.call,
+            method.k,
+        ) != (first.attribute_to_layer_input, first.call, first.k):
+            raise ValueError(
+                f"{method.layer_name!r} and {first.layer_name!r} do not share the model, "
+                "k, attribute_to_layer_input and call: scan them separately"
+            )
+        if not (
+            torch.equal(method.wrapped.mean, first.wrapped.mean)
+            and torch.equal(method.wrapped.std, first.wrapped.std)
+        ):
+            raise ValueError(
+                f"{method.layer_name!r} and {first.layer_name!r} normalize images "
+                "differently: scan them separately"
+            )
+    return first
+
+
+def _checked_top(
+    top: _RunningTopK | None,
+    method: TopActivatingExamples,
+    layout: TokenLayout,
+    target: Any,
+    images: torch.Tensor,
+) -> _RunningTopK:
+    """The layer's running top-k (created on the first batch); later batches must give
+    the same patch grid."""
+    if top is None:
+        return _RunningTopK(layout.grid, method._units(target, layout), method.k, images.device)
+    if layout.grid != top.grid:
+        raise ValueError(
+            f"images of size {tuple(images.shape[-2:])} give a {layout.grid} "
+            f"patch grid, but earlier batches gave {top.grid}: all images of "
+            "one scan must share a patch grid"
+        )
+    return top
+
+
 class _RunningTopK:
     """Kept candidates of every unit, merged batch by batch.
 
@@ -296,8 +377,9 @@ class _RunningTopK:
     def k(self) -> int:
         return self.scores.shape[1]
 
-    def add(self, spatial: torch.Tensor, positions: torch.Tensor, score: str) -> None:
-        """Merge a batch: ``spatial`` (B, C, h, w) of the layer, ``positions`` (B,)."""
+    def add(self, spatial: torch.Tensor, positions: torch.Tensor, score: str) -> torch.Tensor:
+        """Merge a batch: ``spatial`` (B, C, h, w) of the layer, ``positions`` (B,).
+        Returns the batch's float32 scores, ``(units, B)``."""
         batch, k = spatial.shape[0], self.k
         picked = spatial if self._all_units(spatial) else spatial[:, self.units]
         picked = picked.float()  # scores in float32 also for half-precision models
@@ -327,6 +409,7 @@ class _RunningTopK:
             indices.gather(1, best),
             slots,
         )
+        return new_scores
 
     def _all_units(self, spatial: torch.Tensor) -> bool:
         if self.all_units is None:

@@ -91,18 +91,23 @@ def test_scan_statistics_match_an_independent_capture():
     model = zoo.load_model("vit")
     scenes = zoo.SyntheticScenes(10, seed=3)
     from captum_vit.atlas import ZooScenes
-    from captum_vit.atlas.scan import scan_layer
+    from captum_vit.atlas.scan import scan_layers
     from captum_vit.atlas.shard import Shard
 
     source = ZooScenes(10, seed=3)
-    scan = scan_layer(model, LAYERS[0], source, k=4, batch_size=4, shard=Shard())
+    scans = scan_layers(model, LAYERS, source, k=4, batch_size=4, shard=Shard())
+    assert list(scans) == LAYERS
     images = scenes.batch(range(len(scenes)))["image"]
     normalized = (images - 0.5) / 0.25  # the zoo's normalization
-    tokens = capture_layers(model, LAYERS[0], normalized)  # (B, 1 + 64, C)
-    torch.testing.assert_close(scan.means, tokens[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(scan.prefix[:, 0], tokens[:, 0], atol=1e-5, rtol=1e-5)
+    for layer, scan in scans.items():
+        tokens = capture_layers(model, layer, normalized)  # (B, 1 + 64, C)
+        torch.testing.assert_close(scan.means, tokens[:, 1:].mean(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(scan.prefix[:, 0], tokens[:, 0], atol=1e-5, rtol=1e-5)
+        best = scan.means.topk(4, dim=0)
+        torch.testing.assert_close(scan.examples.scores, best.values.t())
+        assert scan.examples.layer == layer
+    scan = scans[LAYERS[0]]
     best = scan.means.topk(4, dim=0)
-    torch.testing.assert_close(scan.examples.scores, best.values.t())
     assert select_units(scan, 3) == sorted(best.values[0].topk(3).indices.tolist())
     assert select_units(scan, [5, 1, 5]) == [1, 5]
     with pytest.raises(ValueError, match="does not exist in layer"):

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 from archs import TIMM_ARCHS
 
 import captum_vit as cv
-from captum_vit.top_examples import ExampleSet
+from captum_vit.top_examples import ExampleSet, scan_top_examples
 
 LAYER = "blocks.1.mlp.fc1"  # 128 channels, 4x4 grid, 1 cls token
 
@@ -151,6 +151,43 @@ def test_forward_stops_at_the_layer_and_model_is_left_as_found():
         cv.TopActivatingExamples(model, LAYER, k=2).attribute(bad_batches())
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+
+
+def test_one_pass_over_several_layers_equals_each_layer_alone():
+    model, size = vit()
+    images = stream(11, size, seed=4)
+    layers = ["blocks.1.mlp.fc1", "blocks.0.mlp.act", "blocks.1.norm1"]
+    methods = [cv.TopActivatingExamples(model, layer, k=3) for layer in layers]
+    for method in methods:
+        method.layout_for(images)  # resolved (one forward each) before counting
+    forwards, later = [], []
+    handles = [
+        model.patch_embed.register_forward_hook(lambda m, a, o: forwards.append(1)),
+        model.blocks[1].mlp.fc2.register_forward_hook(lambda m, a, o: later.append(1)),
+    ]
+    seen = []
+    try:
+        together = scan_top_examples(
+            methods, images.split(4), on_batch=lambda i, s, p, sc: seen.append((i, sc.shape))
+        )
+        assert len(forwards) == 3 and later == []  # one forward per batch, stopped early
+        alone = [method.attribute(images.split(4)) for method in methods]
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen[:3] == [(0, (128, 4)), (1, (128, 4)), (2, (32, 4))]
+    for one_pass, single in zip(together, alone, strict=True):
+        assert one_pass.layer == single.layer
+        assert torch.equal(one_pass.indices, single.indices)
+        assert torch.equal(one_pass.scores, single.scores)
+        assert torch.equal(one_pass.maps, single.maps)
+    assert_same(together[0], brute_force(model, images, 3))
+    other = cv.TopActivatingExamples(model, LAYER, k=4)
+    with pytest.raises(ValueError, match="scan them separately"):
+        scan_top_examples([methods[0], other], images.split(4))
+    renormalized = cv.TopActivatingExamples(model, LAYER, k=3, mean=(0.1,) * 3)
+    with pytest.raises(ValueError, match="normalize images differently"):
+        scan_top_examples([methods[0], renormalized], images.split(4))
 
 
 def test_bad_arguments():

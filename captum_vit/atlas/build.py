@@ -1,4 +1,4 @@
-"""Building an atlas: validate everything, scan the images per layer, visualize the units
+"""Building an atlas: validate everything, scan the images at all layers, visualize the units
 (split over processes), then the per-model figures and the site.
 
 Order of work, each step skipped where its files exist (resume / incremental):
@@ -6,7 +6,7 @@ Order of work, each step skipped where its files exist (resume / incremental):
 1. checks that need no writing: the model, the layers (exist, have a patch grid), the
    images, the settings against an existing atlas in ``out``;
 2. per layer, ``data/<layer>.scan.pt``: every unit's top-k images and the activation
-   statistics (one pass over the images, split over processes);
+   statistics (one pass over the images for all layers, split over processes);
 3. per unit, its folder under ``layers/<layer>/`` (written by the process that owns its
    chunk; ``unit.json`` last);
 4. by the first process: locality and Table 1 (``data/model.json``), the manifest and the
@@ -33,7 +33,7 @@ from ..optim.presets import get_preset
 from .model_stats import layer_locality, pooling_table
 from .pages import write_site
 from .resume import AtlasFiles
-from .scan import LayerScan, scan_layer
+from .scan import LayerScan, scan_layers
 from .shard import Shard
 from .sources import ImageFiles, LoadedModel, ZooScenes, open_images, weights_fingerprint
 from .units import FVSettings, select_units, unit_folder, visualize_units, write_unit
@@ -102,9 +102,9 @@ def _estimate(
     batch = images.batch(range(min(batch_size, len(images))))["image"]
     with torch.no_grad():
         ImageModel(model)(batch.to(model_device(model)))
-    scan = (
-        (time.perf_counter() - start) * len(range(0, len(images), batch_size)) * len(pending_scans)
-    )
+    # One pass of (at most) full forwards scans every pending layer.
+    scan = (time.perf_counter() - start) * len(range(0, len(images), batch_size))
+    scan *= bool(pending_scans)
     count = 0
     for name, info in layer_info.items():
         done = len(list((files.out / "layers" / name).glob("unit_*/unit.json")))
@@ -125,7 +125,7 @@ def _estimate(
     return (
         f"estimated cost: about {total:.0f} s on {model_device(model).type} with "
         f"{shard.world} process(es) (top-k scan of {len(images)} images at "
-        f"{len(pending_scans)} layer(s) ~{scan:.0f} s; feature visualization of {count} "
+        f"{len(pending_scans)} layer(s) in one pass ~{scan:.0f} s; feature visualization of {count} "
         f"unit(s) x {steps} steps ~{optimize:.0f} s; then locality, Table 1 and the pages)"
     )
 
@@ -284,12 +284,20 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
             model, images, layer_info, pending_scans, options["units"], fv, options, files, shard
         )
         print(line, flush=True)
-    for name in pending_scans:
-        scans[name] = scan_layer(
-            model, name, images, k=k, batch_size=batch_size, shard=shard, show_progress=progress
+    if pending_scans:
+        new = scan_layers(
+            model,
+            pending_scans,
+            images,
+            k=k,
+            batch_size=batch_size,
+            shard=shard,
+            show_progress=progress,
         )
-        if shard.is_main:
-            files.write_bytes(_scan_file(name), scans[name].to_bytes())
+        for name, scan in new.items():
+            scans[name] = scan
+            if shard.is_main:
+                files.write_bytes(_scan_file(name), scan.to_bytes())
 
     chosen = {name: select_units(scans[name], options["units"]) for name in layer_info}
     pending = shard.gather(

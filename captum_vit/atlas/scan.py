@@ -1,20 +1,20 @@
-"""One pass over the images per layer: every unit's top-k images with their patch maps
-(:class:`~captum_vit.TopActivatingExamples`, merged exactly across processes), and every
-image's mean activation of every unit and its activation at the prefix tokens (cls,
+"""One pass over the images for all layers: every unit's top-k images with their patch
+maps (:class:`~captum_vit.TopActivatingExamples`, merged exactly across processes), and
+every image's mean activation of every unit and its activation at the prefix tokens (cls,
 registers), for the histograms."""
 
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..layout import TokenLayout
-from ..top_examples import ExampleSet, TopActivatingExamples
+from ..top_examples import ExampleSet, TopActivatingExamples, scan_top_examples
 from .shard import Shard, fixed_batches
 
-__all__ = ["LayerScan", "scan_layer"]
+__all__ = ["LayerScan", "scan_layers"]
 
 
 @dataclass
@@ -76,21 +76,19 @@ class LayerScan:
 
 
 class _ActivationRecorder:
-    """A forward hook on the layer that keeps, per batch, the mean over the patch tokens
-    and the prefix tokens (it fires before the early-exit tap of the scan)."""
+    """Keeps, per layer and batch, every image's mean activation of every unit (the scan's
+    own scores) and its activation at the prefix tokens."""
 
-    def __init__(self, layout: TokenLayout) -> None:
-        self.layout = layout
-        self.means: list[torch.Tensor] = []
-        self.prefix: list[torch.Tensor] = []
+    def __init__(self, layers: int) -> None:
+        self.means: list[list[torch.Tensor]] = [[] for _ in range(layers)]
+        self.prefix: list[list[torch.Tensor]] = [[] for _ in range(layers)]
 
-    def __call__(self, _module, _args, output) -> None:
-        spatial, prefix = self.layout.split(output)
+    def __call__(self, position: int, spatial, prefix, scores: torch.Tensor) -> None:
         batch, channels = spatial.shape[:2]
         if prefix is None or prefix.shape[-1] != channels:
             prefix = spatial.new_zeros(batch, 0, channels)
-        self.means.append(spatial.detach().float().mean((2, 3)).cpu())
-        self.prefix.append(prefix.detach().float().cpu())
+        self.means[position].append(scores.t().cpu())
+        self.prefix[position].append(prefix.detach().float().cpu())
 
 
 class _Batches:
@@ -108,40 +106,41 @@ class _Batches:
             yield {"image": self.images.batch(indices)["image"], "index": torch.tensor(indices)}
 
 
-def scan_layer(
+def scan_layers(
     model: torch.nn.Module,
-    layer: str,
+    layers: Sequence[str],
     images,
     *,
     k: int,
     batch_size: int,
     shard: Shard,
     show_progress: bool = False,
-) -> LayerScan:
-    """Scan ``images`` (an atlas image source) at ``layer``; this process takes its share
-    of the fixed batches and every process gets the same, merged result.
+) -> dict[str, LayerScan]:
+    """Scan ``images`` (an atlas image source) at every one of ``layers`` in one pass (one
+    forward per batch, stopped after the deepest layer); this process takes its share of
+    the fixed batches and every process gets the same, merged result.
 
     Raises:
-        ValueError: the layer has no patch grid (a non-spatial layer).
+        ValueError: a layer has no patch grid (a non-spatial layer).
     """
-    method = TopActivatingExamples(model, layer, k=k)
+    methods = [TopActivatingExamples(model, layer, k=k) for layer in layers]
     batches = fixed_batches(len(images), batch_size)
     mine = shard.mine(batches)
-    probe = images.batch(batches[0][:2])["image"].to(method.device())
-    layout = method.layout_for(probe)  # resolved before the hook is set: no extra records
-    recorder = _ActivationRecorder(layout)
-
-    handle = method.layer.register_forward_hook(recorder)
-    try:
-        examples = method.attribute(_Batches(images, mine), show_progress=show_progress)
-    finally:
-        handle.remove()
+    probe = images.batch(batches[0][:1])["image"].to(methods[0].device())
+    layouts = [method.layout_for(probe) for method in methods]
+    recorder = _ActivationRecorder(len(methods))
+    examples = scan_top_examples(
+        methods, _Batches(images, mine), show_progress=show_progress, on_batch=recorder
+    )
     local = [
-        (indices, means, prefix)
-        for indices, means, prefix in zip(mine, recorder.means, recorder.prefix, strict=True)
+        (indices, [means[b] for means in recorder.means], [p[b] for p in recorder.prefix])
+        for b, indices in enumerate(mine)
     ]
     parts = sorted((item for part in shard.gather(local) for item in part), key=lambda p: p[0][0])
-    means = torch.cat([p[1] for p in parts])
-    prefix = torch.cat([p[2] for p in parts])
-    names = list(layout.prefix_names)[: prefix.shape[1]]
-    return LayerScan(examples, means, prefix, names, tuple(layout.grid))
+    scans = {}
+    for position, (layer, layout) in enumerate(zip(layers, layouts, strict=True)):
+        means = torch.cat([p[1][position] for p in parts])
+        prefix = torch.cat([p[2][position] for p in parts])
+        names = list(layout.prefix_names)[: prefix.shape[1]]
+        scans[layer] = LayerScan(examples[position], means, prefix, names, tuple(layout.grid))
+    return scans
