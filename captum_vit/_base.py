@@ -28,10 +28,10 @@ from captum.attr import LayerAttribution
 from torch import nn
 
 from .capture import LayerTap, preserved_state
-from .layout import TokenLayout, resolve_layout
+from .layout import TokenLayout, resolve_layout, resolve_layouts
 from .models import ImageModel, check_images, fixed_input_size, model_device, vision_layer
 
-__all__ = ["_LayerMethod", "as_unit_tensor", "check_count", "forward_args"]
+__all__ = ["_LayerMethod", "as_unit_tensor", "check_count", "forward_args", "layouts_for"]
 
 
 class _LayerMethod(LayerAttribution):
@@ -107,7 +107,7 @@ class _LayerMethod(LayerAttribution):
     ) -> TokenLayout:
         """Layout of the layer for images of this size (resolved once per size)."""
         as_input = self._as_input(attribute_to_layer_input)
-        size = (int(images.shape[-2]), int(images.shape[-1]), as_input)
+        size = self._layout_key(images, as_input)
         if size not in self._layouts:
             extra = forward_args(additional_forward_args)
             # Extra forward arguments may be batched like the images: resolve on the batch.
@@ -121,6 +121,9 @@ class _LayerMethod(LayerAttribution):
                 additional_forward_args=extra,
             )
         return self._layouts[size]
+
+    def _layout_key(self, images: torch.Tensor, as_input: bool) -> tuple[int, int, bool]:
+        return (int(images.shape[-2]), int(images.shape[-1]), as_input)
 
     def tap(
         self, *, call: int | None = None, attribute_to_layer_input: bool | None = None
@@ -207,3 +210,24 @@ def as_unit_tensor(
             f"channels (valid 0..{num_channels - 1})"
         )
     return units
+
+
+def layouts_for(methods: Sequence[_LayerMethod], images: torch.Tensor) -> list[TokenLayout]:
+    """Each method's layout for images of this size, as its ``layout_for`` gives it; the
+    layouts not cached yet are resolved together in one forward. The methods share one
+    model, normalization, ``call`` and ``attribute_to_layer_input``."""
+    first = methods[0]
+    key = first._layout_key(images, first.attribute_to_layer_input)
+    missing = [method for method in methods if key not in method._layouts]
+    if missing:
+        probe = first.normalize(images[:2].detach())
+        resolved = resolve_layouts(
+            first.vision,
+            [method.layer_name for method in missing],
+            probe,
+            attribute_to_layer_input=first.attribute_to_layer_input,
+            call=first.call,
+        )
+        for method, layout in zip(missing, resolved, strict=True):
+            method._layouts[key] = layout
+    return [method._layouts[key] for method in methods]

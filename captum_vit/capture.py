@@ -146,6 +146,10 @@ class LayerTap:
             forward, so that the recorded tensor lies on the path to the model's output
             (for gradients of the output with respect to it). By default the tap records
             a clone and the model goes on with its own tensor.
+        on_record: ``on_record(i, value)`` is handed layer ``i``'s selected call the
+            moment the layer produces it, before the forward goes on, so no copy is made;
+            the value must not be kept or modified, and :meth:`run` then returns ``None``
+            for every layer. Needs ``call >= 0``.
 
     Examples::
 
@@ -163,6 +167,7 @@ class LayerTap:
         early_exit: bool = True,
         watch: Callable[[str, nn.Module, Any], None] | None = None,
         keep_graph: bool = False,
+        on_record: Callable[[int, Any], None] | None = None,
     ) -> None:
         if isinstance(layers, (str, nn.Module)):
             layers = [layers]
@@ -170,6 +175,8 @@ class LayerTap:
             raise ValueError("LayerTap needs at least one layer")
         if call is not None and not isinstance(call, int):
             raise TypeError(f"call must be an int or None, got {type(call).__name__}")
+        if on_record is not None and (call is None or call < 0):
+            raise ValueError("on_record needs call >= 0 (a call known when it happens)")
         self.model = model
         resolved = [find_module(model, layer) for layer in layers]
         self.names = [name for name, _ in resolved]
@@ -179,6 +186,7 @@ class LayerTap:
         self.early_exit = early_exit and call is not None and call >= 0
         self.watch = watch
         self.keep_graph = keep_graph
+        self.on_record = on_record
         self._handles: list[Any] = []
         self._records: list[list[Any]] = []
         self._watched = 0
@@ -241,10 +249,16 @@ class LayerTap:
         (nothing is copied) once every needed call has been recorded.
         """
         calls = self._records[index]
+        if self.on_record is not None:
+            if len(calls) == self.call:
+                self.on_record(index, value)
+            value, kept = None, value  # handed over, not kept: no copy needed
         calls.append(value)
         self.marks[index].append(self._watched)
         if self.early_exit and self._all_needed_calls_seen():
             raise _StopForward
+        if self.on_record is not None:
+            return kept
         if not self._is_returned(len(calls) - 1):
             return value  # a call that run() never returns: no copy needed
         if self.keep_graph:

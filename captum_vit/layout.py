@@ -32,7 +32,7 @@ from torch import nn
 from .capture import LayerTap, find_module, preserved_state
 from .models import ImageModel, model_device, unwrap_vision
 
-__all__ = ["TokenLayout", "resolve_layout", "MAX_PREFIX_TOKENS"]
+__all__ = ["TokenLayout", "resolve_layout", "resolve_layouts", "MAX_PREFIX_TOKENS"]
 
 #: Largest prefix (cls + dist + registers) the resolver accepts.
 MAX_PREFIX_TOKENS = 32
@@ -396,42 +396,74 @@ def resolve_layout(
         >>> layout = resolve_layout(model, "blocks.3", images)
         >>> spatial, prefix = layout.split(block3_output)
     """
+    (layout,) = resolve_layouts(
+        model,
+        [layer],
+        inputs,
+        attribute_to_layer_input=attribute_to_layer_input,
+        call=call,
+        element=element,
+        additional_forward_args=additional_forward_args,
+    )
+    return layout
+
+
+def resolve_layouts(
+    model: nn.Module,
+    layers: Sequence[nn.Module | str],
+    inputs: torch.Tensor | None = None,
+    *,
+    attribute_to_layer_input: bool = False,
+    call: int = 0,
+    element: int | None = None,
+    additional_forward_args: tuple = (),
+) -> list[TokenLayout]:
+    """:func:`resolve_layout` for several layers of one model in one forward (stopped
+    after the deepest layer); the arguments apply to every layer.
+
+    Raises:
+        ValueError: as :func:`resolve_layout`, for the first layer that fails.
+    """
     vision = unwrap_vision(model)
     if getattr(vision, "image_prefix", None) is not None:
         model = vision  # Hugging Face: run the image tower (CLIPModel needs no text)
-    name, module = find_module(model, layer)
+    found = [find_module(model, layer) for layer in layers]
     if inputs is None:
         inputs = _default_inputs(model)
     batch = _batch_size(inputs)
     image_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     witnesses = _Witnesses(model, batch, image_size)
     chains = witnesses._chains
-    _refuse_windowed(name, chains[name])
+    for name, _ in found:
+        _refuse_windowed(name, chains[name])
     with (
         preserved_state(model),
         torch.no_grad(),
         LayerTap(
             model,
-            module,
+            [module for _, module in found],
             attribute_to_layer_input=attribute_to_layer_input,
             call=call,
             watch=witnesses,
         ) as tap,
     ):
-        (value,) = tap.run(inputs, *additional_forward_args)
-        seen = witnesses.before(tap.marks[0][call])
-    return _layout_from_value(
-        value,
-        name=name,
-        chain=chains[name],
-        vision=vision,
-        seen=seen,
-        batch=batch,
-        image_size=image_size,
-        element=element,
-        call=call,
-        attribute_to_layer_input=attribute_to_layer_input,
-    )
+        values = tap.run(inputs, *additional_forward_args)
+        seen = [witnesses.before(marks[call]) for marks in tap.marks]
+    return [
+        _layout_from_value(
+            value,
+            name=name,
+            chain=chains[name],
+            vision=vision,
+            seen=layer_seen,
+            batch=batch,
+            image_size=image_size,
+            element=element,
+            call=call,
+            attribute_to_layer_input=attribute_to_layer_input,
+        )
+        for (name, _), value, layer_seen in zip(found, values, seen, strict=True)
+    ]
 
 
 def _refuse_windowed(name: str, chain: Sequence[nn.Module]) -> None:

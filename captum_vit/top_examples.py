@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._base import _LayerMethod, as_unit_tensor, check_count
+from ._base import _LayerMethod, as_unit_tensor, check_count, layouts_for
 from ._batches import as_batch_stream, unpack_batch
 from ._progress import progress, resolve_progress
 from .capture import LayerTap, preserved_state
@@ -272,17 +272,29 @@ def scan_top_examples(
     seen = 0
     indexed: bool | None = None  # whether the batches carry their own indices
     device = first.device()
+    batch: dict[str, Any] = {}
+
+    def merge(position: int, output: Any) -> None:
+        spatial, prefix = batch["layouts"][position].split(output)
+        scores = tops[position].add(spatial, batch["positions"], score)
+        if on_batch is not None:
+            on_batch(position, spatial, prefix, scores)
+
+    # Each layer is merged as it is produced (no copy of its output); a negative call is
+    # only known at the end of the forward: then the outputs are merged after it.
+    as_produced = first.call >= 0
     tap = LayerTap(
         first.vision,
         [method.layer_name for method in methods],
         attribute_to_layer_input=first.attribute_to_layer_input,
         call=first.call,
+        on_record=merge if as_produced else None,
     )
     with preserved_state(first.vision), torch.no_grad():
         for images, given_index in _batches(inputs, show_progress):
             first.check_images(images)
             images = images.to(device, non_blocking=True)
-            layouts = [method.layout_for(images) for method in methods]
+            layouts = layouts_for(methods, images)
             for position, (method, layout) in enumerate(zip(methods, layouts, strict=True)):
                 tops[position] = _checked_top(tops[position], method, layout, target, images)
             indexed = _check_indexed(indexed, given_index is not None, offset)
@@ -290,13 +302,12 @@ def scan_top_examples(
                 positions = torch.arange(seen, seen + images.shape[0], device=device)
             else:
                 positions = given_index.to(device)
+            batch.update(layouts=layouts, positions=positions)
             with tap:
                 outputs = tap.run(first.normalize(images))
-            for position, (layout, output) in enumerate(zip(layouts, outputs, strict=True)):
-                spatial, prefix = layout.split(output)
-                scores = tops[position].add(spatial, positions, score)
-                if on_batch is not None:
-                    on_batch(position, spatial, prefix, scores)
+            if not as_produced:
+                for position, output in enumerate(outputs):
+                    merge(position, output)
             seen += images.shape[0]
     if indexed:
         offset = 0

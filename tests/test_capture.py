@@ -264,3 +264,32 @@ def test_locality_of_a_layer_overwritten_later_is_its_own():
     assert abs(float(alone.locality[0] - layer2.locality[0])) > 0.01  # the test can tell
     torch.testing.assert_close(both.field(0), alone.field(0), rtol=0, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(both.locality[0], alone.locality[0], rtol=0, atol=1e-6)
+
+
+def test_on_record_hands_over_each_layer_as_it_is_produced():
+    model = vit12()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    layers = ["blocks.5.mlp.fc1", "blocks.1", "blocks.1.mlp.fc1"]
+    expected = capture_layers(model, layers, x)
+    handed, produced = [], {}
+    for path in [*layers, "blocks.6"]:  # the test's own hooks see what the model produced
+        module = dict(model.named_modules())[path]
+        module.register_forward_hook(lambda m, a, o, path=path: produced.setdefault(path, o))
+    try:
+        tap = LayerTap(
+            model,
+            layers,
+            on_record=lambda i, value: handed.append((i, value, value.clone())),
+        )
+        with tap:
+            assert tap.run(x) == [None, None, None]
+    finally:
+        for module in model.modules():
+            module._forward_hooks.clear()
+    assert [i for i, _, _ in handed] == [2, 1, 0]  # forward order; stopped after blocks.5
+    assert "blocks.6" not in produced
+    for i, value, copy in handed:
+        assert value is produced[layers[i]]  # handed over, not copied
+        torch.testing.assert_close(copy, expected[i], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="call >= 0"):
+        LayerTap(model, layers, call=-1, on_record=lambda i, value: None)

@@ -318,3 +318,22 @@ def test_default_inputs_use_the_models_size(built):
     model, _ = built("deit_distilled")
     layout = cv.resolve_layout(model, "blocks.0")
     assert layout.grid == (4, 4)
+
+
+@pytest.mark.parametrize("arch", ["vit", "swin", "pit", "twins_svt", "dinov2_reg"])
+def test_several_layers_in_one_forward_equal_each_alone(built, arch):
+    from captum_vit.layout import resolve_layouts
+
+    model, x = built(arch)
+    paths = [path for path, _, _ in BLOCK_CASES[arch]]
+    paths += [p for p, use_input, _, _ in HIDDEN_CASES.get(arch, []) if not use_input]
+    stem = [m for m in model.modules() if not list(m.children())][0]
+    calls = []
+    handle = stem.register_forward_hook(lambda m, a, o: calls.append(1))
+    try:
+        together = resolve_layouts(model, paths[::-1], x)  # any order
+    finally:
+        handle.remove()
+    assert len(calls) == 1  # one forward for all layers
+    for path, layout in zip(paths[::-1], together, strict=True):
+        assert layout == cv.resolve_layout(model, path, x), path

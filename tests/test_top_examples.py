@@ -175,7 +175,8 @@ def test_one_pass_over_several_layers_equals_each_layer_alone():
     finally:
         for handle in handles:
             handle.remove()
-    assert seen[:3] == [(0, (128, 4)), (1, (128, 4)), (2, (32, 4))]
+    # each layer as the forward produces it: blocks.0.mlp.act, blocks.1.norm1, blocks.1.mlp.fc1
+    assert seen[:3] == [(1, (128, 4)), (2, (32, 4)), (0, (128, 4))]
     for one_pass, single in zip(together, alone, strict=True):
         assert one_pass.layer == single.layer
         assert torch.equal(one_pass.indices, single.indices)

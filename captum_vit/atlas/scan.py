@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .._base import layouts_for
 from ..top_examples import ExampleSet, TopActivatingExamples, scan_top_examples
 from .shard import Shard, fixed_batches
 
@@ -127,7 +128,7 @@ def scan_layers(
     batches = fixed_batches(len(images), batch_size)
     mine = shard.mine(batches)
     probe = images.batch(batches[0][:1])["image"].to(methods[0].device())
-    layouts = [method.layout_for(probe) for method in methods]
+    layouts = layouts_for(methods, probe)
     recorder = _ActivationRecorder(len(methods))
     examples = scan_top_examples(
         methods, _Batches(images, mine), show_progress=show_progress, on_batch=recorder
