@@ -116,7 +116,9 @@ def test_table_one_is_skipped_for_folders_the_model_does_not_name(tmp_path):
     to_pil(torch.rand(3, 64, 64)).save(root / "banana" / "fruit.png")
     images = ImageFiles(root, (64, 64))
     reason = pooling_table(zoo.load_model("vit"), images)["skipped"]
-    assert "'banana'" in reason and "'star'" not in reason and "'circle'" in reason  # the fix
+    unmatched, fix = reason.split(". ", 1)
+    assert unmatched.endswith(": 'banana'")  # "star" matches
+    assert "'circle', 'square'" in fix  # the names that would match
     anonymous = pooling_table(_tiny_timm_vit(num_classes=8), images)["skipped"]
     assert "does not name its classes" in anonymous
 
@@ -239,3 +241,14 @@ def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path,
     monkeypatch.setattr(timm, "create_model", offline)
     with pytest.raises(ValueError, match="needs a network.*--weights FILE"):
         load_model("vit_tiny_patch16_224", pretrained=True)
+
+
+def test_zoo_scenes_are_drawn_at_the_model_input_size():
+    from captum_vit.atlas import open_images
+
+    scenes = open_images(_tiny_timm_vit(), None, scenes=3)
+    assert scenes.batch([0, 2])["image"].shape == (2, 3, 32, 32)
+    assert scenes.fingerprint == "zoo-scenes:3:1:32"
+    zoo_scenes = open_images(zoo.load_model("vit"), None, scenes=3)  # the zoo's own 64 px
+    assert zoo_scenes.fingerprint == "zoo-scenes:3:1"
+    assert zoo_scenes.batch([0])["image"].shape == (1, 3, 64, 64)

@@ -82,10 +82,17 @@ _LISTED = 5
 def _unmatched_reason(model: torch.nn.Module, unmatched: list[str]) -> str:
     listed = ", ".join(repr(name) for name in unmatched[:_LISTED])
     more = f" and {len(unmatched) - _LISTED} more" if len(unmatched) > _LISTED else ""
-    first = class_aliases(model)[0]
-    examples = list(dict.fromkeys([*first, first[0].split(",")[0].strip()]))
+    aliases = class_aliases(model)
+    names = [alias[0] for alias in aliases]
+    shown = ", ".join(repr(name) for name in names[:_LISTED])
+    shown += f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    ways = ""
+    if any("," in name for name in names):
+        ways += ", or the part of a name before its first comma"
+    if len(aliases[0]) > 1:
+        ways += f", or a class's synset such as {aliases[0][1]!r}"
     return (
         f"{len(unmatched)} image class folder(s) match no single class of the model: "
-        f"{listed}{more}. Name each folder after one of the model's classes (case does not "
-        f"matter; for class 0: {' or '.join(repr(e) for e in examples)})"
+        f"{listed}{more}. Name each class folder after one of the model's classes (case "
+        f"does not matter, _ reads as a space): {shown}{ways}."
     )

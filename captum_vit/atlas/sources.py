@@ -243,16 +243,24 @@ def weights_fingerprint(model: nn.Module) -> str:
 # --------------------------------------------------------------------------- images
 
 
-class ZooScenes:
-    """The zoo's synthetic scenes (labelled) as an atlas image source."""
+#: The zoo scenes' own size (that of the zoo models).
+_SCENE_SIZE = 64
 
-    def __init__(self, count: int = 256, seed: int = 1) -> None:
+
+class ZooScenes:
+    """The zoo's synthetic scenes (labelled) as an atlas image source, ``image_size``
+    pixels square (default 64, the zoo models' size)."""
+
+    def __init__(self, count: int = 256, seed: int = 1, image_size: int = _SCENE_SIZE) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"the number of scenes must be a positive int, got {count!r}")
-        self.scenes = zoo.SyntheticScenes(count, seed=seed)
+        self.scenes = zoo.SyntheticScenes(count, seed=seed, image_size=image_size)
         self.class_names = list(self.scenes.class_names)
-        self.description = f"{count} zoo scenes (seed {seed})"
-        self.fingerprint = f"zoo-scenes:{count}:{seed}"
+        size = f", {image_size} px" if image_size != _SCENE_SIZE else ""
+        self.description = f"{count} zoo scenes (seed {seed}{size})"
+        self.fingerprint = f"zoo-scenes:{count}:{seed}" + (
+            f":{image_size}" if image_size != _SCENE_SIZE else ""
+        )
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -376,8 +384,10 @@ def open_images(
     model: nn.Module, folder: str | Path | None = None, *, scenes: int = 256
 ) -> ImageFiles | ZooScenes:
     """The atlas's images: the files under ``folder`` prepared for ``model``, or (no
-    folder) ``scenes`` zoo scenes."""
-    if folder is None:
-        return ZooScenes(scenes)
+    folder) ``scenes`` zoo scenes, drawn at the model's input size when it is square (the
+    zoo models': 64 px)."""
     size = input_config(model).size
+    if folder is None:
+        side = size[0] if size[0] == size[1] else _SCENE_SIZE
+        return ZooScenes(scenes, image_size=max(side, 16))
     return ImageFiles(folder, size, crop_fraction(model))
