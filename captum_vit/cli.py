@@ -5,7 +5,9 @@ Subcommands:
                         the main job: a static site of what every unit of every layer
                         responds to (feature visualizations, top images with patch
                         activation maps, histograms, locality, Table 1); resumable, and
-                        split over processes under torchrun
+                        split over processes under torchrun. MODEL: a timm name, an
+                        open_clip name with --weights FILE, a Hugging Face model
+                        directory (save_pretrained), or module:function
   layouts               resolve token layouts of a set of timm / open_clip architectures
                         (random weights, small configurations, no network) and show the
                         early-exit capture
@@ -110,15 +112,33 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
         help="a static site of what every unit of every layer responds to",
         description="Build (or resume, or extend) an atlas: what every unit of every layer "
         "responds to, over your images, as a static site. Under torchrun --nproc_per_node N "
-        "the work is split over the processes (same files as one process).",
+        "the work is split over the processes (same files as one process). Table 1 (the "
+        "pooling experiments) needs labelled images: an ImageFolder tree whose class folders "
+        "are named after the model's classes (zoo names, a Hugging Face id2label, ImageNet "
+        "synsets like n01440764 or names like 'tench'; any subset, any case), or zoo scenes "
+        "for a zoo model; otherwise the page says why it was skipped.",
     )
     atlas.add_argument(
-        "model", nargs="?", help="timm name, open_clip name (with --weights) or module:function"
+        "model",
+        nargs="?",
+        help="timm name, open_clip name (with --weights), Hugging Face model directory "
+        "(config.json from save_pretrained; needs pip install captum-vit[hf]) or "
+        "module:function",
     )
     atlas.add_argument("--zoo", choices=["vit", "cnn"], help="a bundled zoo model instead")
-    atlas.add_argument("--weights", help="local checkpoint (.safetensors or torch state dict)")
-    atlas.add_argument("--pretrained", action="store_true", help="timm's weights (network)")
-    atlas.add_argument("--images", help="folder of image files (recursive); default zoo scenes")
+    atlas.add_argument(
+        "--weights",
+        help="local checkpoint (.safetensors or torch state dict) for a timm, open_clip or zoo "
+        "model; it must match the architecture",
+    )
+    atlas.add_argument(
+        "--pretrained", action="store_true", help="download timm's weights (needs a network)"
+    )
+    atlas.add_argument(
+        "--images",
+        help="folder of image files (recursive; class sub-folders named after the model's "
+        "classes give Table 1); default zoo scenes",
+    )
     atlas.add_argument("--scenes", type=int, default=256, help="zoo scenes without --images")
     atlas.add_argument("--out", default="atlas", help="the atlas folder (default: atlas)")
     atlas.add_argument(
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     command = atlas_command if args.command == "atlas" else layout_command
     try:
         return command(args)
-    except (ValueError, TypeError, FileNotFoundError, IndexError) as error:
+    except (ValueError, TypeError, FileNotFoundError, IndexError, ImportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

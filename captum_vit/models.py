@@ -22,6 +22,9 @@ __all__ = [
     "ImageModel",
     "InputConfig",
     "check_images",
+    "class_aliases",
+    "class_names",
+    "match_class_names",
     "fixed_input_size",
     "input_config",
     "model_device",
@@ -82,6 +85,117 @@ def vision_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modu
         f"part of the text side): the image methods take layers of `model.{prefix[:-1]}`, "
         f"named with the {prefix!r} prefix, e.g. {example!r}"
     )
+
+
+def class_names(model: nn.Module) -> list[str] | None:
+    """The names of the model's output classes, by index, or ``None`` when the model does
+    not name them.
+
+    Sources, first found wins: ``model.class_names`` (the zoo's models); a Hugging Face
+    config's ``id2label`` (unless it only holds the default ``LABEL_0``, ``LABEL_1``, ...);
+    for timm models with an ImageNet head (``timm.data.infer_imagenet_subset``), the
+    ImageNet descriptions (``"tench, Tinca tinca"``). Wrapped models (:class:`ImageModel`,
+    open_clip towers, Hugging Face towers) are looked through.
+
+    Examples::
+
+        >>> class_names(zoo.load_model("vit"))[:2]
+        ['circle', 'square']
+        >>> class_names(timm.create_model("vit_base_patch16_224"))[0]
+        'tench, Tinca tinca'
+    """
+    aliases = class_aliases(model)
+    return [names[0] for names in aliases] if aliases is not None else None
+
+
+def class_aliases(model: nn.Module) -> list[tuple[str, ...]] | None:
+    """Every name each output class goes by: its name (as :func:`class_names`), then, for
+    ImageNet heads, its WordNet synset (``"n01440764"``); ``None`` as :func:`class_names`."""
+    for candidate in _class_sources(model):
+        names = getattr(candidate, "class_names", None)
+        if isinstance(names, (list, tuple)) and names and all(isinstance(n, str) for n in names):
+            return [(name,) for name in names]
+        if type(candidate).__module__.startswith("transformers."):
+            return _hf_labels(candidate)
+        imagenet = _imagenet_aliases(candidate)
+        if imagenet is not None:
+            return imagenet
+    return None
+
+
+def match_class_names(model: nn.Module, names: Sequence[str]) -> list[int | None] | None:
+    """The model's class index for each of ``names`` (folder names, say); ``None`` for a
+    name that fits no class, or several. ``None`` altogether when the model does not name
+    its classes (see :func:`class_names`).
+
+    A name fits a class when it equals, ignoring case and with ``_`` read as a space, one
+    of the class's :func:`class_aliases` (name or synset), else the first comma-separated
+    part of its name (``"tench"`` for ``"tench, Tinca tinca"``) when only one class has it.
+
+    Examples::
+
+        >>> match_class_names(zoo.load_model("vit"), ["star", "Circle", "banana"])
+        [3, 0, None]
+    """
+    aliases = class_aliases(model)
+    if aliases is None:
+        return None
+    full: dict[str, set[int]] = {}
+    first: dict[str, set[int]] = {}
+    for index, names_of_class in enumerate(aliases):
+        for alias in names_of_class:
+            full.setdefault(_name_key(alias), set()).add(index)
+            first.setdefault(_name_key(alias.split(",")[0]), set()).add(index)
+    found: list[int | None] = []
+    for name in names:
+        key = _name_key(name)
+        indices = full.get(key) or first.get(key) or set()
+        found.append(next(iter(indices)) if len(indices) == 1 else None)
+    return found
+
+
+def _name_key(name: str) -> str:
+    return " ".join(str(name).replace("_", " ").lower().split())
+
+
+def _class_sources(model: nn.Module) -> list[nn.Module]:
+    """The model and what it wraps: an ImageModel's model, the image tower, a Hugging
+    Face tower's model."""
+    sources = [model]
+    vision = unwrap_vision(model)
+    sources.append(vision)
+    inner = getattr(vision, "model", None)
+    if isinstance(inner, nn.Module):
+        sources.append(inner)
+    return list({id(m): m for m in sources}.values())
+
+
+def _hf_labels(model: nn.Module) -> list[tuple[str, ...]] | None:
+    id2label = getattr(getattr(model, "config", None), "id2label", None) or {}
+    labels = {int(k): str(v) for k, v in id2label.items()}
+    if not labels or sorted(labels) != list(range(len(labels))):
+        return None
+    if all(labels[i] == f"LABEL_{i}" for i in labels):  # transformers' placeholder names
+        return None
+    return [(labels[i],) for i in range(len(labels))]
+
+
+def _imagenet_aliases(model: nn.Module) -> list[tuple[str, ...]] | None:
+    """(description, synset) of each class of a timm model with an ImageNet head."""
+    if not type(model).__module__.startswith("timm.") or not getattr(model, "pretrained_cfg", None):
+        return None
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    subset = infer_imagenet_subset(model)
+    if subset is None:
+        return None
+    info = ImageNetInfo(subset)
+    if info.num_classes() != getattr(model, "num_classes", None):
+        return None  # a new head (num_classes=10) or no head (num_classes=0)
+    return [
+        (info.index_to_description(i), info.index_to_label_name(i))
+        for i in range(info.num_classes())
+    ]
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,9 @@ def test_atlas_files_and_manifest(atlas):
             assert sum(record["histogram"]["counts"]) == 13
             assert record["prefix_names"] == ["cls"]
     assert "1 unreadable file(s) skipped" in atlas.read_text()
+    # "cats" and "things" are no zoo classes: Table 1 says so instead of mislabelling
+    reason = json.loads((site / "data/model.json").read_text())["pooling"]["skipped"]
+    assert "&#x27;cats&#x27;, &#x27;things&#x27;" in atlas.read_text() and "'cats'" in reason
     assert not (site / ".work").exists()
 
 

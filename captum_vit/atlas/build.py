@@ -28,7 +28,7 @@ from .._progress import resolve_progress
 from ..capture import find_module
 from ..layout import resolve_layout
 from ..locality.probe import find_blocks
-from ..models import ImageModel, model_device, unwrap_vision
+from ..models import ImageModel, _clip_image_tower, model_device, unwrap_vision
 from ..optim.presets import get_preset
 from .model_stats import layer_locality, pooling_table
 from .pages import write_site
@@ -41,14 +41,22 @@ from .units import FVSettings, select_units, unit_folder, visualize_units, write
 __all__ = ["build_atlas", "default_layers", "default_preset"]
 
 
+#: How the MLP hidden activation (the paper's layer) of each block is named: timm
+#: ``blocks.3.mlp.act``, Hugging Face ViT / DeiT / DINOv2 / CLIP ``...layers.3.mlp.activation_fn``,
+#: open_clip ``transformer.resblocks.3.mlp.gelu``.
+MLP_HIDDEN_SUFFIXES = ("mlp.act", "mlp.activation_fn", "mlp.gelu")
+
+
 def default_layers(model: nn.Module) -> list[str]:
-    """Every block's MLP hidden layer (``*.mlp.act``, the paper's), else every block.
+    """Every block's MLP hidden layer (a name ending in one of
+    :data:`MLP_HIDDEN_SUFFIXES`: timm ``mlp.act``, Hugging Face ``mlp.activation_fn``,
+    open_clip ``mlp.gelu``; the paper's layer), else every block.
 
     Raises:
         ValueError: the model has neither.
     """
     vision = unwrap_vision(model)
-    names = [name for name, _ in vision.named_modules() if name.endswith("mlp.act")]
+    names = [name for name, _ in vision.named_modules() if name.endswith(MLP_HIDDEN_SUFFIXES)]
     if not names:
         names = find_blocks(vision)
     if not names:
@@ -152,13 +160,16 @@ def build_atlas(
     as with one process.
 
     Args:
-        model: an image model (timm, open_clip, zoo, any ``nn.Module``) or a
-            :class:`LoadedModel` from :func:`~captum_vit.atlas.sources.load_model`.
+        model: an image model (timm, open_clip, Hugging Face, zoo, any ``nn.Module``)
+            or a :class:`LoadedModel` from :func:`~captum_vit.atlas.sources.load_model`.
+            For an open_clip CLIP model the atlas shows its image tower ``visual``, and
+            layer paths are the tower's (``transformer.resblocks.3.mlp.gelu``).
         images: a folder of image files (recursive), an image source, or ``None`` for
             ``scenes`` zoo scenes.
         out: the atlas folder; an existing atlas with the same settings is resumed or
             extended with new layers and units.
-        layers: dotted paths; default every block's MLP hidden layer.
+        layers: dotted paths; default every block's MLP hidden layer
+            (:func:`default_layers`).
         units: ``"all"``, a list of unit ids (every layer), or ``N``: the ``N`` most
             active units of each layer.
         k: top images per unit.
@@ -182,6 +193,9 @@ def build_atlas(
     """
     loaded = model if isinstance(model, LoadedModel) else None
     model = loaded.model if loaded else model
+    # A full open_clip CLIP model: its image tower, whose layer paths name no text module
+    # (``transformer.resblocks.3`` would also be the text transformer's block).
+    model = _clip_image_tower(model) or model
     shard = Shard.from_environment()
     try:
         return _build(

@@ -1,11 +1,13 @@
 """Per-model figures of an atlas: how local each layer is (SpatialLocalityProbe) and the
-paper's Table-1 pooling experiments when the model pools with its cls token."""
+paper's Table-1 pooling experiments when the model pools with its cls token and names the
+classes of the images (their folders are matched to the model's class names)."""
 
 from __future__ import annotations
 
 import torch
 
 from ..locality import SpatialLocalityProbe, pooling_experiments
+from ..models import class_aliases, match_class_names
 from .shard import fixed_batches
 
 __all__ = ["layer_locality", "pooling_table"]
@@ -29,18 +31,33 @@ def pooling_table(
     model: torch.nn.Module, images, *, count: int = 256, batch_size: int = 64
 ) -> dict:
     """The paper's Table 1 on the first ``count`` labelled images: natural accuracy, cls
-    isolated for ``L`` blocks, patch average / best patch, and the tear sweep. Returns
-    ``{"skipped": reason}`` when the images have no labels or the model does not pool with
-    its cls token."""
+    isolated for ``L`` blocks, patch average / best patch, and the tear sweep.
+
+    The images' classes (``ImageFolder`` sub-folders, zoo scene classes) are matched by
+    name to the model's classes (:func:`~captum_vit.models.match_class_names`), so a
+    folder tree with any subset of the classes, in any order, scores against the right
+    logits. Returns ``{"skipped": reason}`` when the images have no labels, the model does
+    not name its classes, a class of the images matches none of the model's, or the model
+    does not pool with its cls token."""
     names = getattr(images, "class_names", None)
     if not names:
         return {"skipped": "the images have no labels (use an ImageFolder tree or zoo scenes)"}
+    indices = match_class_names(model, names)
+    if indices is None:
+        return {
+            "skipped": "the model does not name its classes (no class_names, Hugging Face "
+            "id2label or ImageNet head), so the image folders cannot be matched to its outputs"
+        }
+    unmatched = [name for name, index in zip(names, indices, strict=True) if index is None]
+    if unmatched:
+        return {"skipped": _unmatched_reason(model, unmatched)}
+    to_model = torch.tensor(indices)
     batches = fixed_batches(min(count, len(images)), batch_size)
 
     def loader():
-        for indices in batches:
-            batch = images.batch(indices)
-            yield batch["image"], batch["label"]
+        for batch_indices in batches:
+            batch = images.batch(batch_indices)
+            yield batch["image"], to_model[batch["label"]]
 
     try:
         report = pooling_experiments(model, loader(), show_progress=False)
@@ -56,3 +73,26 @@ def pooling_table(
         "depth": report.depth,
         "num_images": report.num_images,
     }
+
+
+#: How many unmatched folder names a skip reason lists.
+_LISTED = 5
+
+
+def _unmatched_reason(model: torch.nn.Module, unmatched: list[str]) -> str:
+    listed = ", ".join(repr(name) for name in unmatched[:_LISTED])
+    more = f" and {len(unmatched) - _LISTED} more" if len(unmatched) > _LISTED else ""
+    aliases = class_aliases(model)
+    names = [alias[0] for alias in aliases]
+    shown = ", ".join(repr(name) for name in names[:_LISTED])
+    shown += f" and {len(names) - _LISTED} more" if len(names) > _LISTED else ""
+    ways = ""
+    if any("," in name for name in names):
+        ways += ", or the part of a name before its first comma"
+    if len(aliases[0]) > 1:
+        ways += f", or a class's synset such as {aliases[0][1]!r}"
+    return (
+        f"{len(unmatched)} image class folder(s) match no single class of the model: "
+        f"{listed}{more}. Name each class folder after one of the model's classes (case "
+        f"does not matter, _ reads as a space): {shown}{ways}."
+    )

@@ -1,8 +1,9 @@
 """Where an atlas's model and images come from.
 
 Models: a bundled zoo model, a timm name (``pretrained=True`` with a network, or a local
-``weights`` file), an open_clip name with a local ``weights`` file, or ``module:function``
-returning a model. Images: a folder of image files (recursive, any format Pillow reads,
+``weights`` file), an open_clip name with a local ``weights`` file, a Hugging Face model
+directory (``save_pretrained``; needs the ``[hf]`` extra), or ``module:function`` returning
+a model. Images: a folder of image files (recursive, any format Pillow reads,
 prepared with the model's own preprocessing; an ``ImageFolder`` tree gives labels), or the
 zoo's synthetic scenes. Every image source has ``len()``, ``batch(indices)`` (a dict with
 ``"image"`` in [0, 1] and ``"label"``), a ``description`` and a ``fingerprint``.
@@ -50,16 +51,30 @@ def load_model(
     """Load the atlas's model.
 
     Args:
-        name: a timm model name, an open_clip model name (needs ``weights``), or
+        name: a timm model name, an open_clip model name (needs ``weights``), a Hugging
+            Face model directory (holding the ``config.json`` and weights written by
+            ``save_pretrained``; loaded offline with ``transformers``), or
             ``"module:function"`` (the function returns the model).
         zoo_name: ``"vit"`` or ``"cnn"``, a bundled zoo model (instead of ``name``).
-        weights: a local checkpoint (``.safetensors`` or a ``torch.save`` state dict).
+        weights: a local checkpoint (``.safetensors`` or a ``torch.save`` state dict) for
+            a timm, open_clip or zoo model.
         pretrained: download timm's pretrained weights (needs a network).
+
+    Returns:
+        The model in eval mode, with its description and weights fingerprint.
 
     Raises:
         ValueError: no model or two models named, an unknown name, weights that do not
-            match the architecture.
+            match the architecture, a directory without ``config.json``, pretrained
+            weights that cannot be downloaded.
         FileNotFoundError: the weights file does not exist.
+        ImportError: a Hugging Face directory without ``transformers`` installed.
+
+    Examples::
+
+        >>> load_model("vit_base_patch16_224", weights="vit_b16.safetensors")
+        >>> load_model("ViT-B-32", weights="open_clip_vit_b32.bin")
+        >>> load_model("checkpoints/my-hf-vit")             # a save_pretrained directory
     """
     if (name is None) == (zoo_name is None):
         raise ValueError(
@@ -100,26 +115,94 @@ def _from_library(name: str, weights: str | Path | None, pretrained: bool) -> nn
     import timm
 
     if Path(name).is_dir():
-        raise ValueError(
-            f"{name} is a directory: Hugging Face model directories are not supported by the "
-            "atlas yet; pass a timm name with --weights FILE"
-        )
+        if weights is not None or pretrained:
+            raise ValueError(
+                f"{name} is a model directory, which holds its own weights: drop "
+                "--weights / --pretrained"
+            )
+        return _from_hf_directory(Path(name))
     if timm.is_model(name):
-        model = timm.create_model(name, pretrained=pretrained)
+        model = _create_timm(name, pretrained)
         if weights is not None:
             _load_weights(model, weights, name)
         return model
     if name in open_clip.list_models():
         if weights is None:
-            raise ValueError(f"open_clip model {name} needs --weights FILE (a local checkpoint)")
+            raise ValueError(
+                f"open_clip model {name} needs --weights FILE (a local checkpoint; "
+                "--pretrained is for timm names)"
+            )
         try:
             return open_clip.create_model(name, pretrained=str(weights))
-        except RuntimeError as error:
+        except RuntimeError as error:  # load_state_dict(strict=True)
             raise ValueError(_mismatch(weights, name, error)) from error
+        except Exception as error:  # an unreadable file, or one that holds no state dict
+            detail = " ".join(str(error).split())[:300]
+            raise ValueError(
+                f"cannot load weights file {weights} into open_clip model {name}: "
+                f"{type(error).__name__}: {detail}"
+            ) from error
     raise ValueError(
         f"unknown model {name!r}: not a timm or open_clip name, and not module:function; "
         "use --zoo vit for the bundled model"
     )
+
+
+def _create_timm(name: str, pretrained: bool) -> nn.Module:
+    import timm
+
+    if not pretrained:
+        return timm.create_model(name)
+    try:
+        return timm.create_model(name, pretrained=True)
+    except Exception as error:  # no network, no cached file, a hub error: all say the same
+        detail = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"cannot get timm's pretrained weights for {name} (--pretrained downloads them "
+            f"and needs a network): {type(error).__name__}: {detail}. Without a network, pass "
+            "a local checkpoint with --weights FILE"
+        ) from error
+
+
+#: Words that end the architecture name of a Hugging Face image classifier.
+_HF_CLASSIFIER_SUFFIXES = ("ForImageClassification", "ForImageClassificationWithTeacher")
+
+
+def _from_hf_directory(folder: Path) -> nn.Module:
+    """A ``save_pretrained`` directory, loaded offline: ``AutoModelForImageClassification``
+    when its config names an image-classification architecture, else ``AutoModel``."""
+    if not (folder / "config.json").is_file():
+        raise ValueError(
+            f"{folder} is a directory without config.json: the atlas takes a Hugging Face "
+            "model directory written by save_pretrained (config.json and weights), a timm "
+            "or open_clip name with --weights FILE, or module:function"
+        )
+    try:
+        import transformers
+    except ImportError as error:
+        raise ImportError(
+            f"{folder} is a Hugging Face model directory: loading it needs transformers; "
+            "pip install captum-vit[hf]"
+        ) from error
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+        architectures = getattr(config, "architectures", None) or []
+        classifier = any(a.endswith(_HF_CLASSIFIER_SUFFIXES) for a in architectures)
+        auto = (
+            transformers.AutoModelForImageClassification if classifier else transformers.AutoModel
+        )
+        model, info = auto.from_pretrained(folder, local_files_only=True, output_loading_info=True)
+    except (OSError, ValueError, KeyError) as error:
+        detail = " ".join(str(error).split())[:300]
+        raise ValueError(f"cannot load the Hugging Face model in {folder}: {detail}") from error
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise ValueError(
+            f"the weights in {folder} do not match the architecture {type(model).__name__} "
+            f"(its config): missing {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
+    return model
 
 
 def _load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
@@ -160,16 +243,24 @@ def weights_fingerprint(model: nn.Module) -> str:
 # --------------------------------------------------------------------------- images
 
 
-class ZooScenes:
-    """The zoo's synthetic scenes (labelled) as an atlas image source."""
+#: The zoo scenes' own size (that of the zoo models).
+_SCENE_SIZE = 64
 
-    def __init__(self, count: int = 256, seed: int = 1) -> None:
+
+class ZooScenes:
+    """The zoo's synthetic scenes (labelled) as an atlas image source, ``image_size``
+    pixels square (default 64, the zoo models' size)."""
+
+    def __init__(self, count: int = 256, seed: int = 1, image_size: int = _SCENE_SIZE) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"the number of scenes must be a positive int, got {count!r}")
-        self.scenes = zoo.SyntheticScenes(count, seed=seed)
+        self.scenes = zoo.SyntheticScenes(count, seed=seed, image_size=image_size)
         self.class_names = list(self.scenes.class_names)
-        self.description = f"{count} zoo scenes (seed {seed})"
-        self.fingerprint = f"zoo-scenes:{count}:{seed}"
+        size = f", {image_size} px" if image_size != _SCENE_SIZE else ""
+        self.description = f"{count} zoo scenes (seed {seed}{size})"
+        self.fingerprint = f"zoo-scenes:{count}:{seed}" + (
+            f":{image_size}" if image_size != _SCENE_SIZE else ""
+        )
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -190,7 +281,9 @@ class ImageFiles:
     ``size / crop_pct`` (bicubic), the centre ``size`` cropped, values in [0, 1].
     Unreadable files are skipped with a warning and listed in :attr:`skipped`. When every
     image lies in a first-level subfolder (an ``ImageFolder`` tree), the subfolders are the
-    classes (sorted) and :attr:`class_names` lists them.
+    classes (sorted) and :attr:`class_names` lists them; the atlas's Table 1 matches them
+    by name to the model's classes (name them as the model does, see
+    :func:`~captum_vit.models.class_names`).
 
     Raises:
         ValueError: the folder does not exist or holds no readable image.
@@ -291,8 +384,10 @@ def open_images(
     model: nn.Module, folder: str | Path | None = None, *, scenes: int = 256
 ) -> ImageFiles | ZooScenes:
     """The atlas's images: the files under ``folder`` prepared for ``model``, or (no
-    folder) ``scenes`` zoo scenes."""
-    if folder is None:
-        return ZooScenes(scenes)
+    folder) ``scenes`` zoo scenes, drawn at the model's input size when it is square (the
+    zoo models': 64 px)."""
     size = input_config(model).size
+    if folder is None:
+        side = size[0] if size[0] == size[1] else _SCENE_SIZE
+        return ZooScenes(scenes, image_size=max(side, 16))
     return ImageFiles(folder, size, crop_fraction(model))
