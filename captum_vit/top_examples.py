@@ -391,14 +391,37 @@ class _RunningTopK:
     def add(self, spatial: torch.Tensor, positions: torch.Tensor, score: str) -> torch.Tensor:
         """Merge a batch: ``spatial`` (B, C, h, w) of the layer, ``positions`` (B,).
         Returns the batch's float32 scores, ``(units, B)``."""
-        batch, k = spatial.shape[0], self.k
+        batch = spatial.shape[0]
         picked = spatial if self._all_units(spatial) else spatial[:, self.units]
         picked = picked.float()  # scores in float32 also for half-precision models
         reduced = picked.mean((2, 3)) if score == "mean" else picked.amax((2, 3))
         new_scores = reduced.t()  # (units, B)
         new_indices = positions.view(1, batch).expand(len(new_scores), batch)
-        scores = torch.cat([self.scores, new_scores], dim=1)
-        indices = torch.cat([self.indices, new_indices], dim=1)
+        rows = self._rows_with_entrants(new_scores, new_indices)
+        if len(rows):
+            self._merge(rows, new_scores[rows], new_indices[rows], spatial)
+        return new_scores
+
+    def _rows_with_entrants(self, new_scores: torch.Tensor, new_indices: torch.Tensor):
+        """Units with a new candidate that beats their k-th kept one (the others keep
+        their top-k as it is: once a scan is under way, most units)."""
+        kth_score, kth_index = self.scores[:, -1:], _tie_key(self.indices[:, -1:])
+        beats = (new_scores > kth_score) | (
+            (new_scores == kth_score) & (_tie_key(new_indices) < kth_index)
+        )
+        return beats.any(1).nonzero().squeeze(1)
+
+    def _merge(
+        self,
+        rows: torch.Tensor,
+        new_scores: torch.Tensor,
+        new_indices: torch.Tensor,
+        spatial: torch.Tensor,
+    ) -> None:
+        """Merge the batch's candidates into the top-k of units ``rows``."""
+        k = self.k
+        scores = torch.cat([self.scores[rows], new_scores], dim=1)
+        indices = torch.cat([self.indices[rows], new_indices], dim=1)
         best = rank_candidates(scores, indices, k)
         from_kept = best < k
         # Ranks kept from before keep their slots; each entering candidate takes the slot
@@ -407,20 +430,19 @@ class _RunningTopK:
         # row-major order with equal counts per row, pair up within each unit.
         ranks_kept = from_kept.sum(1, keepdim=True)
         still_kept = torch.arange(k, device=best.device) < ranks_kept
-        slots = self.slots.gather(1, best.clamp(max=k - 1))
-        rows, ranks = (~from_kept).nonzero(as_tuple=True)
-        if len(rows):
-            free = self.slots[~still_kept]
-            slots[rows, ranks] = free
-            images = best[rows, ranks] - k
-            entering = spatial[images, self.units[rows]].flatten(1)
-            self.store[rows, free] = entering.to(self.store.dtype)
-        self.scores, self.indices, self.slots = (
-            scores.gather(1, best),
-            indices.gather(1, best),
-            slots,
-        )
-        return new_scores
+        old_slots = self.slots[rows]
+        slots = old_slots.gather(1, best.clamp(max=k - 1))
+        entering_rows, ranks = (~from_kept).nonzero(as_tuple=True)
+        if len(entering_rows):
+            free = old_slots[~still_kept]
+            slots[entering_rows, ranks] = free
+            images = best[entering_rows, ranks] - k
+            units = rows[entering_rows]
+            entering = spatial[images, self.units[units]].flatten(1)
+            self.store[units, free] = entering.to(self.store.dtype)
+        self.scores[rows] = scores.gather(1, best)
+        self.indices[rows] = indices.gather(1, best)
+        self.slots[rows] = slots
 
     def _all_units(self, spatial: torch.Tensor) -> bool:
         if self.all_units is None:
@@ -441,10 +463,14 @@ def rank_candidates(scores: torch.Tensor, indices: torch.Tensor, k: int) -> torc
     """Columns of the best ``k`` candidates per row, best first: score descending, ties
     by the smaller index; empty slots (index -1) last among equal scores."""
     # Two stable sorts give the lexicographic order (score desc, index asc).
-    tie_key = torch.where(indices < 0, torch.iinfo(torch.long).max, indices)
-    order = torch.sort(tie_key, dim=1, stable=True).indices
+    order = torch.sort(_tie_key(indices), dim=1, stable=True).indices
     by_score = torch.sort(scores.gather(1, order), dim=1, descending=True, stable=True).indices
     return order.gather(1, by_score[:, :k])
+
+
+def _tie_key(indices: torch.Tensor) -> torch.Tensor:
+    """Indices as tie-breakers: smaller first, empty slots (-1) last."""
+    return torch.where(indices < 0, torch.iinfo(torch.long).max, indices)
 
 
 def merge_top_k(

@@ -333,3 +333,22 @@ def test_frequency_sensitivity_matches_oracle_on_both_models(models):
         assert abs(result.low_pass_top1[-1] - result.clean_top1) <= 6
     with pytest.raises(ValueError, match="Nyquist"):
         frequency_sensitivity(models["cnn"], data, cutoffs=(0.0,))
+
+
+def test_patch_dropout_drops_tokens_for_the_first_part_of_training_only():
+    from captum_vit.zoo.train import QUICK, TrainConfig, _run_steps
+
+    model = build_model("vit")
+    original = model.patch_drop
+    tokens = []
+    model.blocks[0].register_forward_hook(lambda m, a, o: tokens.append(o.shape[1]))
+    settings = {**QUICK, "steps": 4, "eval_images": 4, "log_every": 100}
+    cfg = TrainConfig(**settings, patch_drop=0.5, patch_drop_until=0.5)
+    _run_steps(model, cfg, 0, log=lambda line: None)
+    model.blocks[0]._forward_hooks.clear()
+    # steps 1-2 drop half of the 64 patch tokens (cls kept), steps 3-4 and the
+    # held-out evaluation after the last step see all 1 + 64
+    assert tokens == [1 + 32, 1 + 32, 65, 65, 65]
+    assert model.patch_drop is original
+    with pytest.raises(ValueError, match="no patch_drop"):
+        _run_steps(build_model("cnn"), cfg, 0, log=lambda line: None)

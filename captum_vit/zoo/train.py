@@ -39,7 +39,14 @@ Log = Callable[[str], None]
 @dataclass
 class TrainConfig:
     """Hyper-parameters of one training run (the defaults of :data:`DEFAULTS` are the
-    bundled models')."""
+    bundled models').
+
+    ``patch_drop``: share of the patch tokens a ViT drops at random from each training
+    image (timm's ``PatchDropout``; the cls token is kept) for the first
+    ``patch_drop_until`` of the steps; the rest of the run sees every token. A step then
+    costs about half, so more images fit in the same time. The model's architecture and
+    weights' names do not change (the module is swapped in for training only).
+    """
 
     steps: int
     batch_size: int = 64
@@ -56,6 +63,8 @@ class TrainConfig:
     background_bias: float = 0.5
     bf16: bool = False
     log_every: int = 50
+    patch_drop: float = 0.0
+    patch_drop_until: float = 0.8
 
 
 #: Full-run settings per model; ``--quick`` overrides steps and sizes.
@@ -253,16 +262,47 @@ def _run_steps(
     optimizer = _optimizer(model, cfg)
     model.train()
     progress = _Progress()
-    for step in range(cfg.steps):
-        offset = first_item + step * cfg.batch_size
-        batch = data.batch(range(offset, offset + cfg.batch_size))
-        progress.add(*_train_step(classifier, optimizer, batch, cfg, _lr_at(step, cfg)))
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            accuracy = evaluate(model, held_out)
-            log(progress.line(step + 1, cfg, accuracy, len(held_out)))
-        if save is not None and save_every and (step + 1) % save_every == 0:
-            save(step + 1)
+    drop_steps = round(cfg.patch_drop_until * cfg.steps) if cfg.patch_drop else 0
+    with _patch_dropout(model, cfg.patch_drop) as dropping:
+        for step in range(cfg.steps):
+            if step == drop_steps:
+                dropping.stop()
+            offset = first_item + step * cfg.batch_size
+            batch = data.batch(range(offset, offset + cfg.batch_size))
+            progress.add(*_train_step(classifier, optimizer, batch, cfg, _lr_at(step, cfg)))
+            if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+                accuracy = evaluate(model, held_out)
+                log(progress.line(step + 1, cfg, accuracy, len(held_out)))
+            if save is not None and save_every and (step + 1) % save_every == 0:
+                save(step + 1)
     return progress
+
+
+class _patch_dropout:  # noqa: N801 (a context manager, used like a function)
+    """Swap a timm ViT's ``patch_drop`` module for ``PatchDropout(rate)`` (training
+    only; the original module comes back on :meth:`stop` and on exit, also after an
+    error). A rate of 0 changes nothing."""
+
+    def __init__(self, model: torch.nn.Module, rate: float) -> None:
+        self.model, self.rate, self.original = model, rate, None
+
+    def __enter__(self) -> _patch_dropout:
+        if self.rate:
+            from timm.layers import PatchDropout
+
+            if not hasattr(self.model, "patch_drop"):
+                raise ValueError(f"{type(self.model).__name__} has no patch_drop module")
+            self.original = self.model.patch_drop
+            prefix = getattr(self.model, "num_prefix_tokens", 1)
+            self.model.patch_drop = PatchDropout(self.rate, num_prefix_tokens=prefix)
+        return self
+
+    def stop(self) -> None:
+        if self.original is not None:
+            self.model.patch_drop, self.original = self.original, None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 def _record(
@@ -350,6 +390,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--label-smoothing", type=float, default=None)
     parser.add_argument(
+        "--patch-drop",
+        type=float,
+        default=None,
+        help="ViT: share of patch tokens dropped per training image (first part of the run)",
+    )
+    parser.add_argument(
+        "--patch-drop-until",
+        type=float,
+        default=None,
+        help="share of the steps that drop patch tokens (default 0.8)",
+    )
+    parser.add_argument(
         "--attention-init",
         choices=("default", "mimetic"),
         default=None,
@@ -381,7 +433,16 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     settings = dict(DEFAULTS[args.model])
     if args.quick:
         settings.update(QUICK)
-    for key in ("steps", "lr", "warmup", "batch_size", "label_smoothing", "attention_init"):
+    for key in (
+        "steps",
+        "lr",
+        "warmup",
+        "batch_size",
+        "label_smoothing",
+        "attention_init",
+        "patch_drop",
+        "patch_drop_until",
+    ):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     return TrainConfig(seed=args.seed, **settings)
