@@ -13,7 +13,10 @@ For every preset:
 
 With ``--grids`` it saves, from the same zoo images, ``docs/images/fv_zoo_units_<preset>.png``
 (rows: units of the early, middle and last block) and ``fv_zoo_logits_<preset>.png``
-(the class logits, ``--per-class`` images each).
+(the class logits, ``--per-class`` images each); with ``--overview PRESET`` also the
+figures the docs show, from that preset's images of this run:
+``zoo_vit_feature_viz.png`` (the units' rows and the class logits),
+``zoo_vit_class_viz.png`` and ``zoo_cnn_class_viz.png`` (each model's class logits).
 
 The machine may be shared: timings are wall times of this run; compare presets within one
 run. Reduced settings for a loaded machine, e.g.::
@@ -97,8 +100,9 @@ def transfer_rows(models, presets, scale, per_class, zoo_images):
             total += seconds
             scores[source, judge] = cv.transfer_score(images, labels, models[judge])
             scores[source, source] = cv.transfer_score(images, labels, models[source])
-            if source == "vit" and zoo_images is not None:
-                zoo_images.setdefault(preset, []).append(("head", labels.tolist(), images))
+            if zoo_images is not None:
+                kind = "head" if source == "vit" else "cnn head"
+                zoo_images.setdefault(preset, []).append((kind, labels.tolist(), images))
         print(
             f"| {preset} | {scores['vit', 'cnn']:.1f} | {scores['cnn', 'vit']:.1f} | "
             f"{scores['vit', 'vit']:.1f} | {scores['cnn', 'cnn']:.1f} | {total:.0f} |",
@@ -106,25 +110,36 @@ def transfer_rows(models, presets, scale, per_class, zoo_images):
         )
 
 
-def save_grids(zoo_images, class_names):
+def save_grids(zoo_images, class_names, overview=None):
     OUT.mkdir(parents=True, exist_ok=True)
     for preset, all_rows in zoo_images.items():
-        for kind in ("units", "logits"):
-            rows = [r for r in all_rows if (r[0] == "head") == (kind == "logits")]
+        units = [r for r in all_rows if not r[0].endswith("head")]
+        vit_logits = [r for r in all_rows if r[0] == "head"]
+        cnn_logits = [r for r in all_rows if r[0] == "cnn head"]
+        name = preset or "none"
+        figures = {f"fv_zoo_units_{name}.png": units, f"fv_zoo_logits_{name}.png": vit_logits}
+        if preset == overview:
+            figures["zoo_vit_feature_viz.png"] = units + vit_logits
+            figures["zoo_vit_class_viz.png"] = vit_logits
+            figures["zoo_cnn_class_viz.png"] = cnn_logits
+        for filename, rows in figures.items():
             if rows:
-                save_grid(rows, class_names, OUT / f"fv_zoo_{kind}_{preset or 'none'}.png")
+                save_grid(rows, class_names, OUT / filename)
 
 
-def save_grid(rows, class_names, path):
+def save_grid(rows, class_names, path, ncols=8):
+    """One grid row per ``ncols`` images; each row of ``rows`` starts a new grid row (the
+    last one padded with white cells)."""
     cells, captions = [], []
     for layer, units, images in rows:
-        cells.append(images)
-        if layer == "head":
-            captions += [class_names[u] for u in units]
+        if layer.endswith("head"):
+            names = [class_names[u] for u in units]
         else:
             block = layer.split(".")[1]
-            captions += [f"b{block} u{u}" for u in units]
-    ncols = max(len(images) for _, _, images in rows)
+            names = [f"b{block} u{u}" for u in units]
+        pad = -len(images) % ncols
+        cells += [images, torch.ones(pad, *images.shape[1:])]
+        captions += names + [""] * pad
     big = F.interpolate(torch.cat(cells), scale_factor=2, mode="nearest")
     image_grid(big, ncols=ncols, labels=captions).save(path)
     print(f"saved {path}")
@@ -142,6 +157,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", default="", help="comma list of: tiny, zoo, transfer")
     parser.add_argument("--grids", action="store_true", help="save docs/images/fv_zoo_*.png")
+    parser.add_argument(
+        "--overview",
+        default=None,
+        help="with --grids: also save the docs' zoo_*_viz.png figures from this preset",
+    )
     parser.add_argument(
         "--transfer-presets", default=None, help="presets of the transfer table (default: all)"
     )
@@ -187,7 +207,7 @@ def main() -> None:
             chosen = [parse_preset(p) for p in args.transfer_presets.split(",")]
         transfer_rows(models, chosen, args.steps_scale, args.per_class, zoo_images)
     if zoo_images:
-        save_grids(zoo_images, models["vit"].class_names)
+        save_grids(zoo_images, models["vit"].class_names, parse_preset(args.overview or ""))
 
 
 if __name__ == "__main__":

@@ -158,6 +158,22 @@ def test_maco_keeps_the_magnitude_and_optimizes_the_phase():
     ratio = spectrum / magnitude[..., 1:-1].double()
     spread = ratio.flatten(1).std(1) / ratio.flatten(1).mean(1)
     assert (spread < 1e-3).all(), spread
+    # no colour cast: the mean colour is its own parameter, grey at the start ...
+    channel_means = torch.logit(x.double()).mean((2, 3))
+    torch.testing.assert_close(
+        channel_means, torch.zeros(2, 3, dtype=torch.float64), atol=1e-5, rtol=0
+    )
+    assert param.parameters()[1].shape == (2, 3, 1, 1)
+    # ... and, from start images, their own mean colour (in logit units)
+    start = torch.full((1, 3, 16, 12), 0.5)
+    start[:, 0] = 0.8  # reddish
+    began = MacoImage.from_images(start, magnitude)
+    torch.testing.assert_close(
+        torch.logit(began.images().double()).mean((2, 3)),
+        torch.logit(torch.tensor([[0.8, 0.5, 0.5]], dtype=torch.float64)),
+        atol=1e-3,
+        rtol=0,
+    )
     photos = magnitude_spectrum("photos", size)
     assert photos.shape == (3, 16, 7) and magnitude_spectrum("photos", size) is photos  # cached
     # natural images: most energy in low frequencies
@@ -171,5 +187,5 @@ def test_fast_is_the_paper_preset_plus_its_differences():
 
     paper, fast = get_preset("ghiasi2023"), get_preset("fast")
     differ = {f.name for f in fields(Preset) if getattr(paper, f.name) != getattr(fast, f.name)}
-    assert differ <= {"copies", "steps", "lr", "transforms"}
+    assert differ <= {"copies", "steps", "lr", "tv_weight", "transforms"}
     assert fast.steps * fast.copies * 4 <= paper.steps * paper.copies  # 1/4 of the work

@@ -1,7 +1,7 @@
 """The atlas: what every unit of every layer of a model responds to, over your images, as a
 static site (``captum-vit atlas``, or :func:`build_atlas`).
 
-Modules: :mod:`.sources` (models and image folders), :mod:`.scan` (one pass per layer:
+Modules: :mod:`.sources` (models and image folders), :mod:`.scan` (one pass for all layers:
 top-k images and activation statistics), :mod:`.units` (unit selection, feature
 visualizations, a unit's files), :mod:`.model_stats` (locality, Table 1), :mod:`.pages`
 (the HTML), :mod:`.resume` (atomic files, manifest), :mod:`.shard` (several processes),

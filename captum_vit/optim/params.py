@@ -147,21 +147,38 @@ class FourierImage(ImageParam):
 
 
 class MacoImage(ImageParam):
-    """Magnitude-constrained phase: ``images = sigmoid(standardize(irfft2(M * exp(i phase))))``
-    with the magnitude ``M`` fixed (a natural-image spectrum) and the phase optimized.
-    Standardization is per image over its pixels and channels (MaCo, Fel et al. 2023).
+    """Magnitude-constrained phase: ``images = sigmoid(standardize(irfft2(M * exp(i phase)))
+    + colour)`` with the magnitude ``M`` fixed (a natural-image spectrum) and the phase
+    optimized (MaCo, Fel et al. 2023). Standardization is per image over its pixels and
+    channels.
+
+    The zero-frequency term is not taken from ``M``: with a fixed magnitude and a free
+    phase, each channel's mean would be pinned at plus or minus the spectrum's mean colour
+    offset, a colour cast the optimization cannot remove. Instead each image has a free
+    mean ``colour`` per channel (in logit units), starting at grey (0).
 
     Args:
         phase: ``(B, 3, H, W // 2 + 1)`` starting phase in radians.
         magnitude: ``(3, H, W // 2 + 1)`` magnitude spectrum.
+        colour: ``(B, 3, 1, 1)`` starting mean colour in logit units (default 0, grey).
     """
 
-    def __init__(self, phase: Tensor, magnitude: Tensor, size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        phase: Tensor,
+        magnitude: Tensor,
+        size: tuple[int, int],
+        colour: Tensor | None = None,
+    ) -> None:
         if tuple(phase.shape[1:]) != tuple(magnitude.shape):
             raise ValueError("phase and magnitude spectra must have the same shape")
-        self.magnitude = magnitude.to(phase.device, torch.float32)
+        self.magnitude = magnitude.to(phase.device, torch.float32).clone()
+        self.magnitude[:, 0, 0] = 0  # the mean colour is the free ``colour`` instead
         self.size = size
         self.phase = phase.detach().float().clone().requires_grad_(True)
+        if colour is None:
+            colour = phase.new_zeros(phase.shape[0], 3, 1, 1)
+        self.colour = colour.detach().float().clone().requires_grad_(True)
 
     @classmethod
     def random(cls, draws: RandomDraws, magnitude: Tensor, size: tuple[int, int]) -> MacoImage:
@@ -170,21 +187,22 @@ class MacoImage(ImageParam):
 
     @classmethod
     def from_images(cls, images: Tensor, magnitude: Tensor) -> MacoImage:
-        """Start from the phase of ``images`` (their magnitude is replaced by ``M``)."""
+        """Start from the phase and the mean colour of ``images`` (their magnitude is
+        replaced by ``M``)."""
         x = torch.logit(images.detach().float().clamp(1e-3, 1 - 1e-3))
-        x = x - x.mean(dim=(-2, -1), keepdim=True)
-        phase = torch.angle(torch.fft.rfft2(x, norm="ortho"))
-        return cls(phase, magnitude, (images.shape[-2], images.shape[-1]))
+        colour = x.mean(dim=(-2, -1), keepdim=True)
+        phase = torch.angle(torch.fft.rfft2(x - colour, norm="ortho"))
+        return cls(phase, magnitude, (images.shape[-2], images.shape[-1]), colour)
 
     def parameters(self) -> list[Tensor]:
-        return [self.phase]
+        return [self.phase, self.colour]
 
     def images(self) -> Tensor:
         spectrum = torch.polar(self.magnitude.expand_as(self.phase), self.phase)
         x = torch.fft.irfft2(spectrum, s=self.size, norm="ortho")
         x = x - x.mean(dim=(1, 2, 3), keepdim=True)
         x = x / (x.std(dim=(1, 2, 3), keepdim=True) + 1e-4)
-        return torch.sigmoid(x)
+        return torch.sigmoid(x + self.colour)
 
 
 _SPECTRA: dict[tuple, Tensor] = {}

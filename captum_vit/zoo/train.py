@@ -70,10 +70,12 @@ class TrainConfig:
 #: Full-run settings per model; ``--quick`` overrides steps and sizes.
 DEFAULTS: dict[str, dict] = {
     "vit": {
-        "steps": 3000,
-        "batch_size": 32,
-        "lr": 1e-3,
-        "warmup": 100,
+        "steps": 9500,
+        "batch_size": 64,
+        "lr": 7e-4,
+        "warmup": 200,
+        "patch_drop": 0.5,
+        "patch_drop_until": 0.8,
         "log_every": 250,
     },
     "cnn": {"steps": 800, "lr": 2e-3, "log_every": 100},
