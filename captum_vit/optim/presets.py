@@ -221,9 +221,7 @@ GHIASI2023 = Preset(
 #: The paper's recipe with fewer, larger steps: 6 copies instead of 8, each with its own
 #: roll, 112 steps instead of 400 at lr 0.15, no total variation (0.21 of the
 #: image-steps).
-FAST = replace(
-    GHIASI2023, copies=6, steps=112, lr=0.15, tv_weight=0.0, transforms=_fast_transforms
-)
+FAST = replace(GHIASI2023, copies=6, steps=112, lr=0.15, tv_weight=0.0, transforms=_fast_transforms)
 
 #: Strong transformation robustness for class logits and late layers: Fourier
 #: parameterization, pad, jitter, scale 0.6-1.3, rotation up to 30 degrees, flip, 8 copies.
