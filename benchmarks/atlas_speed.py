@@ -32,7 +32,7 @@ from captum_vit.atlas.resume import AtlasFiles
 from captum_vit.atlas.scan import scan_layers
 from captum_vit.atlas.shard import Shard, fixed_batches
 from captum_vit.atlas.units import FVSettings, visualize_units, write_unit
-from captum_vit.capture import LayerTap
+from captum_vit.capture import LayerTap, preserved_state
 from captum_vit.models import ImageModel
 from captum_vit.optim.presets import get_preset
 
@@ -70,9 +70,11 @@ def bare_scan(model, images, batch_size: int) -> None:
 
 
 def bare_optimization(model, units: int, steps: int, copies: int) -> None:
+    """Forward to the layer and backward to the pixels only (parameters frozen, as the
+    feature visualization runs)."""
     wrapped = ImageModel(model)
     pixels = torch.rand(units * copies, 3, 224, 224, requires_grad=True)
-    with LayerTap(model, LAYER) as tap:
+    with preserved_state(model), LayerTap(model, LAYER) as tap:
         for _ in range(steps):
             out = tap.run(wrapped.normalize(pixels))[0]
             out[:, 1:, :units].mean().backward()

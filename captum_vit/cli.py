@@ -162,8 +162,8 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
     atlas.add_argument("--device", help="cpu or cuda (default: cuda when present)")
 
 
-# The zoo models are 64-px toys: half the fast preset's steps keep the README's main job
-# at 25 s on 2 idle cores (measured; 64 steps: 46 s).
+# The zoo models are 64-px toys: 32 of the fast preset's 112 steps keep the README's main
+# job under half a minute on 2 idle cores.
 ZOO_STEPS = 32
 
 
