@@ -89,7 +89,8 @@ class _ActivationRecorder:
         if prefix is None or prefix.shape[-1] != channels:
             prefix = spatial.new_zeros(batch, 0, channels)
         self.means[position].append(scores.t().cpu())
-        self.prefix[position].append(prefix.detach().float().cpu())
+        # a copy: a view would keep the layer's whole output alive for the entire scan
+        self.prefix[position].append(prefix.detach().float().cpu().clone())
 
 
 class _Batches:
