@@ -162,16 +162,16 @@ def test_cli_layouts_and_layout_errors(capsys):
     assert "blocks.1.mlp.fc1" in capsys.readouterr().err
 
 
-def test_zoo_atlas_defaults_to_fewer_steps_unless_told_otherwise():
+def test_zoo_atlas_defaults_to_its_quick_recipe_unless_told_otherwise():
     import argparse
 
-    from captum_vit.cli import ZOO_STEPS, _default_steps
+    from captum_vit.cli import ZOO_RECIPE, _default_recipe
 
     def args(**kw):
         base = dict(steps=None, zoo=None, preset=None)
         return argparse.Namespace(**{**base, **kw})
 
-    assert _default_steps(args(zoo="vit")) == ZOO_STEPS
-    assert _default_steps(args(zoo="vit", steps=5)) == 5
-    assert _default_steps(args(zoo="vit", preset="ghiasi2023")) is None
-    assert _default_steps(args()) is None
+    assert _default_recipe(args(zoo="vit")) == ZOO_RECIPE == ("robust", 48)
+    assert _default_recipe(args(zoo="vit", steps=5)) == (None, 5)
+    assert _default_recipe(args(zoo="vit", preset="ghiasi2023")) == ("ghiasi2023", None)
+    assert _default_recipe(args()) == (None, None)
