@@ -187,6 +187,7 @@ def atlas_command(args: argparse.Namespace) -> int:
     local_rank = os.environ.get("LOCAL_RANK", "0")  # set by torchrun: one GPU per process
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     loaded.model.to(device)
+    preset, steps = _default_recipe(args)
     build_atlas(
         loaded,
         args.images,
@@ -194,8 +195,8 @@ def atlas_command(args: argparse.Namespace) -> int:
         layers=args.layers.split(",") if args.layers else None,
         units=args.units,
         k=args.k,
-        preset=_default_recipe(args)[0],
-        steps=_default_recipe(args)[1],
+        preset=preset,
+        steps=steps,
         seed=args.seed,
         batch_size=args.batch_size,
         fv_batch=args.fv_batch,

@@ -89,8 +89,9 @@ class _ActivationRecorder:
         if prefix is None or prefix.shape[-1] != channels:
             prefix = spatial.new_zeros(batch, 0, channels)
         self.means[position].append(scores.t().cpu())
-        # a copy: a view would keep the layer's whole output alive for the entire scan
-        self.prefix[position].append(prefix.detach().float().cpu().clone())
+        # always a copy (one): a view would keep the layer's whole output alive for the
+        # entire scan
+        self.prefix[position].append(prefix.detach().to("cpu", torch.float32, copy=True))
 
 
 class _Batches:
