@@ -24,6 +24,7 @@ import time
 import timm
 import torch
 
+from ._memory import keep_freed_memory
 from .capture import capture_layers
 from .layout import resolve_layout
 
@@ -226,5 +227,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> int:
+    """The program's entry point (``captum-vit``, ``python -m captum_vit``): :func:`main`
+    in a process whose freed memory is kept for reuse (see :mod:`captum_vit._memory`)."""
+    keep_freed_memory()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

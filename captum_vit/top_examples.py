@@ -383,6 +383,7 @@ class _RunningTopK:
         self.slots = torch.arange(k, device=device).repeat(count, 1)
         self.store = torch.zeros(count, k, h * w, device=device)
         self.all_units = None
+        self.max_index = -1  # the largest image index merged so far
 
     @property
     def k(self) -> int:
@@ -394,35 +395,62 @@ class _RunningTopK:
         batch = spatial.shape[0]
         picked = spatial if self._all_units(spatial) else spatial[:, self.units]
         picked = picked.float()  # scores in float32 also for half-precision models
-        reduced = picked.mean((2, 3)) if score == "mean" else picked.amax((2, 3))
-        new_scores = reduced.t()  # (units, B)
+        new_scores = _reduce_maps(picked, score).t()  # (units, B)
         new_indices = positions.view(1, batch).expand(len(new_scores), batch)
-        rows = self._rows_with_entrants(new_scores, new_indices)
-        if len(rows):
-            self._merge(rows, new_scores[rows], new_indices[rows], spatial)
+        in_order = self._columns_in_tie_order(new_scores, positions)
+        rows = self._rows_with_entrants(new_scores, new_indices, in_order)
+        if rows is None:  # every unit: no row selection to copy in and out
+            self._merge(None, new_scores, new_indices, spatial, in_order)
+        elif len(rows):
+            self._merge(rows, new_scores[rows], new_indices[rows], spatial, in_order)
+        if batch:
+            self.max_index = max(self.max_index, int(positions.max()))
         return new_scores
 
-    def _rows_with_entrants(self, new_scores: torch.Tensor, new_indices: torch.Tensor):
+    def _columns_in_tie_order(self, new_scores: torch.Tensor, positions: torch.Tensor) -> bool:
+        """Whether, among candidates of equal score, the columns of ``[kept, new]`` are
+        already in the ranking's tie order: true for a stream read in order (every new
+        image comes after every kept one, in ascending order) with no -inf or NaN score
+        (those could tie with an empty slot, or have no order)."""
+        if positions.numel() == 0 or int(positions[0]) <= self.max_index:
+            return False
+        if positions.numel() > 1 and not bool((positions[1:] >= positions[:-1]).all()):
+            return False
+        return bool((new_scores > float("-inf")).all())
+
+    def _rows_with_entrants(
+        self, new_scores: torch.Tensor, new_indices: torch.Tensor, in_tie_order: bool
+    ) -> torch.Tensor | None:
         """Units with a new candidate that beats their k-th kept one (the others keep
-        their top-k as it is: once a scan is under way, most units)."""
-        kth_score, kth_index = self.scores[:, -1:], _tie_key(self.indices[:, -1:])
-        beats = (new_scores > kth_score) | (
-            (new_scores == kth_score) & (_tie_key(new_indices) < kth_index)
-        )
-        return beats.any(1).nonzero().squeeze(1)
+        their top-k as it is: once a scan is under way, most units); ``None`` when that
+        is every unit. In tie order a new candidate loses every tie, so only a higher
+        score beats."""
+        kth_score = self.scores[:, -1:]
+        beats = new_scores > kth_score
+        if not in_tie_order:
+            kth_index = _tie_key(self.indices[:, -1:])
+            beats |= (new_scores == kth_score) & (_tie_key(new_indices) < kth_index)
+        entrants = beats.any(1)
+        return None if bool(entrants.all()) else entrants.nonzero().squeeze(1)
 
     def _merge(
         self,
-        rows: torch.Tensor,
+        rows: torch.Tensor | None,
         new_scores: torch.Tensor,
         new_indices: torch.Tensor,
         spatial: torch.Tensor,
+        in_tie_order: bool = False,
     ) -> None:
-        """Merge the batch's candidates into the top-k of units ``rows``."""
+        """Merge the batch's candidates into the top-k of units ``rows`` (``None``: all;
+        ``in_tie_order``: see :meth:`_columns_in_tie_order`)."""
         k = self.k
-        scores = torch.cat([self.scores[rows], new_scores], dim=1)
-        indices = torch.cat([self.indices[rows], new_indices], dim=1)
-        best = rank_candidates(scores, indices, k)
+        every = slice(None) if rows is None else rows
+        scores = torch.cat([self.scores[every], new_scores], dim=1)
+        indices = torch.cat([self.indices[every], new_indices], dim=1)
+        if in_tie_order:
+            best = _rank_ties_by_column(scores, k)
+        else:
+            best = rank_candidates(scores, indices, k)
         from_kept = best < k
         # Ranks kept from before keep their slots; each entering candidate takes the slot
         # of an evicted one. The ranking keeps the old order, so the kept old ranks are a
@@ -430,19 +458,30 @@ class _RunningTopK:
         # row-major order with equal counts per row, pair up within each unit.
         ranks_kept = from_kept.sum(1, keepdim=True)
         still_kept = torch.arange(k, device=best.device) < ranks_kept
-        old_slots = self.slots[rows]
+        old_slots = self.slots[every]
         slots = old_slots.gather(1, best.clamp(max=k - 1))
         entering_rows, ranks = (~from_kept).nonzero(as_tuple=True)
         if len(entering_rows):
             free = old_slots[~still_kept]
             slots[entering_rows, ranks] = free
             images = best[entering_rows, ranks] - k
-            units = rows[entering_rows]
-            entering = spatial[images, self.units[units]].flatten(1)
+            units = entering_rows if rows is None else rows[entering_rows]
+            channels = self.units[units]
+            # Read the maps image by image, channels ascending: a map's values lie a
+            # whole token apart, so this order reuses each image's cache lines (about
+            # 1.7x faster for a ViT-Ti batch than reading unit by unit).
+            order = torch.argsort(images * spatial.shape[1] + channels)
+            images, channels, units, free = (
+                images[order],
+                channels[order],
+                units[order],
+                free[order],
+            )
+            entering = spatial[images, channels].flatten(1)
             self.store[units, free] = entering.to(self.store.dtype)
-        self.scores[rows] = scores.gather(1, best)
-        self.indices[rows] = indices.gather(1, best)
-        self.slots[rows] = slots
+        self.scores[every] = scores.gather(1, best)
+        self.indices[every] = indices.gather(1, best)
+        self.slots[every] = slots
 
     def _all_units(self, spatial: torch.Tensor) -> bool:
         if self.all_units is None:
@@ -459,6 +498,18 @@ class _RunningTopK:
         return self.scores, indices, maps.view(len(maps), self.k, h, w)
 
 
+def _reduce_maps(spatial: torch.Tensor, score: str) -> torch.Tensor:
+    """``(B, C)``: each map of ``spatial`` (B, C, h, w) reduced to its mean or max. A
+    token layer's maps are a channels-last view; reducing it in that memory order takes
+    half the time of reducing dims (2, 3) of the view."""
+    maps, dims = spatial, (2, 3)
+    if spatial.stride(1) == 1 and spatial.shape[1] > 1:
+        maps, dims = spatial.permute(0, 2, 3, 1), (1, 2)
+    if score == "max":
+        return maps.amax(dims)
+    return maps.sum(dims) / (spatial.shape[2] * spatial.shape[3])
+
+
 def rank_candidates(scores: torch.Tensor, indices: torch.Tensor, k: int) -> torch.Tensor:
     """Columns of the best ``k`` candidates per row, best first: score descending, ties
     by the smaller index; empty slots (index -1) last among equal scores."""
@@ -466,6 +517,19 @@ def rank_candidates(scores: torch.Tensor, indices: torch.Tensor, k: int) -> torc
     order = torch.sort(_tie_key(indices), dim=1, stable=True).indices
     by_score = torch.sort(scores.gather(1, order), dim=1, descending=True, stable=True).indices
     return order.gather(1, by_score[:, :k])
+
+
+def _rank_ties_by_column(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`rank_candidates` for candidates whose columns are in tie order (among equal
+    scores, the left column has the smaller index) and whose scores are neither NaN nor
+    -inf: one ``topk`` of an int64 key, the score's bits made monotone with the column as
+    tie-breaker, instead of two full sorts."""
+    n = scores.shape[1]
+    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0 makes -0.0 equal 0.0
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # monotone in the float
+    shift = 1 << max(1, (n - 1).bit_length())
+    column_rank = n - 1 - torch.arange(n, device=scores.device)  # left column wins a tie
+    return torch.topk(ordered * shift + column_rank, k, dim=1).indices
 
 
 def _tie_key(indices: torch.Tensor) -> torch.Tensor:

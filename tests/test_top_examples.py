@@ -11,7 +11,12 @@ import torch.multiprocessing as mp
 from archs import TIMM_ARCHS
 
 import captum_vit as cv
-from captum_vit.top_examples import ExampleSet, scan_top_examples
+from captum_vit.top_examples import (
+    ExampleSet,
+    _rank_ties_by_column,
+    rank_candidates,
+    scan_top_examples,
+)
 
 LAYER = "blocks.1.mlp.fc1"  # 128 channels, 4x4 grid, 1 cls token
 
@@ -189,6 +194,25 @@ def test_one_pass_over_several_layers_equals_each_layer_alone():
     renormalized = cv.TopActivatingExamples(model, LAYER, k=3, mean=(0.1,) * 3)
     with pytest.raises(ValueError, match="normalize images differently"):
         scan_top_examples([methods[0], renormalized], images.split(4))
+
+
+def test_one_topk_ranking_equals_the_two_sort_ranking_on_ties():
+    """The fast ranking of an in-order stream (kept ranks first, then new images in
+    ascending order) against the general one, on scores full of ties: repeated values,
+    0.0 and -0.0, huge and tiny magnitudes, +inf; empty kept slots at -inf."""
+    generator = torch.Generator().manual_seed(0)
+    values = torch.tensor([0.0, -0.0, 1.5, -1.5, 3e38, -3e38, 1e-40, -1e-40, float("inf")])
+    for _ in range(200):
+        units, k = 17, int(torch.randint(1, 9, (1,), generator=generator))
+        batch = int(torch.randint(1, 20, (1,), generator=generator))
+        pick = lambda *shape: values[torch.randint(len(values), shape, generator=generator)]  # noqa: E731
+        kept_scores = pick(units, k).sort(dim=1, descending=True, stable=True).values
+        kept_indices = torch.arange(k).repeat(units, 1)  # ties among kept in index order
+        empty = torch.rand(units, generator=generator) < 0.3
+        kept_scores[empty, -1], kept_indices[empty, -1] = float("-inf"), -1
+        scores = torch.cat([kept_scores, pick(units, batch)], 1)
+        indices = torch.cat([kept_indices, torch.arange(k, k + batch).repeat(units, 1)], 1)
+        assert torch.equal(_rank_ties_by_column(scores, k), rank_candidates(scores, indices, k))
 
 
 def test_bad_arguments():
