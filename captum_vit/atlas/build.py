@@ -104,7 +104,8 @@ def _estimate(
     model, images, layer_info, pending_scans, units, fv: FVSettings, options, files, shard
 ) -> str:
     """One line, before the work: the estimated cost, from one timed forward of a batch
-    and the timed difference of one and two optimization steps of a chunk."""
+    and timed optimization runs of a chunk at the first and the last layer (a deeper
+    layer runs more of the model; the layers between are interpolated)."""
     batch_size, fv_batch = options["batch_size"], options["fv_batch"]
     start = time.perf_counter()
     batch = images.batch(range(min(batch_size, len(images))))["image"]
@@ -113,22 +114,24 @@ def _estimate(
     # One pass of (at most) full forwards scans every pending layer.
     scan = (time.perf_counter() - start) * len(range(0, len(images), batch_size))
     scan *= bool(pending_scans)
-    count = 0
+    pending = {}
     for name, info in layer_info.items():
         done = len(list((files.out / "layers" / name).glob("unit_*/unit.json")))
-        count += max(0, _wanted_units(units, info["channels"]) - done)
+        pending[name] = max(0, _wanted_units(units, info["channels"]) - done)
+    count = sum(pending.values())
     steps = fv.steps or get_preset(fv.preset).steps
     optimize = 0.0
     if count:
-        name, info = next(iter(layer_info.items()))
-        chunk = list(range(min(fv_batch, info["channels"])))
-        times = []
-        for trial_steps in (1, 2):
-            start = time.perf_counter()
-            visualize_units(model, name, chunk, FVSettings(fv.preset, trial_steps, fv.seed))
-            times.append(time.perf_counter() - start)
-        per_step = max(times[1] - times[0], 0.1 * times[0])
-        optimize = (times[0] + per_step * (steps - 1)) * -(-count // fv_batch)
+        names = list(layer_info)
+        ends = {names[0], names[-1]}
+        chunk = {
+            name: _chunk_seconds(model, name, layer_info, fv, fv_batch, steps) for name in ends
+        }
+        first, last = chunk[names[0]], chunk[names[-1]]
+        for position, name in enumerate(names):
+            share = position / max(1, len(names) - 1)
+            seconds = first + (last - first) * share
+            optimize += seconds * -(-pending[name] // fv_batch)
     total = (scan + optimize) / shard.world
     return (
         f"estimated cost: about {total:.0f} s on {model_device(model).type} with "
@@ -136,6 +139,19 @@ def _estimate(
         f"{len(pending_scans)} layer(s) in one pass ~{scan:.0f} s; feature visualization of {count} "
         f"unit(s) x {steps} steps ~{optimize:.0f} s; then locality, Table 1 and the pages)"
     )
+
+
+def _chunk_seconds(model, name: str, layer_info, fv: FVSettings, fv_batch: int, steps: int):
+    """Seconds to visualize one chunk of units of layer ``name``: runs of 1 and 3 steps
+    give the set-up and the cost of a step."""
+    chunk = list(range(min(fv_batch, layer_info[name]["channels"])))
+    times = []
+    for trial_steps in (1, 3):
+        start = time.perf_counter()
+        visualize_units(model, name, chunk, FVSettings(fv.preset, trial_steps, fv.seed))
+        times.append(time.perf_counter() - start)
+    per_step = max((times[1] - times[0]) / 2, 0.1 * times[0])
+    return times[0] + per_step * (steps - 1)
 
 
 def build_atlas(
