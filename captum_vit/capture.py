@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "HookSet",
     "LayerTap",
     "capture_layers",
     "find_module",
@@ -351,6 +352,46 @@ def capture_layers(
     ):
         values = tap.run(*inputs)
     return values[0] if single else values
+
+
+class HookSet:
+    """Hooks registered together and removed together when the ``with`` block ends, also
+    after an error (one raised while registering included). Outside :class:`LayerTap`,
+    every hook of captum_vit goes through one (the patch-grid splice, the rollout's
+    attention readers).
+
+    Examples::
+
+        >>> with HookSet() as hooks:
+        ...     hooks.forward(model.blocks[3], lambda module, args, output: seen.append(output))
+        ...     model(images)
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> HookSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def forward(self, module: nn.Module, hook: Callable[..., Any]) -> None:
+        """``hook(module, args, output)`` after ``module`` runs (a returned value replaces
+        the output)."""
+        self._handles.append(module.register_forward_hook(hook))
+
+    def pre_forward(
+        self, module: nn.Module, hook: Callable[..., Any], *, with_kwargs: bool = False
+    ) -> None:
+        """``hook(module, args)`` (``hook(module, args, kwargs)`` with ``with_kwargs``)
+        before ``module`` runs."""
+        self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+
+    def remove(self) -> None:
+        """Remove every hook of the set (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
 
 
 @contextlib.contextmanager

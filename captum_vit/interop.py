@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import find_module
+from .capture import HookSet, find_module
 from .layout import TokenLayout, resolve_layout
 from .models import unwrap_vision
 
@@ -138,18 +138,14 @@ def patch_grid(
     _, module = find_module(model, layout.layer)
     grid = PatchGrid(layout, with_prefix)
     splice = _Splice(layout, grid, call)
-    handles = []
-    try:
+    with HookSet() as hooks:
         for root in _forward_roots(model):
-            handles.append(root.register_forward_pre_hook(splice.reset))
+            hooks.pre_forward(root, splice.reset)
         if attribute_to_layer_input:
-            handles.append(module.register_forward_pre_hook(splice.input_hook, with_kwargs=True))
+            hooks.pre_forward(module, splice.input_hook, with_kwargs=True)
         else:
-            handles.append(module.register_forward_hook(splice.output_hook))
+            hooks.forward(module, splice.output_hook)
         yield grid
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _forward_roots(model: nn.Module) -> list[nn.Module]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from captum.attr import Attribution, LayerAttribution
 from torch import nn
 
-from .capture import _StopForward, find_module, preserved_state
+from .capture import HookSet, _StopForward, find_module, preserved_state
 from .layout import TokenLayout, resolve_layout
 from .models import ImageModel, check_images, fixed_input_size, model_device
 
@@ -129,20 +128,25 @@ def _hf_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> to
 
 
 def _register(
-    module: nn.Module, name: str, reader: Callable[..., torch.Tensor], on_probs: Callable
-) -> Any:
+    hooks: HookSet,
+    module: nn.Module,
+    name: str,
+    reader: Callable[..., torch.Tensor],
+    on_probs: Callable,
+) -> None:
     """Hook ``module`` so that ``on_probs(probabilities)`` runs when its attention runs."""
     if reader is _timm_attention:
 
         def qkv_hook(_linear: nn.Module, _args: tuple, output: torch.Tensor) -> None:
             on_probs(reader(module, name, output))
 
-        return module.qkv.register_forward_hook(qkv_hook)
+        hooks.forward(module.qkv, qkv_hook)
+        return
 
     def pre_hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         on_probs(reader(module, name, args, kwargs))
 
-    return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    hooks.pre_forward(module, pre_hook, with_kwargs=True)
 
 
 def _reader(module: nn.Module) -> Callable[..., torch.Tensor] | None:
@@ -378,18 +382,13 @@ class AttentionRollout(Attribution):
 
             return on_probs
 
-        handles = []
-        with preserved_state(self.vision), torch.no_grad():
+        with preserved_state(self.vision), torch.no_grad(), HookSet() as hooks:
+            for name, module, reader in self.layers:
+                _register(hooks, module, name, reader, collector(name))
             try:
-                for name, module, reader in self.layers:
-                    handles.append(_register(module, name, reader, collector(name)))
-                try:
-                    self.vision(normalized)
-                except _StopForward:
-                    pass
-            finally:
-                for handle in handles:
-                    handle.remove()
+                self.vision(normalized)
+            except _StopForward:
+                pass
         if len(steps) != len(self.layers):
             raise RuntimeError(
                 f"only {len(steps)} of {len(self.layers)} attention modules ran in the forward"

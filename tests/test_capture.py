@@ -8,7 +8,7 @@ import torch
 from archs import TIMM_ARCHS, hooks_left, images
 
 import captum_vit as cv
-from captum_vit.capture import LayerTap, capture_layers, preserved_state
+from captum_vit.capture import HookSet, LayerTap, capture_layers, preserved_state
 
 
 def vit12():
@@ -293,3 +293,22 @@ def test_on_record_hands_over_each_layer_as_it_is_produced():
         torch.testing.assert_close(copy, expected[i], rtol=0, atol=0)
     with pytest.raises(ValueError, match="call >= 0"):
         LayerTap(model, layers, call=-1, on_record=lambda i, value: None)
+
+
+def test_hook_set_removes_every_hook_also_after_an_error():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    seen = []
+    with HookSet() as hooks:
+        hooks.forward(model[0], lambda module, args, output: seen.append(output.shape))
+        hooks.pre_forward(model[1], lambda module, args, kwargs: None, with_kwargs=True)
+        assert hooks_left(model) == 2
+        model(torch.zeros(2, 4))
+    assert seen == [torch.Size([2, 4])] and hooks_left(model) == 0
+    with pytest.raises(RuntimeError, match="boom"), HookSet() as hooks:
+        hooks.forward(model[0], lambda module, args, output: None)
+        raise RuntimeError("boom")
+    assert hooks_left(model) == 0
+    with pytest.raises(AttributeError), HookSet() as hooks:  # fails while registering
+        hooks.forward(model[0], lambda module, args, output: None)
+        hooks.forward(None, lambda module, args, output: None)
+    assert hooks_left(model) == 0

@@ -245,3 +245,17 @@ def test_readme_links_resolve_inside_the_repository():
     assert "docs/api/index.md" in local
     for target in local:
         assert (ROOT / target).exists(), target
+
+
+def test_every_hook_is_registered_in_capture():
+    """Hooks live in one place (``capture.py``: ``LayerTap`` and ``HookSet``), whose
+    removal is guaranteed; no other module registers one itself."""
+    package = ROOT / "captum_vit"
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in package.rglob("*.py")
+        if path.name != "capture.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\.register_\w*hook\(", line)
+    ]
+    assert not offenders, f"hooks registered outside capture.py: {offenders}"
