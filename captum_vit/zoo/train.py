@@ -70,7 +70,7 @@ class TrainConfig:
 #: Full-run settings per model; ``--quick`` overrides steps and sizes.
 DEFAULTS: dict[str, dict] = {
     "vit": {
-        "steps": 9500,
+        "steps": 12500,
         "batch_size": 64,
         "lr": 7e-4,
         "warmup": 200,
