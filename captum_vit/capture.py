@@ -188,7 +188,7 @@ class LayerTap:
         self.watch = watch
         self.keep_graph = keep_graph
         self.on_record = on_record
-        self._handles: list[Any] = []
+        self._hooks = HookSet()
         self._records: list[list[Any]] = []
         self._watched = 0
         self.marks: list[list[int]] = []
@@ -196,12 +196,12 @@ class LayerTap:
     def __enter__(self) -> LayerTap:
         try:
             for index, module in enumerate(self.modules):
-                self._handles.append(self._register(index, module))
+                self._register(index, module)
             if self.watch is not None:
                 # Registered after the layer hooks: on the layer itself the record (and a
                 # possible early exit) comes first, so a mark excludes the layer's output.
                 for name, module in self.model.named_modules():
-                    self._handles.append(module.register_forward_hook(self._watch_hook(name)))
+                    self._hooks.forward(module, self._watch_hook(name))
         except BaseException:
             self.remove()
             raise
@@ -212,10 +212,9 @@ class LayerTap:
 
     def remove(self) -> None:
         """Remove every hook this tap registered (idempotent)."""
-        while self._handles:
-            self._handles.pop().remove()
+        self._hooks.remove()
 
-    def _register(self, index: int, module: nn.Module) -> Any:
+    def _register(self, index: int, module: nn.Module) -> None:
         # A module listed twice gets one hook per listing; each records into its own slot.
         if self.attribute_to_layer_input:
 
@@ -227,13 +226,14 @@ class LayerTap:
                 passed = self._record(index, kwargs[key])
                 return None if passed is kwargs[key] else (args, {**kwargs, key: passed})
 
-            return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+            self._hooks.pre_forward(module, pre_hook, with_kwargs=True)
+            return
 
         def hook(_module: nn.Module, _args: tuple, output: Any) -> Any:
             passed = self._record(index, output)
             return None if passed is output else passed
 
-        return module.register_forward_hook(hook)
+        self._hooks.forward(module, hook)
 
     def _watch_hook(self, name: str) -> Callable[[nn.Module, tuple, Any], None]:
         def hook(module: nn.Module, _args: tuple, output: Any) -> None:
@@ -281,7 +281,7 @@ class LayerTap:
         Raises:
             RuntimeError: a layer did not run, or ran fewer times than ``call`` asks.
         """
-        if not self._handles:
+        if not self._hooks:
             raise RuntimeError("LayerTap.run must be called inside `with LayerTap(...)`")
         self._records = [[] for _ in self.modules]
         self.marks = [[] for _ in self.modules]
@@ -387,6 +387,9 @@ class HookSet:
         """``hook(module, args)`` (``hook(module, args, kwargs)`` with ``with_kwargs``)
         before ``module`` runs."""
         self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
+
+    def __bool__(self) -> bool:
+        return bool(self._handles)
 
     def remove(self) -> None:
         """Remove every hook of the set (idempotent)."""
