@@ -161,11 +161,11 @@ def test_bundled_cnn_reaches_90_percent(models, held_out):
     assert _held_out_accuracy(models["cnn"], held_out) >= 0.90
 
 
-def test_bundled_vit_reaches_92_percent_on_the_held_out_protocol(models):
-    """The model card's protocol: 2000 images of the held-out seed (the goal is 95%; the
-    bundled weights reach 92.15%, above the 90.45% of the previous ones)."""
+def test_bundled_vit_reaches_95_percent_on_the_held_out_protocol(models):
+    """The model card's protocol: 2000 images of the held-out seed. The bundled weights are
+    the one-command model (96.40% recorded by the training script); the goal is 95%."""
     accuracy = _held_out_accuracy(models["vit"], SyntheticScenes(2000, seed=HELD_OUT_SEED))
-    assert accuracy >= 0.92
+    assert accuracy >= 0.95
     assert accuracy == pytest.approx(models["vit"].zoo_info["held_out_top1"] / 100, abs=0.005)
 
 
