@@ -20,7 +20,7 @@ from fv_planted import (
 
 import captum_vit as cv
 import captum_vit.optim.objectives as obj
-from captum_vit.optim.presets import get_preset
+from captum_vit.optim.presets import Preset, get_preset
 from captum_vit.optim.transforms import ColorShift, FadingNoise, slot_generator
 
 
@@ -360,6 +360,32 @@ def test_bad_arguments_raise():
 
 
 # --------------------------------------------------------------------------- recipe, cost
+
+
+def test_warmup_transforms_run_for_the_first_steps_then_the_transforms():
+    seen = []
+
+    def recorder(name):
+        def transform(x, draws, step, steps):
+            seen.append((name, step, steps))
+            return x
+
+        return transform
+
+    fv = cv.FeatureVisualization(planted_vit(), "blocks.0.mlp.fc1")
+    fv.attribute(
+        target=UNIT,
+        preset=None,
+        steps=5,
+        transforms=[recorder("main")],
+        warmup_steps=2,
+        warmup_transforms=[recorder("warm-up")],
+    )
+    assert seen == [("warm-up", 0, 5), ("warm-up", 1, 5)] + [("main", i, 5) for i in (2, 3, 4)]
+    with pytest.raises(ValueError, match="warmup_steps must be between 0 and steps"):
+        fv.attribute(target=UNIT, preset=None, steps=5, warmup_steps=6)
+    with pytest.raises(TypeError, match="warmup_transforms must be"):
+        Preset(warmup_transforms=3)
 
 
 def test_recipe_keywords_are_checked_in_one_place():

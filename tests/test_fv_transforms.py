@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from captum_vit.optim.params import FourierImage, PixelImage, make_param
+from captum_vit.optim.params import FourierImage, PixelImage, PyramidImage, make_param
 from captum_vit.optim.presets import PRESETS, Preset, get_preset
 from captum_vit.optim.transforms import (
     ColorShift,
@@ -124,6 +124,38 @@ def test_pixel_image_clamps_after_steps():
         make_param("pixel", RandomDraws(0, 1, 1, 1), (4, 4), None, init="zeros")
 
 
+def test_pyramid_image_is_the_sum_of_its_upsampled_grids_kept_in_range():
+    start = torch.rand(2, 3, 16, 12, generator=torch.Generator().manual_seed(0))
+    param = PyramidImage(start, levels=3)
+    shapes = [tuple(g.shape) for g in param.parameters()]
+    assert shapes == [(2, 3, 16, 12), (2, 3, 8, 6), (2, 3, 4, 3)]
+    torch.testing.assert_close(param.images(), start)  # coarse grids start at 0
+    with torch.no_grad():
+        for grid in param.parameters():
+            grid.add_(torch.randn_like(grid))
+    # oracle: each grid resized to the image size (bilinear), summed
+    up = [torch.nn.functional.interpolate(g, size=(16, 12), mode="bilinear") for g in param.grids]
+    torch.testing.assert_close(param.images(), sum(up))
+    coarse = [g.detach().clone() for g in param.grids[1:]]
+    param.after_step()
+    x = param.images()
+    assert -1e-6 <= x.min() and x.max() <= 1 + 1e-6  # up to rounding
+    torch.testing.assert_close(x, sum(up).clamp(0, 1))  # the paper's clamp, on the sum
+    assert all(
+        torch.equal(a, b) for a, b in zip(coarse, param.grids[1:], strict=True)
+    )  # finest grid only
+    # one step on a coarse grid moves a block of pixels; the finest grid, single pixels
+    param = PyramidImage(torch.full((1, 3, 16, 12), 0.5), levels=3)
+    param.images()[0, 0, 8, 6].backward()
+    assert (param.grids[0].grad != 0).sum() == 1 and (param.grids[2].grad != 0).sum() > 1
+    single = make_param("pyramid", RandomDraws(0, 1, 1, 1), (8, 8), None, pyramid_levels=1)
+    pixels = make_param("pixel", RandomDraws(0, 1, 1, 1), (8, 8), None)
+    assert len(single.parameters()) == 1
+    torch.testing.assert_close(single.images(), pixels.images())  # same start draws
+    with pytest.raises(ValueError, match="pyramid_levels"):
+        Preset(pyramid_levels=0)
+
+
 def test_presets():
     paper = get_preset("ghiasi2023")
     assert (paper.copies, paper.steps, paper.lr, paper.clip_lr) == (8, 400, 0.1, 1.0)
@@ -187,5 +219,5 @@ def test_fast_is_the_paper_preset_plus_its_differences():
 
     paper, fast = get_preset("ghiasi2023"), get_preset("fast")
     differ = {f.name for f in fields(Preset) if getattr(paper, f.name) != getattr(fast, f.name)}
-    assert differ <= {"copies", "steps", "lr", "tv_weight", "transforms"}
+    assert differ <= {"copies", "steps", "lr", "tv_weight", "transforms", "param"}
     assert fast.steps * fast.copies * 4 <= paper.steps * paper.copies  # 1/4 of the work

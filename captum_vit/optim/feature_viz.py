@@ -175,7 +175,7 @@ class FeatureVisualization(_LayerMethod):
         trace = self._optimize(
             image_param,
             scorer,
-            recipe.transforms(size),
+            (recipe.warmup_transforms(size), recipe.transforms(size)),
             draws,
             recipe,
             model_size,
@@ -202,7 +202,7 @@ class FeatureVisualization(_LayerMethod):
         self,
         image_param: ImageParam,
         scorer: BatchScorer,
-        transforms: list[Transform],
+        transforms: tuple[list[Transform], list[Transform]],
         draws: RandomDraws,
         recipe: Preset,
         model_size: tuple[int, int],
@@ -241,14 +241,15 @@ class FeatureVisualization(_LayerMethod):
         self,
         image_param: ImageParam,
         scorer: BatchScorer,
-        transforms: list[Transform],
+        transforms: tuple[list[Transform], list[Transform]],
         draws: RandomDraws,
         recipe: Preset,
         model_size: tuple[int, int],
         *,
         autocast: bool,
     ) -> Callable[[LayerTap, int], tuple[Tensor, Tensor]]:
-        """``(tap, step) -> (loss, objective per image)`` for one optimization step."""
+        """``(tap, step) -> (loss, objective per image)`` for one optimization step;
+        ``transforms`` is ``(warm-up transforms, transforms)``."""
         steps, copies = recipe.steps, recipe.copies
         dtype = model_dtype(self.vision)
         device = self.device()
@@ -264,7 +265,8 @@ class FeatureVisualization(_LayerMethod):
         def step_fn(tap: LayerTap, step: int) -> tuple[Tensor, Tensor]:
             images = image_param.images()
             x = images.repeat_interleave(copies, dim=0) if copies > 1 else images
-            x = apply_transforms(x, transforms, draws, step, steps)
+            augment = transforms[0] if step < recipe.warmup_steps else transforms[1]
+            x = apply_transforms(x, augment, draws, step, steps)
             seen = x
             if tuple(x.shape[-2:]) != tuple(model_size):
                 seen = F.interpolate(x, size=model_size, mode="bilinear", align_corners=False)
@@ -383,6 +385,7 @@ def _image_param(
         decay_power=recipe.decay_power,
         decorrelate=recipe.decorrelate,
         magnitude=recipe.magnitude,
+        pyramid_levels=recipe.pyramid_levels,
     )
 
 

@@ -1,6 +1,9 @@
 """Image parameterizations for feature visualization, batched.
 
 * :class:`PixelImage` -- plain RGB pixels in [0, 1], clamped after every step (the paper);
+* :class:`PyramidImage` -- pixels as a sum of grids at full, 1/2, 1/4, ... resolution
+  (each upsampled bilinearly), so a step moves large areas as easily as single pixels;
+  the image is kept in [0, 1] like :class:`PixelImage`;
 * :class:`FourierImage` -- Lucid's parameterization: a scaled Fourier spectrum (1/f
   weighting, so low frequencies learn faster) in a decorrelated colour space, squashed to
   [0, 1] by a sigmoid;
@@ -8,7 +11,7 @@
   magnitude spectrum of natural images (:func:`magnitude_spectrum`), only the phase is
   optimized, so every image keeps natural-image statistics.
 
-Both hold ``(B, ...)`` parameters, one image per row, and expose ``parameters()``,
+All hold ``(B, ...)`` parameters, one image per row, and expose ``parameters()``,
 ``images()`` (the ``(B, 3, H, W)`` images in [0, 1]) and ``after_step()``.
 """
 
@@ -25,6 +28,7 @@ from .transforms import RandomDraws
 __all__ = [
     "ImageParam",
     "PixelImage",
+    "PyramidImage",
     "FourierImage",
     "MacoImage",
     "magnitude_spectrum",
@@ -74,6 +78,51 @@ class PixelImage(ImageParam):
     def after_step(self) -> None:
         if self.clamp:
             self.pixels.clamp_(0.0, 1.0)
+
+
+class PyramidImage(ImageParam):
+    """Pixels as a sum of ``levels`` grids: ``images = sum_k upsample(P_k)``, ``P_k`` at
+    ``1 / 2**k`` of the size (bilinear upsampling). With Adam every grid moves at the same
+    rate per element, so coarse structure forms in a few steps while the finest grid keeps
+    per-pixel freedom. After every step the image is projected back to [0, 1] by taking the
+    excess off the finest grid (the paper's clamp, applied to the sum).
+
+    Args:
+        init: ``(B, 3, H, W)`` starting images in [0, 1] (the finest grid; the coarser
+            ones start at 0).
+        levels: number of grids (1: plain pixels); grids stop halving at 1 pixel.
+        clamp: project to [0, 1] after every step -- otherwise the images are clamped
+            only when returned.
+    """
+
+    def __init__(self, init: Tensor, levels: int = 4, clamp: bool = True) -> None:
+        if levels < 1:
+            raise ValueError(f"pyramid_levels must be at least 1, got {levels}")
+        self.size = (int(init.shape[-2]), int(init.shape[-1]))
+        finest = init.detach().float().clone().requires_grad_(True)
+        coarse = [
+            init.new_zeros(init.shape[0], 3, max(1, self.size[0] >> k), max(1, self.size[1] >> k))
+            .float()
+            .requires_grad_(True)
+            for k in range(1, levels)
+        ]
+        self.grids = [finest, *coarse]
+        self.clamp = clamp
+
+    def parameters(self) -> list[Tensor]:
+        return list(self.grids)
+
+    def images(self) -> Tensor:
+        x = self.grids[0]
+        for grid in self.grids[1:]:
+            x = x + F.interpolate(grid, size=self.size, mode="bilinear", align_corners=False)
+        return x
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        if self.clamp:
+            x = self.images()
+            self.grids[0].sub_(x - x.clamp(0.0, 1.0))
 
 
 def _frequency_scale(height: int, width: int, decay_power: float) -> Tensor:
@@ -284,28 +333,32 @@ def make_param(
     decay_power: float = 1.0,
     decorrelate: bool = True,
     magnitude: str | Tensor = "photos",
+    pyramid_levels: int = 4,
 ) -> ImageParam:
     """Build a parameterization for ``draws.targets * draws.images`` images.
 
     Args:
-        kind: ``"pixel"`` or ``"fourier"``.
+        kind: ``"pixel"``, ``"pyramid"``, ``"fourier"`` or ``"maco"``.
         draws: the run's random source (initial images are drawn per image slot).
         size: ``(H, W)``.
         inputs: starting images ``(targets * images, 3, H, W)`` in [0, 1], or None.
         init: for pixels without inputs: ``"uniform"`` (the paper) or ``"gray"`` (0.5 plus
             small noise).
         magnitude: for ``"maco"``: see :func:`magnitude_spectrum`.
+        pyramid_levels: for ``"pyramid"``: the number of grids.
     """
     h, w = size
-    if kind == "pixel":
+    if kind in ("pixel", "pyramid"):
         if inputs is not None:
-            return PixelImage(inputs, clamp=clamp)
-        if init == "uniform":
+            start = inputs
+        elif init == "uniform":
             start = draws.per_image((3, h, w), torch.rand)
         elif init == "gray":
             start = 0.5 + 0.01 * draws.per_image((3, h, w), torch.randn)
         else:
             raise ValueError(f"init must be 'uniform' or 'gray', got {init!r}")
+        if kind == "pyramid":
+            return PyramidImage(start, pyramid_levels, clamp=clamp)
         return PixelImage(start, clamp=clamp)
     if kind == "fourier":
         if inputs is not None:
@@ -316,4 +369,4 @@ def make_param(
         if inputs is not None:
             return MacoImage.from_images(inputs, spectrum)
         return MacoImage.random(draws, spectrum, size)
-    raise ValueError(f"param must be 'pixel', 'fourier' or 'maco', got {kind!r}")
+    raise ValueError(f"param must be 'pixel', 'pyramid', 'fourier' or 'maco', got {kind!r}")

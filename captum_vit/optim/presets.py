@@ -134,7 +134,7 @@ def _no_transforms(size: tuple[int, int]) -> list[Transform]:
     return []
 
 
-_PARAMS = ("pixel", "fourier", "maco")
+_PARAMS = ("pixel", "pyramid", "fourier", "maco")
 
 
 @dataclass(frozen=True)
@@ -142,12 +142,16 @@ class Preset:
     """Every knob of a feature-visualization run (see the module docstring).
 
     Attributes:
-        param: ``"pixel"``, ``"fourier"`` (Lucid) or ``"maco"`` (phase only, magnitude
+        param: ``"pixel"``, ``"pyramid"`` (pixels as a sum of grids at full, 1/2, 1/4,
+            ... resolution), ``"fourier"`` (Lucid) or ``"maco"`` (phase only, magnitude
             fixed to a natural-image spectrum).
         init: pixel initialization without start images: ``"uniform"`` or ``"gray"``.
         copies: augmented copies of each image per step.
         transforms: ``size -> list of transforms`` (sizes scale with the image); as an
             override also a plain list (``[]``: no augmentation).
+        warmup_steps: the first ``warmup_steps`` steps use ``warmup_transforms``
+            instead of ``transforms`` (0: no warm-up).
+        warmup_transforms: as ``transforms``, for the warm-up steps.
         tv_weight: weight of :func:`~captum_vit.optim.objectives.total_variation`.
         tv_on_augmented: take TV on the augmented copies (the paper) or on the images.
         objective_scale: factor on the objective (the paper's code: 1/8).
@@ -159,6 +163,7 @@ class Preset:
         steps: optimization steps.
         clamp: clamp pixels to [0, 1] after each step.
         fourier_sd, decay_power, decorrelate: Fourier parameterization settings.
+        pyramid_levels: grids of the ``"pyramid"`` parameterization (1: plain pixels).
         magnitude: MaCo's magnitude spectrum: ``"photos"`` (``skimage.data``
             photographs), ``"scenes"`` (the zoo's synthetic scenes) or ``(B, 3, H, W)``
             images in [0, 1] whose mean Fourier magnitude is used.
@@ -168,6 +173,8 @@ class Preset:
     init: str = "uniform"
     copies: int = 1
     transforms: TransformsSpec = _no_transforms
+    warmup_steps: int = 0
+    warmup_transforms: TransformsSpec = _no_transforms
     tv_weight: float = 0.0
     tv_on_augmented: bool = True
     objective_scale: float = 1.0
@@ -182,6 +189,7 @@ class Preset:
     fourier_sd: float = 0.01
     decay_power: float = 1.0
     decorrelate: bool = True
+    pyramid_levels: int = 4
     magnitude: str | Tensor = field(default="photos", compare=False)
 
     def __post_init__(self) -> None:
@@ -193,12 +201,19 @@ class Preset:
             _check_choice("magnitude", self.magnitude, ("photos", "scenes"))
         if self.steps < 1:
             raise ValueError(f"steps must be at least 1, got {self.steps}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(
+                f"warmup_steps must be between 0 and steps ({self.steps}), got {self.warmup_steps}"
+            )
+        if self.pyramid_levels < 1:
+            raise ValueError(f"pyramid_levels must be at least 1, got {self.pyramid_levels}")
         if self.copies < 1:
             raise ValueError(f"copies must be at least 1, got {self.copies}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
-        if not callable(self.transforms):
-            raise TypeError("transforms must be a list of transforms or a function size -> list")
+        for name in ("transforms", "warmup_transforms"):
+            if not callable(getattr(self, name)):
+                raise TypeError(f"{name} must be a list of transforms or a function size -> list")
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -278,6 +293,10 @@ def get_preset(preset: str | Preset | None) -> Preset:
     return PRESETS[preset]
 
 
+def _fixed_transforms(transforms: list[Transform]) -> TransformsSpec:
+    return lambda size: list(transforms)
+
+
 def resolve_recipe(
     preset: str | Preset | None, overrides: Mapping[str, Any], *, clip: bool = False
 ) -> Preset:
@@ -303,10 +322,10 @@ def resolve_recipe(
                 f"unknown feature-visualization setting {name!r}{hint} (settings: "
                 f"{', '.join(_FIELDS)})"
             )
-    transforms = overrides.get("transforms")
-    if transforms is not None and not callable(transforms):
-        fixed = list(transforms)
-        overrides["transforms"] = lambda size: list(fixed)
+    for name in ("transforms", "warmup_transforms"):
+        transforms = overrides.get(name)
+        if transforms is not None and not callable(transforms):
+            overrides[name] = _fixed_transforms(list(transforms))
     recipe = replace(get_preset(preset), **overrides)
     if clip and "lr" not in overrides and recipe.clip_lr is not None:
         recipe = replace(recipe, lr=recipe.clip_lr)
