@@ -13,6 +13,7 @@ from captum_vit.optim.transforms import (
     Flip,
     Jitter,
     Pad,
+    RandomBackground,
     RandomDraws,
     RandomRotate,
     RandomScale,
@@ -97,6 +98,30 @@ def test_lucid_transforms_batched_and_differentiable():
     torch.testing.assert_close(flipped, x.flip(-1))
     same = RandomRotate(0)(x, draws, 0, 1)
     torch.testing.assert_close(same, x, atol=1e-5, rtol=0)
+
+
+def test_random_background_keeps_the_centre_and_paints_the_rest_per_row():
+    x = torch.rand(3, 3, 20, 20, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    draws = RandomDraws(0, 1, 3, 1)  # three image slots: three rows, own draws each
+    out = RandomBackground(radius=(0.3, 0.3), softness=0.01)(x, draws, 0, 1)
+    # the row's colour, as drawn: radius first (fixed here), then 3 colour values per slot
+    replay = RandomDraws(0, 1, 3, 1)
+    replay.uniform((1, 1, 1), 0.3, 0.3)
+    colour = replay.uniform((3, 1, 1))
+    # pixel (10, 10) lies 0.035 image sizes from the centre, (0, 0) 0.67: kept / painted
+    torch.testing.assert_close(out[:, :, 10, 10], x[:, :, 10, 10], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out[:, :, 0, 0], colour[:, :, 0, 0], atol=1e-6, rtol=0)
+    assert not torch.allclose(colour[0], colour[1])  # each row its own background
+    # hand computation at one pixel on the edge's slope: d = sqrt(2) * 5.5 / 20
+    d = (2 * (5.5 / 20) ** 2) ** 0.5
+    m = torch.sigmoid(torch.tensor((0.3 - d) / 0.01))
+    torch.testing.assert_close(
+        out[0, :, 15, 15], x[0, :, 15, 15] * m + colour[0, :, 0, 0] * (1 - m)
+    )
+    out.sum().backward()
+    assert x.grad[:, :, 10, 10].abs().min() > 0.99 and x.grad[:, :, 0, 0].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="radius"):
+        RandomBackground(radius=(0.5, 0.3))
 
 
 def test_fourier_image_round_trip_and_range():
@@ -219,5 +244,5 @@ def test_fast_is_the_paper_preset_plus_its_differences():
 
     paper, fast = get_preset("ghiasi2023"), get_preset("fast")
     differ = {f.name for f in fields(Preset) if getattr(paper, f.name) != getattr(fast, f.name)}
-    assert differ <= {"copies", "steps", "lr", "tv_weight", "transforms", "param"}
+    assert differ <= {"copies", "steps", "lr", "transforms", "param", "init"}
     assert fast.steps * fast.copies * 4 <= paper.steps * paper.copies  # 1/4 of the work

@@ -11,7 +11,8 @@ optimized alone gives the same image as in a batch.
 The paper's pipeline (Ghiasi et al. 2022, reference code): :class:`ColorShift`,
 :class:`FadingNoise`, :class:`RollJitter`. Others for the Lucid-style presets:
 :class:`Pad`, :class:`Jitter` (random crop), :class:`RandomScale`,
-:class:`RandomRotate`, :class:`Flip`.
+:class:`RandomRotate`, :class:`Flip`, :class:`RandomBackground` (one object on a random
+background).
 
 A transform is any callable ``t(x, draws, step, steps) -> x``.
 """
@@ -37,6 +38,7 @@ __all__ = [
     "RandomScale",
     "RandomRotate",
     "Flip",
+    "RandomBackground",
     "apply_transforms",
     "batched_roll",
 ]
@@ -276,3 +278,37 @@ class Flip:
 
     def __repr__(self) -> str:
         return f"Flip(p={self.p})"
+
+
+class RandomBackground:
+    """Keep a soft disc around the image's centre and paint the rest one random flat
+    colour per row: ``x * m + colour * (1 - m)`` with ``m = sigmoid((r - d) / softness)``,
+    ``d`` the distance from the centre in image sizes, ``r ~ U(*radius)`` and ``colour``
+    uniform in [0, 1]^3, drawn per row.
+
+    The model sees the image only inside the disc, and on a different background every
+    time, so a visualization must be one object that excites the target by itself: it
+    cannot fill the frame with a background texture that happens to go with the class in
+    the training data. The part of the image outside the disc gets no gradient and keeps
+    its start (grey for the Fourier parameterization).
+    """
+
+    def __init__(self, radius: tuple[float, float] = (0.35, 0.5), softness: float = 0.015):
+        if not 0 < radius[0] <= radius[1]:
+            raise ValueError(f"radius must be (low, high) with 0 < low <= high, got {radius}")
+        if softness <= 0:
+            raise ValueError(f"softness must be positive, got {softness}")
+        self.radius, self.softness = radius, softness
+
+    def __call__(self, x: Tensor, draws: RandomDraws, step: int, steps: int) -> Tensor:
+        h, w = x.shape[-2:]
+        r = draws.uniform((1, 1, 1), *self.radius).to(x.dtype)
+        colour = draws.uniform((x.shape[1], 1, 1)).to(x.dtype)
+        yy = (torch.arange(h, device=x.device, dtype=x.dtype) + 0.5) / h - 0.5
+        xx = (torch.arange(w, device=x.device, dtype=x.dtype) + 0.5) / w - 0.5
+        distance = (yy[:, None] ** 2 + xx[None, :] ** 2).sqrt()
+        keep = torch.sigmoid((r - distance) / self.softness)
+        return torch.lerp(colour, x, keep)
+
+    def __repr__(self) -> str:
+        return f"RandomBackground(radius={self.radius}, softness={self.softness})"
