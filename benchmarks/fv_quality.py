@@ -16,7 +16,8 @@ With ``--grids`` it saves, from the same zoo images, ``docs/images/fv_zoo_units_
 (the class logits, ``--per-class`` images each); with ``--overview PRESET`` also the
 figures the docs show, from that preset's images of this run:
 ``zoo_vit_feature_viz.png`` (the units' rows and the class logits),
-``zoo_vit_class_viz.png`` and ``zoo_cnn_class_viz.png`` (each model's class logits).
+``zoo_vit_class_viz.png`` and ``zoo_cnn_class_viz.png`` (each model's class logits);
+``--overview-classes PRESET`` takes the class logits from another preset.
 
 The machine may be shared: timings are wall times of this run; compare presets within one
 run. Reduced settings for a loaded machine, e.g.::
@@ -110,7 +111,7 @@ def transfer_rows(models, presets, scale, per_class, zoo_images):
         )
 
 
-def save_grids(zoo_images, class_names, overview=None):
+def save_grids(zoo_images, class_names, overview=None, overview_classes=None):
     OUT.mkdir(parents=True, exist_ok=True)
     for preset, all_rows in zoo_images.items():
         units = [r for r in all_rows if not r[0].endswith("head")]
@@ -119,12 +120,22 @@ def save_grids(zoo_images, class_names, overview=None):
         name = preset or "none"
         figures = {f"fv_zoo_units_{name}.png": units, f"fv_zoo_logits_{name}.png": vit_logits}
         if preset == overview:
-            figures["zoo_vit_feature_viz.png"] = units + vit_logits
+            figures["zoo_vit_feature_viz.png"] = units + _class_rows(
+                zoo_images, overview_classes, "head", vit_logits
+            )
+        if preset == (overview_classes or overview):
             figures["zoo_vit_class_viz.png"] = vit_logits
             figures["zoo_cnn_class_viz.png"] = cnn_logits
         for filename, rows in figures.items():
             if rows:
                 save_grid(rows, class_names, OUT / filename)
+
+
+def _class_rows(zoo_images, preset, kind, default):
+    """The class-logit rows of ``preset`` (``default`` when no preset is given)."""
+    if preset is None:
+        return default
+    return [r for r in zoo_images.get(parse_preset(preset), []) if r[0] == kind]
 
 
 def save_grid(rows, class_names, path, ncols=8):
@@ -147,7 +158,7 @@ def save_grid(rows, class_names, path, ncols=8):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--presets", default="ghiasi2023,fast,robust,maco,lucid")
+    parser.add_argument("--presets", default="ghiasi2023,fast,robust,object,maco,lucid")
     parser.add_argument("--units", type=int, default=4, help="hidden units per layer")
     parser.add_argument("--per-class", type=int, default=2)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="x each preset's steps")
@@ -161,6 +172,11 @@ def main() -> None:
         "--overview",
         default=None,
         help="with --grids: also save the docs' zoo_*_viz.png figures from this preset",
+    )
+    parser.add_argument(
+        "--overview-classes",
+        default=None,
+        help="with --overview: take the class visualizations from this preset instead",
     )
     parser.add_argument(
         "--transfer-presets", default=None, help="presets of the transfer table (default: all)"
@@ -207,7 +223,12 @@ def main() -> None:
             chosen = [parse_preset(p) for p in args.transfer_presets.split(",")]
         transfer_rows(models, chosen, args.steps_scale, args.per_class, zoo_images)
     if zoo_images:
-        save_grids(zoo_images, models["vit"].class_names, parse_preset(args.overview or ""))
+        save_grids(
+            zoo_images,
+            models["vit"].class_names,
+            parse_preset(args.overview or ""),
+            args.overview_classes,
+        )
 
 
 if __name__ == "__main__":

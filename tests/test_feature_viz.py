@@ -73,7 +73,7 @@ def test_fast_preset_recovers_the_planted_pattern():
     assert best_shift_correlation(image, planted_pattern(), limit=9) > 0.8
 
 
-@pytest.mark.parametrize("preset", ["robust", "maco", "lucid"])
+@pytest.mark.parametrize("preset", ["robust", "object", "maco", "lucid"])
 def test_transform_robust_presets_find_the_planted_answers(preset):
     """Scale, rotation and flip move the patch-locked pattern against the grid, so these
     presets find it only in part (a dead unit: about 0.06); the flat red-minus-blue unit,
@@ -402,7 +402,7 @@ def test_recipe_keywords_are_checked_in_one_place():
     assert recipe.steps == get_preset("fast").steps
     assert fv.recipe() == get_preset("ghiasi2023")  # a hidden layer: the paper's
     logits = cv.FeatureVisualization(model, "head")
-    assert logits.recipe(spatial=False) == get_preset("robust")
+    assert logits.recipe(spatial=False) == get_preset("object")
     images, trace = logits.attribute(target=[1, 2], steps=2, return_trace=True)
     assert images.shape == (2, 3, 32, 32) and trace.shape == (2, 2)
 

@@ -189,7 +189,7 @@ def test_presets():
     assert names == ["ColorShift", "FadingNoise", "RollJitter"]
     plain = get_preset(None)
     assert plain.copies == 1 and plain.transforms((32, 32)) == [] and plain.tv_weight == 0
-    assert set(PRESETS) == {None, "ghiasi2023", "lucid", "fast", "robust", "maco"}
+    assert set(PRESETS) == {None, "ghiasi2023", "lucid", "fast", "robust", "object", "maco"}
     custom = Preset(copies=3)
     assert get_preset(custom) is custom
     with pytest.raises(ValueError, match="unknown preset"):

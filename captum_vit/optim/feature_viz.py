@@ -4,8 +4,8 @@ N targets (units or objectives) are optimized together, one image each (or
 ``images_per_target`` each), in one forward/backward pass per step that stops at the
 target layer; the model's parameters get no gradients. The recipe comes from a preset
 (:mod:`~captum_vit.optim.presets`: ``"ghiasi2023"``, the paper's; ``"fast"``;
-``"robust"``; ``"maco"``; ``"lucid"``; ``None`` for plain gradient ascent) and any field of
-it can be overridden by keyword.
+``"robust"``; ``"object"``; ``"maco"``; ``"lucid"``; ``None`` for plain gradient ascent)
+and any field of it can be overridden by keyword.
 
 Targets do not interfere: each image's loss term depends only on its own rows, Adam works
 per element, and every random draw (initial image, augmentations) is made per image slot
@@ -117,10 +117,10 @@ class FeatureVisualization(_LayerMethod):
                 excluded: the paper), ``"cls"``, ``"all"``, a token index or a
                 ``(row, col)`` patch position. Non-spatial layers (logits, pooled or
                 embedding vectors) take the unit directly.
-            preset: ``"auto"`` (``"robust"`` on a non-spatial layer such as class logits,
+            preset: ``"auto"`` (``"object"`` on a non-spatial layer such as class logits,
                 else the paper's ``"ghiasi2023"``), ``"ghiasi2023"``, ``"fast"``,
-                ``"robust"``, ``"maco"``, ``"lucid"``, ``None`` (plain gradient ascent: no
-                augmentation, no regularizer) or a
+                ``"robust"``, ``"object"``, ``"maco"``, ``"lucid"``, ``None`` (plain
+                gradient ascent: no augmentation, no regularizer) or a
                 :class:`~captum_vit.optim.presets.Preset`.
             steps: optimization steps (default: the preset's).
             image_size: ``(H, W)`` of the optimized images; default the size of
@@ -190,10 +190,10 @@ class FeatureVisualization(_LayerMethod):
         self, preset: str | Preset | None = "auto", *, spatial: bool = True, **overrides: Any
     ) -> Preset:
         """The :class:`~captum_vit.optim.presets.Preset` a call would run: ``preset``
-        (``"auto"``: ``"robust"`` for a non-spatial layer, else ``"ghiasi2023"``) with the
+        (``"auto"``: ``"object"`` for a non-spatial layer, else ``"ghiasi2023"``) with the
         keyword overrides applied; the preset's ``clip_lr`` on an open_clip model."""
         if isinstance(preset, str) and preset == "auto":
-            preset = "ghiasi2023" if spatial else "robust"
+            preset = "ghiasi2023" if spatial else "object"
         return resolve_recipe(preset, overrides, clip=_is_open_clip(self.vision))
 
     # ------------------------------------------------------------------ the loop

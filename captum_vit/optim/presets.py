@@ -111,10 +111,8 @@ def _lucid_transforms(size: tuple[int, int]) -> list[Transform]:
 
 
 def _robust_transforms(size: tuple[int, int]) -> list[Transform]:
-    # one object on a random background; pad, jitter by 1/16 of the size, scale 0.6-1.3,
-    # rotate up to 30 degrees, flip
+    # pad, jitter by 1/16 of the size, scale 0.6-1.3, rotate up to 30 degrees, flip
     return [
-        RandomBackground(),
         Pad(_px(16, size)),
         Jitter(_px(14, size)),
         RandomScale(tuple(0.6 + 0.05 * i for i in range(15))),
@@ -122,6 +120,11 @@ def _robust_transforms(size: tuple[int, int]) -> list[Transform]:
         Flip(),
         Jitter(_px(6, size)),
     ]
+
+
+def _object_transforms(size: tuple[int, int]) -> list[Transform]:
+    # one object on a random background, then the robust preset's transforms
+    return [RandomBackground(), *_robust_transforms(size)]
 
 
 def _maco_transforms(size: tuple[int, int]) -> list[Transform]:
@@ -251,18 +254,20 @@ FAST = replace(
     transforms=_fast_transforms,
 )
 
-#: Strong transformation robustness for class logits and late layers: Fourier
-#: parameterization; one object on a random background, pad, jitter, scale 0.6-1.3,
-#: rotation up to 30 degrees, flip; 8 copies; total variation 0.05.
+#: Strong transformation robustness for late layers: Fourier parameterization, pad,
+#: jitter, scale 0.6-1.3, rotation up to 30 degrees, flip, 8 copies.
 ROBUST = Preset(
     param="fourier",
     copies=8,
     transforms=_robust_transforms,
-    tv_weight=0.05,
     lr=0.05,
     schedule="constant",
     steps=256,
 )
+
+#: One object for a class: ``ROBUST`` with a random background around a central disc
+#: and total variation 0.05; the default for class logits.
+OBJECT = replace(ROBUST, transforms=_object_transforms, tv_weight=0.05)
 
 #: Magnitude-constrained phase optimization (Fel et al. 2023).
 MACO = Preset(
@@ -279,6 +284,7 @@ PRESETS: dict[str | None, Preset] = {
     "ghiasi2023": GHIASI2023,
     "fast": FAST,
     "robust": ROBUST,
+    "object": OBJECT,
     "maco": MACO,
     "lucid": Preset(
         param="fourier",
