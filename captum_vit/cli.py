@@ -167,7 +167,8 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
 # The zoo models are 64-px toys trained on flat shapes: the pixel presets draw their units
 # as noise-like textures at the step counts a quick demo affords, while "robust" (Fourier,
 # scale / rotation / flip) draws blobs and parts at 48 steps; the README's main job then
-# takes about 40 s on 2 idle cores (measured: 41 s; "fast" at 32 steps: 22 s).
+# takes about 45 s on 2 idle cores (measured with the 96.40% zoo ViT: 44 s, 52 s on a
+# first run; earlier "fast" at 32 steps: 22 s).
 ZOO_RECIPE = ("robust", 48)
 
 
