@@ -120,8 +120,8 @@ def save_grids(zoo_images, class_names, overview=None, overview_classes=None):
         name = preset or "none"
         figures = {f"fv_zoo_units_{name}.png": units, f"fv_zoo_logits_{name}.png": vit_logits}
         if preset == overview:
-            figures["zoo_vit_feature_viz.png"] = units + _class_rows(
-                zoo_images, overview_classes, "head", vit_logits
+            figures["zoo_vit_feature_viz.png"] = units + _vit_class_rows(
+                zoo_images, overview_classes, vit_logits
             )
         if preset == (overview_classes or overview):
             figures["zoo_vit_class_viz.png"] = vit_logits
@@ -131,11 +131,11 @@ def save_grids(zoo_images, class_names, overview=None, overview_classes=None):
                 save_grid(rows, class_names, OUT / filename)
 
 
-def _class_rows(zoo_images, preset, kind, default):
-    """The class-logit rows of ``preset`` (``default`` when no preset is given)."""
+def _vit_class_rows(zoo_images, preset, default):
+    """The zoo ViT's class-logit rows of ``preset`` (``default`` when no preset is given)."""
     if preset is None:
         return default
-    return [r for r in zoo_images.get(parse_preset(preset), []) if r[0] == kind]
+    return [r for r in zoo_images.get(parse_preset(preset), []) if r[0] == "head"]
 
 
 def save_grid(rows, class_names, path, ncols=8):

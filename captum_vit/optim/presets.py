@@ -36,10 +36,11 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   1 / 5 / 11 in 79 s against the paper preset's 0.161 / 0.217 / 0.150 in 373 s; on the
   zoo ViT (the 4 units of each layer most active on held-out scenes) 1.012 / 1.106 /
   3.443 at blocks 0 / 3 / 5 in 25 s against the paper preset's 0.930 / 1.097 / 3.469 in
-  107 s: above it on blocks 0 and 3, 0.7% under it on the last block. The pixel version (6 copies x 112 steps, lr 0.15) gave
-  0.909 / 1.009 / 3.363 there; every variant tried within a quarter of the paper's time
-  (copies 2-8, lr 0.03-0.2, total variation, a shared roll, no fading noise, 3-6 grids,
-  the Fourier parameterization) stayed at or under 3.45 on the last block.
+  107 s: above it on blocks 0 and 3, 0.7% under it on the last block. The pixel version
+  (6 copies x 112 steps, lr 0.15) gave 0.909 / 1.009 / 3.363 there; every variant tried
+  within a quarter of the paper's time (copies 2-8, lr 0.03-0.2, total variation, a
+  shared roll, no fading noise, 3-6 grids, the Fourier parameterization) stayed at or
+  under 3.46 on the last block.
 * ``"robust"`` -- strong transformation robustness for late layers (see :data:`ROBUST`):
   Lucid's Fourier parameterization, pad, jitter, scale 0.6-1.3, rotation up to 30
   degrees, horizontal flip, 8 copies, 256 steps. An image must excite the unit at every
