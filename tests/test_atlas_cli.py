@@ -171,7 +171,7 @@ def test_zoo_atlas_defaults_to_its_quick_recipe_unless_told_otherwise():
         base = dict(steps=None, zoo=None, preset=None)
         return argparse.Namespace(**{**base, **kw})
 
-    assert _default_recipe(args(zoo="vit")) == ZOO_RECIPE == ("robust", 48)
+    assert _default_recipe(args(zoo="vit")) == ZOO_RECIPE == ("fast", 96)
     assert _default_recipe(args(zoo="vit", steps=5)) == (None, 5)
     assert _default_recipe(args(zoo="vit", preset="ghiasi2023")) == ("ghiasi2023", None)
     assert _default_recipe(args()) == (None, None)

@@ -90,6 +90,36 @@ def test_transform_robust_presets_find_the_planted_answers(preset):
     assert red_minus_blue > dead[0].mean() - dead[2].mean() + 0.2  # dead: its start
 
 
+def red_minus_blue_relu_model(threshold: float = 0.05) -> torch.nn.Module:
+    """A ReLU unit ``relu(red - blue - threshold)`` per pixel: exactly 0, with zero
+    gradient, on any nearly grey image."""
+    conv = torch.nn.Conv2d(3, 1, 1)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([1.0, 0.0, -1.0]).view(1, 3, 1, 1))
+        conv.bias.fill_(-threshold)
+    return torch.nn.Sequential(conv, torch.nn.ReLU()).eval()
+
+
+def test_robust_preset_wakes_a_unit_that_is_dead_on_its_grey_start():
+    """The Fourier start is nearly grey (pixel std about 0.003), where the planted unit is
+    0 with no gradient: without the fading per-pixel noise the image stays grey; with it
+    (the preset) the unit gets a gradient and the image turns red."""
+    fv = cv.FeatureVisualization(red_minus_blue_relu_model(), "1", image_size=SIZE)
+    image = fv.attribute(target=0, preset="robust", steps=24, lr=0.5, show_progress=False)[0]
+    assert image[0].mean() - image[2].mean() > 0.3
+    geometric = get_preset("robust").transforms((SIZE, SIZE))[1:]
+    assert not any(isinstance(t, FadingNoise) for t in geometric)
+    grey = fv.attribute(
+        target=0,
+        preset="robust",
+        steps=24,
+        lr=0.5,
+        transforms=geometric,
+        show_progress=False,
+    )[0]
+    assert (grey - 0.5).abs().max() < 0.02
+
+
 def test_neuron_objective_changes_only_its_own_patch():
     model = planted_vit()
     fv = cv.FeatureVisualization(model, "blocks.0.mlp.fc1")

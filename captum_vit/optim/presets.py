@@ -42,10 +42,14 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   shared roll, no fading noise, 3-6 grids, the Fourier parameterization) stayed at or
   under 3.46 on the last block.
 * ``"robust"`` -- strong transformation robustness for late layers (see :data:`ROBUST`):
-  Lucid's Fourier parameterization, pad, jitter, scale 0.6-1.3, rotation up to 30
-  degrees, horizontal flip, 8 copies, 256 steps. An image must excite the unit at every
-  scale, angle and position, so what it shows is not a texture locked to the patch grid.
-  The zoo atlas draws its units with it (48 steps).
+  Lucid's Fourier parameterization, per-pixel Gaussian noise whose std fades from 0.5 to
+  0, pad, jitter, scale 0.6-1.3, rotation up to 30 degrees, horizontal flip, 8 copies,
+  256 steps. An image must excite the unit at every scale, angle and position, so what it
+  shows is not a texture locked to the patch grid. The noise is there for the start: the
+  Fourier image starts nearly flat grey (pixel std about 0.003), where a ReLU unit can be
+  exactly 0 with no gradient, and a GELU unit nearly so; without it, 3 of the 4 most
+  active units of each of the zoo CNN's ``layer1.0``-``layer3.0`` and of the zoo ViT's
+  last block stayed grey for all 256 steps.
 * ``"object"`` -- one object for a class (see :data:`OBJECT`): ``"robust"`` with
   :class:`~captum_vit.optim.transforms.RandomBackground` first (the model sees the image
   only inside a central disc, on a new random flat colour every copy and step) and total
@@ -131,6 +135,11 @@ def _lucid_transforms(size: tuple[int, int]) -> list[Transform]:
 
 
 def _robust_transforms(size: tuple[int, int]) -> list[Transform]:
+    # fading per-pixel noise gives units that are dead on the near-grey start a gradient
+    return [FadingNoise(0.5, per_pixel=True), *_geometric_transforms(size)]
+
+
+def _geometric_transforms(size: tuple[int, int]) -> list[Transform]:
     # pad, jitter by 1/16 of the size, scale 0.6-1.3, rotate up to 30 degrees, flip
     return [
         Pad(_px(16, size)),
@@ -143,8 +152,9 @@ def _robust_transforms(size: tuple[int, int]) -> list[Transform]:
 
 
 def _object_transforms(size: tuple[int, int]) -> list[Transform]:
-    # one object on a random background, then the robust preset's transforms
-    return [RandomBackground(), *_robust_transforms(size)]
+    # one object on a random background (which already moves the start off flat grey),
+    # then the robust preset's geometric transforms
+    return [RandomBackground(), *_geometric_transforms(size)]
 
 
 def _maco_transforms(size: tuple[int, int]) -> list[Transform]:
@@ -274,8 +284,8 @@ FAST = replace(
     transforms=_fast_transforms,
 )
 
-#: Strong transformation robustness for late layers: Fourier parameterization, pad,
-#: jitter, scale 0.6-1.3, rotation up to 30 degrees, flip, 8 copies.
+#: Strong transformation robustness for late layers: Fourier parameterization, fading
+#: per-pixel noise, pad, jitter, scale 0.6-1.3, rotation up to 30 degrees, flip, 8 copies.
 ROBUST = Preset(
     param="fourier",
     copies=8,
