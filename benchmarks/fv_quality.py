@@ -19,6 +19,10 @@ figures the docs show, from that preset's images of this run:
 ``zoo_vit_class_viz.png`` and ``zoo_cnn_class_viz.png`` (each model's class logits);
 ``--overview-classes PRESET`` takes the class logits from another preset.
 
+``--seeds N`` averages each robust-activation cell over seeds 0 ... N - 1 (one seed moves
+the zoo ViT's last-block score by about 2%), e.g. ``--presets ghiasi2023,fast --skip
+tiny,transfer --seeds 3``.
+
 The machine may be shared: timings are wall times of this run; compare presets within one
 run. Reduced settings for a loaded machine, e.g.::
 
@@ -51,13 +55,18 @@ def parse_preset(name: str) -> str | None:
     return None if name == "none" else name
 
 
-def run(model, layer, units, preset, scale, per_target=1):
+def run(model, layer, units, preset, scale, per_target=1, seed=0):
     """(images, seconds) of one FeatureVisualization call with the preset's steps scaled."""
     steps = max(1, round(get_preset(preset).steps * scale))
     fv = cv.FeatureVisualization(model, layer)
     start = time.perf_counter()
     images = fv.attribute(
-        target=units, preset=preset, steps=steps, images_per_target=per_target, show_progress=False
+        target=units,
+        preset=preset,
+        steps=steps,
+        seed=seed,
+        images_per_target=per_target,
+        show_progress=False,
     )
     return images, time.perf_counter() - start
 
@@ -69,20 +78,24 @@ def active_units(model, layer: str, count: int) -> list[int]:
     return acts[:, 1:].mean((0, 1)).topk(count).indices.tolist()
 
 
-def robust_rows(name, model, layers, units_of, presets, scale, zoo_images):
-    print(f"\n{name}: robust activation (mean over units; 32 views), wall time")
+def robust_rows(name, model, layers, units_of, presets, scale, zoo_images, seeds=1):
+    """One row per preset; with ``seeds`` > 1 each cell is the mean over seeds 0 ...
+    seeds - 1 (the time is the total) and only seed 0's images go to the grids."""
+    over = f"; mean over {seeds} seeds" if seeds > 1 else ""
+    print(f"\n{name}: robust activation (mean over units; 32 views{over}), wall time")
     print("| preset | " + " | ".join(layers) + " | time (s) |")
     print("|---|" + "---|" * (len(layers) + 1))
     for preset in presets:
         cells, total = [], 0.0
         for layer in layers:
-            units = units_of(layer)
-            images, seconds = run(model, layer, units, preset, scale)
-            total += seconds
-            score = cv.robust_activation(model, layer, images, units).mean()
-            cells.append(f"{score:.3f}")
-            if zoo_images is not None:
-                zoo_images.setdefault(preset, []).append((layer, units, images))
+            units, scores = units_of(layer), []
+            for seed in range(seeds):
+                images, seconds = run(model, layer, units, preset, scale, seed=seed)
+                total += seconds
+                scores.append(cv.robust_activation(model, layer, images, units).mean())
+                if seed == 0 and zoo_images is not None:
+                    zoo_images.setdefault(preset, []).append((layer, units, images))
+            cells.append(f"{sum(scores) / seeds:.3f}")
         print(f"| {preset} | " + " | ".join(cells) + f" | {total:.0f} |", flush=True)
 
 
@@ -166,6 +179,9 @@ def main() -> None:
         "--tiny-layers", default="blocks.1.mlp.act,blocks.5.mlp.act,blocks.11.mlp.act"
     )
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--seeds", type=int, default=1, help="robust-activation cells: mean over this many seeds"
+    )
     parser.add_argument("--skip", default="", help="comma list of: tiny, zoo, transfer")
     parser.add_argument("--grids", action="store_true", help="save docs/images/fv_zoo_*.png")
     parser.add_argument(
@@ -202,6 +218,7 @@ def main() -> None:
             presets,
             args.steps_scale,
             None,
+            args.seeds,
         )
     models = {name: zoo.load_model(name) for name in ("vit", "cnn")}
     if "zoo" not in skip:
@@ -216,6 +233,7 @@ def main() -> None:
             presets,
             args.steps_scale,
             zoo_images,
+            args.seeds,
         )
     if "transfer" not in skip:
         chosen = presets
