@@ -82,10 +82,10 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   right). Made grey, the same CNN images are recognized 62.5% of the time, but colour is
   not what fails: optimized in grey (luminance only) they were recognized 50.0% (two
   per class), with a random blur of up to 3 px as an augmentation 40.6% (four per
-  class), and the ViT called 17 of their 18 stars, rings and crescents *frame*. The CNN's class evidence is in high
-  frequencies (high-pass-filtered scenes: 80.2% top-1 for the CNN, 29.8% for the ViT),
-  so its class images are edge patterns (a star is a ring of 8-10 short rays round a
-  dark centre) that the ViT does not read as shapes. With 8 images per class
+  class), and the ViT called 17 of their 18 stars, rings and crescents *frame*. The
+  CNN's class evidence is in high frequencies (high-pass-filtered scenes: 80.2% top-1
+  for the CNN, 29.8% for the ViT), so its class images are edge patterns (a star is a
+  ring of 8-10 short rays round a dark centre) that the ViT does not read as shapes. With 8 images per class
   (``--per-class 8``, 64 per direction) ``"object"`` gives 75.0% / 43.8% and
   ``"robust"`` 59.4% / 37.5%: the two-per-class figures are within one or two images of
   these. More steps overfit the model that is optimized (on the previous 92% zoo ViT,
