@@ -12,8 +12,9 @@ For every preset:
   (chance 12.5%).
 
 With ``--grids`` it saves, from the same zoo images, ``docs/images/fv_zoo_units_<preset>.png``
-(rows: units of the early, middle and last block) and ``fv_zoo_logits_<preset>.png``
-(the class logits, ``--per-class`` images each); with ``--overview PRESET`` also the
+(rows: units of the early, middle and last block), ``fv_zoo_logits_<preset>.png`` (the
+ViT's class logits, ``--per-class`` images each) and ``fv_zoo_cnn_logits_<preset>.png``
+(the CNN's); with ``--overview PRESET`` also the
 figures the docs show, from that preset's images of this run:
 ``zoo_vit_feature_viz.png`` (the units' rows and the class logits),
 ``zoo_vit_class_viz.png`` and ``zoo_cnn_class_viz.png`` (each model's class logits);
@@ -131,7 +132,11 @@ def save_grids(zoo_images, class_names, overview=None, overview_classes=None):
         vit_logits = [r for r in all_rows if r[0] == "head"]
         cnn_logits = [r for r in all_rows if r[0] == "cnn head"]
         name = preset or "none"
-        figures = {f"fv_zoo_units_{name}.png": units, f"fv_zoo_logits_{name}.png": vit_logits}
+        figures = {
+            f"fv_zoo_units_{name}.png": units,
+            f"fv_zoo_logits_{name}.png": vit_logits,
+            f"fv_zoo_cnn_logits_{name}.png": cnn_logits,
+        }
         if preset == overview:
             figures["zoo_vit_feature_viz.png"] = units + _vit_class_rows(
                 zoo_images, overview_classes, vit_logits
@@ -171,7 +176,7 @@ def save_grid(rows, class_names, path, ncols=8):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--presets", default="ghiasi2023,fast,robust,object,maco,lucid")
+    parser.add_argument("--presets", default="ghiasi2023,fast,robust,object,shapes,maco,lucid")
     parser.add_argument("--units", type=int, default=4, help="hidden units per layer")
     parser.add_argument("--per-class", type=int, default=2)
     parser.add_argument("--steps-scale", type=float, default=1.0, help="x each preset's steps")

@@ -189,7 +189,16 @@ def test_presets():
     assert names == ["ColorShift", "FadingNoise", "RollJitter"]
     plain = get_preset(None)
     assert plain.copies == 1 and plain.transforms((32, 32)) == [] and plain.tv_weight == 0
-    assert set(PRESETS) == {None, "ghiasi2023", "lucid", "fast", "robust", "object", "maco"}
+    assert set(PRESETS) == {
+        None,
+        "ghiasi2023",
+        "lucid",
+        "fast",
+        "robust",
+        "object",
+        "shapes",
+        "maco",
+    }
     custom = Preset(copies=3)
     assert get_preset(custom) is custom
     with pytest.raises(ValueError, match="unknown preset"):
@@ -246,3 +255,37 @@ def test_fast_is_the_paper_preset_plus_its_differences():
     differ = {f.name for f in fields(Preset) if getattr(paper, f.name) != getattr(fast, f.name)}
     assert differ <= {"copies", "steps", "lr", "transforms", "param", "init"}
     assert fast.steps * fast.copies * 4 <= paper.steps * paper.copies  # 1/4 of the work
+
+
+def test_splats_are_a_sigmoid_of_round_gaussians():
+    from captum_vit.optim.params import SplatImage
+
+    size = (20, 24)
+    param = make_param("splats", RandomDraws(0, 2, 3, 1), size, None, splats=5, splat_gain=3.0)
+    assert isinstance(param, SplatImage)
+    centres, log_scales, colours, base = param.parameters()
+    assert centres.shape == (6, 5, 2) and colours.shape == (6, 5, 3) and base.shape == (6, 3, 1, 1)
+    with torch.no_grad():
+        log_scales[0, 0] = -20.0  # narrower than a pixel: held at one pixel (2 / 24)
+    # oracle: every blob evaluated on every pixel centre, in coordinates from -1 to 1
+    ys = (torch.arange(20) + 0.5) / 20 * 2 - 1
+    xs = (torch.arange(24) + 0.5) / 24 * 2 - 1
+    width = log_scales.detach().exp().clamp(min=2 / 24)
+    assert width[0, 0] == 2 / 24
+    dy = ys[None, None, :, None] - centres.detach()[..., 0, None, None]
+    dx = xs[None, None, None, :] - centres.detach()[..., 1, None, None]
+    blobs = torch.exp(-(dy**2 + dx**2) / (2 * width[..., None, None] ** 2))
+    field = torch.einsum("bkhw,bkc->bchw", blobs, colours.detach()) + base.detach()
+    torch.testing.assert_close(param.images(), torch.sigmoid(3.0 * field))
+    # image slot j of every target starts alike (the draws broadcast over targets)
+    torch.testing.assert_close(centres[:3], centres[3:])
+    # every parameter of the image gets a gradient; other images' do not
+    param.images()[0].sum().backward()
+    for grad in (centres.grad, log_scales.grad, colours.grad, base.grad):
+        assert grad[0].abs().sum() > 0 and grad[1:].abs().sum() == 0
+    with pytest.raises(ValueError, match="cannot start from given images"):
+        make_param("splats", RandomDraws(0, 1, 1, 1), size, torch.rand(1, 3, *size))
+    with pytest.raises(ValueError, match="splats must be at least 1"):
+        Preset(splats=0)
+    with pytest.raises(ValueError, match="splat_gain must be positive"):
+        Preset(splat_gain=0)

@@ -4,8 +4,8 @@ N targets (units or objectives) are optimized together, one image each (or
 ``images_per_target`` each), in one forward/backward pass per step that stops at the
 target layer; the model's parameters get no gradients. The recipe comes from a preset
 (:mod:`~captum_vit.optim.presets`: ``"ghiasi2023"``, the paper's; ``"fast"``;
-``"robust"``; ``"object"``; ``"maco"``; ``"lucid"``; ``None`` for plain gradient ascent)
-and any field of it can be overridden by keyword.
+``"robust"``; ``"object"``; ``"shapes"``; ``"maco"``; ``"lucid"``; ``None`` for plain
+gradient ascent) and any field of it can be overridden by keyword.
 
 Targets do not interfere: each image's loss term depends only on its own rows, Adam works
 per element, and every random draw (initial image, augmentations) is made per image slot
@@ -119,7 +119,7 @@ class FeatureVisualization(_LayerMethod):
                 embedding vectors) take the unit directly.
             preset: ``"auto"`` (``"object"`` on a non-spatial layer such as class logits,
                 else the paper's ``"ghiasi2023"``), ``"ghiasi2023"``, ``"fast"``,
-                ``"robust"``, ``"object"``, ``"maco"``, ``"lucid"``, ``None`` (plain
+                ``"robust"``, ``"object"``, ``"shapes"``, ``"maco"``, ``"lucid"``, ``None`` (plain
                 gradient ascent: no augmentation, no regularizer) or a
                 :class:`~captum_vit.optim.presets.Preset`.
             steps: optimization steps (default: the preset's).
@@ -386,6 +386,8 @@ def _image_param(
         decorrelate=recipe.decorrelate,
         magnitude=recipe.magnitude,
         pyramid_levels=recipe.pyramid_levels,
+        splats=recipe.splats,
+        splat_gain=recipe.splat_gain,
     )
 
 

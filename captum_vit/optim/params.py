@@ -9,7 +9,9 @@
   [0, 1] by a sigmoid;
 * :class:`MacoImage` -- MaCo (Fel et al. 2023): the Fourier magnitude is fixed to the mean
   magnitude spectrum of natural images (:func:`magnitude_spectrum`), only the phase is
-  optimized, so every image keeps natural-image statistics.
+  optimized, so every image keeps natural-image statistics;
+* :class:`SplatImage` -- soft round blobs through a steep sigmoid: no pixel-level
+  texture, so the image shows a few flat-coloured shapes.
 
 All hold ``(B, ...)`` parameters, one image per row, and expose ``parameters()``,
 ``images()`` (the ``(B, 3, H, W)`` images in [0, 1]) and ``after_step()``.
@@ -31,6 +33,7 @@ __all__ = [
     "PyramidImage",
     "FourierImage",
     "MacoImage",
+    "SplatImage",
     "magnitude_spectrum",
     "make_param",
 ]
@@ -254,6 +257,72 @@ class MacoImage(ImageParam):
         return torch.sigmoid(x + self.colour)
 
 
+class SplatImage(ImageParam):
+    """An image painted with ``count`` soft round blobs (Gaussian splats):
+    ``images = sigmoid(gain * (base + sum_k colour_k * g_k))`` with ``g_k`` a round Gaussian
+    of centre ``centre_k`` and width ``exp(log_scale_k)`` (at least one pixel), in image
+    coordinates from -1 to 1.
+
+    No parameter reaches single pixels, so the image cannot hold pixel-level texture:
+    whatever excites the target has to be drawn as a few shapes, and through the steep
+    sigmoid overlapping blobs merge into flat-coloured regions with clean edges.
+
+    Args:
+        centres: ``(B, K, 2)`` blob centres ``(y, x)``.
+        log_scales: ``(B, K)`` log blob widths (a width of 1 is half the image).
+        colours: ``(B, K, 3)`` blob colours in logit units (added where blobs overlap).
+        base: ``(B, 3, 1, 1)`` background colour in logit units (0: grey).
+        size: ``(H, W)``.
+        gain: the sigmoid's steepness.
+    """
+
+    def __init__(
+        self,
+        centres: Tensor,
+        log_scales: Tensor,
+        colours: Tensor,
+        base: Tensor,
+        size: tuple[int, int],
+        gain: float = 4.0,
+    ) -> None:
+        self.size, self.gain = size, gain
+        self.centres = centres.detach().float().clone().requires_grad_(True)
+        self.log_scales = log_scales.detach().float().clone().requires_grad_(True)
+        self.colours = colours.detach().float().clone().requires_grad_(True)
+        self.base = base.detach().float().clone().requires_grad_(True)
+        h, w = size
+        device = centres.device
+        self.grid_y = (torch.arange(h, device=device) + 0.5) / h * 2 - 1
+        self.grid_x = (torch.arange(w, device=device) + 0.5) / w * 2 - 1
+        self.min_scale = 2.0 / max(h, w)  # one pixel
+
+    @classmethod
+    def random(
+        cls, draws: RandomDraws, size: tuple[int, int], count: int = 48, gain: float = 4.0
+    ) -> SplatImage:
+        """``count`` small blobs (width about 7% of the image) scattered over the middle
+        60% of the image, with faint random colours, on grey."""
+        centres = (draws.per_image((count, 2), torch.rand) * 2 - 1) * 0.6
+        log_scales = -2.0 + 0.2 * draws.per_image((count,), torch.randn)
+        colours = 0.5 * draws.per_image((count, 3), torch.randn)
+        base = centres.new_zeros(centres.shape[0], 3, 1, 1)
+        return cls(centres, log_scales, colours, base, size, gain)
+
+    def parameters(self) -> list[Tensor]:
+        return [self.centres, self.log_scales, self.colours, self.base]
+
+    def images(self) -> Tensor:
+        # a round Gaussian is separable: the field is one batched matrix product
+        width = self.log_scales.exp().clamp(min=self.min_scale)[..., None]  # (B, K, 1)
+        along_y = torch.exp(-0.5 * ((self.grid_y - self.centres[..., 0:1]) / width) ** 2)
+        along_x = torch.exp(-0.5 * ((self.grid_x - self.centres[..., 1:2]) / width) ** 2)
+        coloured_y = (
+            self.colours.transpose(1, 2)[..., None, :] * along_y.transpose(1, 2)[:, None]
+        )  # (B, 3, H, K)
+        field = coloured_y @ along_x[:, None]  # (B, 3, H, W)
+        return torch.sigmoid(self.gain * (self.base + field))
+
+
 _SPECTRA: dict[tuple, Tensor] = {}
 
 
@@ -334,11 +403,13 @@ def make_param(
     decorrelate: bool = True,
     magnitude: str | Tensor = "photos",
     pyramid_levels: int = 4,
+    splats: int = 48,
+    splat_gain: float = 4.0,
 ) -> ImageParam:
     """Build a parameterization for ``draws.targets * draws.images`` images.
 
     Args:
-        kind: ``"pixel"``, ``"pyramid"``, ``"fourier"`` or ``"maco"``.
+        kind: ``"pixel"``, ``"pyramid"``, ``"fourier"``, ``"maco"`` or ``"splats"``.
         draws: the run's random source (initial images are drawn per image slot).
         size: ``(H, W)``.
         inputs: starting images ``(targets * images, 3, H, W)`` in [0, 1], or None.
@@ -346,6 +417,8 @@ def make_param(
             small noise).
         magnitude: for ``"maco"``: see :func:`magnitude_spectrum`.
         pyramid_levels: for ``"pyramid"``: the number of grids.
+        splats, splat_gain: for ``"splats"``: the number of blobs and the sigmoid's
+            steepness (see :class:`SplatImage`).
     """
     h, w = size
     if kind in ("pixel", "pyramid"):
@@ -369,4 +442,13 @@ def make_param(
         if inputs is not None:
             return MacoImage.from_images(inputs, spectrum)
         return MacoImage.random(draws, spectrum, size)
-    raise ValueError(f"param must be 'pixel', 'pyramid', 'fourier' or 'maco', got {kind!r}")
+    if kind == "splats":
+        if inputs is not None:
+            raise ValueError(
+                "param='splats' cannot start from given images (an image is not a sum of "
+                "blobs); drop inputs or use param='fourier' or 'pixel'"
+            )
+        return SplatImage.random(draws, size, splats, splat_gain)
+    raise ValueError(
+        f"param must be 'pixel', 'pyramid', 'fourier', 'maco' or 'splats', got {kind!r}"
+    )
