@@ -366,14 +366,7 @@ OBJECT = replace(ROBUST, transforms=_object_transforms, tv_weight=0.05)
 
 #: A class as a few flat-coloured shapes: ``OBJECT``'s random background and geometric
 #: transforms on an image made of 48 soft blobs (``param="splats"``), lr 0.03.
-SHAPES = Preset(
-    param="splats",
-    copies=8,
-    transforms=_object_transforms,
-    lr=0.03,
-    schedule="constant",
-    steps=256,
-)
+SHAPES = replace(OBJECT, param="splats", lr=0.03, tv_weight=0.0)
 
 #: Magnitude-constrained phase optimization (Fel et al. 2023).
 MACO = Preset(
