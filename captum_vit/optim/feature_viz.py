@@ -119,8 +119,8 @@ class FeatureVisualization(_LayerMethod):
                 embedding vectors) take the unit directly.
             preset: ``"auto"`` (``"object"`` on a non-spatial layer such as class logits,
                 else the paper's ``"ghiasi2023"``), ``"ghiasi2023"``, ``"fast"``,
-                ``"robust"``, ``"object"``, ``"shapes"``, ``"maco"``, ``"lucid"``, ``None`` (plain
-                gradient ascent: no augmentation, no regularizer) or a
+                ``"robust"``, ``"object"``, ``"shapes"``, ``"maco"``, ``"lucid"``,
+                ``None`` (plain gradient ascent: no augmentation, no regularizer) or a
                 :class:`~captum_vit.optim.presets.Preset`.
             steps: optimization steps (default: the preset's).
             image_size: ``(H, W)`` of the optimized images; default the size of

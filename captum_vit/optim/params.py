@@ -270,8 +270,9 @@ class SplatImage(ImageParam):
     Args:
         centres: ``(B, K, 2)`` blob centres ``(y, x)``.
         log_scales: ``(B, K)`` log blob widths (a width of 1 is half the image).
-        colours: ``(B, K, 3)`` blob colours in logit units (added where blobs overlap).
-        base: ``(B, 3, 1, 1)`` background colour in logit units (0: grey).
+        colours: ``(B, K, 3)`` blob colours before the sigmoid and its gain (added
+            where blobs overlap).
+        base: ``(B, 3, 1, 1)`` background colour, likewise (0: grey).
         size: ``(H, W)``.
         gain: the sigmoid's steepness.
     """
