@@ -51,7 +51,8 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   moved it: per-grid learning rates, iterate averaging, 2 or 5 grids and 8 x 100 or 2 x
   320 image-steps gave 3.37-3.42 (seeds 0-1, where fast gives 3.414); Adam beta1 from 0
   to 0.9 3.37-3.42, stratified (Latin-hypercube) colour, noise and roll draws across the
-  copies 3.424, the pyramid in Lucid's decorrelated colour space 3.13-3.41 (seeds 0-2).
+  copies 3.424, the pyramid in Lucid's decorrelated colour space 3.13-3.41, plain SGD
+  (lr 3-100) 3.07-3.35, a uniform-noise start instead of grey 3.413 (seeds 0-2).
 * ``"robust"`` -- strong transformation robustness for late layers (see :data:`ROBUST`):
   Lucid's Fourier parameterization, per-pixel Gaussian noise whose std fades from 0.5 to
   0, pad, jitter, scale 0.6-1.3, rotation up to 30 degrees, horizontal flip, 8 copies,
