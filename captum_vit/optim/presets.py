@@ -125,9 +125,10 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   50.0% for both, against 68.8% / 68.8% at gain 4; a 16 x 16 logit field upsampled
   bicubically instead of blobs gave CNN -> ViT 50.0-56.2%. Start images are not
   supported (an image is not a sum of blobs). On the zoo ViT's hidden units (blocks 0 /
-  3 / 5) its robust activation is 0.793 / 0.801 / 2.218 in 222 s, against
-  ``"robust"``'s 0.672 / 0.747 / 2.550 and ``"maco"``'s 0.771 / 0.731 / 2.101 (those two
-  from the previous environment's run).
+  3 / 5) its robust activation is 0.793 / 0.798 / 2.224 (``--presets object,shapes
+  --skip tiny,transfer``), against ``"robust"``'s 0.672 / 0.747 / 2.550 and ``"maco"``'s
+  0.771 / 0.731 / 2.101; it costs what ``"object"`` costs (123 s against 126 s in that
+  run).
 * ``"maco"`` -- magnitude-constrained phase optimization (Fel et al. 2023, "Unlocking
   Feature Visualization for Deeper Networks with MAgnitude Constrained Optimization"): the
   image's Fourier magnitude is fixed to the mean magnitude spectrum of natural images
