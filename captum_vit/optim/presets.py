@@ -123,12 +123,21 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   colour. In a prototype (two per class, its own random draws), a gentler sigmoid gave
   CNN -> ViT 75.0% / 68.8% (gain 1, seeds 0 / 1) and 43.8% (gain 2) but ViT -> CNN
   50.0% for both, against 68.8% / 68.8% at gain 4; a 16 x 16 logit field upsampled
-  bicubically instead of blobs gave CNN -> ViT 50.0-56.2%. Start images are not
-  supported (an image is not a sum of blobs). On the zoo ViT's hidden units (blocks 0 /
-  3 / 5) its robust activation is 0.793 / 0.798 / 2.224 (``--presets object,shapes
-  --skip tiny,transfer``), against ``"robust"``'s 0.672 / 0.747 / 2.550 and ``"maco"``'s
-  0.771 / 0.731 / 2.101; it costs what ``"object"`` costs (123 s against 126 s in that
-  run).
+  bicubically instead of blobs gave CNN -> ViT 50.0-56.2%. With four per class (seed 0,
+  ``splat_gain`` overridden, or the blobs changed in a probe), against 62.5% / 62.5%
+  (ViT -> CNN / CNN -> ViT) at gain 4: gain 1 gave 43.8% / 59.4% (the prototype's 75.0%
+  was two lucky images per class), gain 8 65.6% / 37.5%; elongated, rotated blobs
+  65.6% / 50.0% (the CNN's stars become rayed stars a person reads, the ViT calls them
+  *frame*), and with a square-ish (superellipse) profile 59.4% / 40.6%; one mask of
+  blobs with one foreground and one background colour per image (a two-tone silhouette,
+  like a scene's shape on its ground) 53.1% / 43.8%; blobs at least 4 px wide 53.1% /
+  50.0%; 16 blobs 46.9% / 62.5%; and ``"object"`` run for 64 or 128 more steps from
+  these images 53.1-56.2% / 56.2%. Round blobs in free colours stay the best of these.
+  Start images are not supported (an image is not a sum of blobs).
+  On the zoo ViT's hidden units (blocks 0 / 3 / 5) its robust activation is 0.793 /
+  0.798 / 2.224 (``--presets object,shapes --skip tiny,transfer``), against
+  ``"robust"``'s 0.672 / 0.747 / 2.550 and ``"maco"``'s 0.771 / 0.731 / 2.101; it costs
+  what ``"object"`` costs (123 s against 126 s in that run).
 * ``"maco"`` -- magnitude-constrained phase optimization (Fel et al. 2023, "Unlocking
   Feature Visualization for Deeper Networks with MAgnitude Constrained Optimization"): the
   image's Fourier magnitude is fixed to the mean magnitude spectrum of natural images
