@@ -123,8 +123,8 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   colour. In a prototype (two per class, its own random draws), a gentler sigmoid gave
   CNN -> ViT 75.0% / 68.8% (gain 1, seeds 0 / 1) and 43.8% (gain 2) but ViT -> CNN
   50.0% for both, against 68.8% / 68.8% at gain 4; a 16 x 16 logit field upsampled
-  bicubically instead of blobs gave CNN -> ViT 50.0-56.2%. With four per class (seed 0,
-  ``splat_gain`` overridden, or the blobs changed in a probe), against 62.5% / 62.5%
+  bicubically instead of blobs gave CNN -> ViT 50.0-56.2%. With four per class (seed 0;
+  ``splat_gain`` overridden, the other blob shapes probes, not options), against 62.5% / 62.5%
   (ViT -> CNN / CNN -> ViT) at gain 4: gain 1 gave 43.8% / 59.4% (the prototype's 75.0%
   was two lucky images per class), gain 8 65.6% / 37.5%; elongated, rotated blobs
   65.6% / 50.0% (the CNN's stars become rayed stars a person reads, the ViT calls them
