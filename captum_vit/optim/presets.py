@@ -53,6 +53,11 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   to 0.9 3.37-3.42, stratified (Latin-hypercube) colour, noise and roll draws across the
   copies 3.424, the pyramid in Lucid's decorrelated colour space 3.13-3.41, plain SGD
   (lr 3-100) 3.07-3.35, a uniform-noise start instead of grey 3.413 (seeds 0-2).
+  Nor did spending the views unevenly (seeds 0-2, where fast gives 3.411 and the paper
+  preset 3.520 in the same runs): 2 copies for the first 100 steps and 8 for the last 60
+  (680 image-steps) gave 3.352, 8 for the first 60 and 2 for the last 100 3.316; nor
+  cheaper views: 8 copies that each pass a random half of the patch tokens through the
+  blocks (patch dropout, about the cost of 4 full copies) gave 3.419.
 * ``"robust"`` -- strong transformation robustness for late layers (see :data:`ROBUST`):
   Lucid's Fourier parameterization, per-pixel Gaussian noise whose std fades from 0.5 to
   0, pad, jitter, scale 0.6-1.3, rotation up to 30 degrees, horizontal flip, 8 copies,
@@ -133,6 +138,15 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   like a scene's shape on its ground) 53.1% / 43.8%; blobs at least 4 px wide 53.1% /
   50.0%; 16 blobs 46.9% / 62.5%; and ``"object"`` run for 64 or 128 more steps from
   these images 53.1-56.2% / 56.2%. Round blobs in free colours stay the best of these.
+  A learned image prior (Nguyen et al. 2016: optimize the code of a generator trained on
+  the data, kept inside the 1st-99th percentile box of the codes of encoded scenes) was
+  out of reach on two CPU cores: a convolutional autoencoder with a 256-d code, trained
+  12 minutes on 2 threads, decodes scenes as blurred discs (the zoo ViT and CNN
+  recognize 20.7% / 20.3% of its reconstructions of held-out scenes), and through it the
+  class images are soft discs, rings and crescents, recognized 43.8% CNN -> ViT and
+  31.2% ViT -> CNN (two per class); squares, stars and crosses cannot be drawn. Longer
+  training (a smaller net, 2,500 steps: 23.0% / 25.0% of reconstructions; the shape's
+  pixels weighted 10x in the loss, 3,000 steps: 11.7% / 16.0%) still decoded blobs.
   Start images are not supported (an image is not a sum of blobs).
   On the zoo ViT's hidden units (blocks 0 / 3 / 5) its robust activation is 0.793 /
   0.798 / 2.224 (``--presets object,shapes --skip tiny,transfer``), against
