@@ -111,9 +111,9 @@ in one place (:func:`resolve_recipe`). A new knob is one new field.
   these. More steps overfit the model that is optimized (on the previous 92% zoo ViT,
   ``"robust"`` at 512 steps: 62.5% / 50% against 75% / 62.5%).
   Smaller scales help one direction only (four per class, seed 0, against 81.2% /
-  40.6% at 0.6-1.3): at 0.45-1.15 or 0.35-1.0 the CNN's images are discs, rayed stars
-  and arcs that the ViT recognizes 56.2% of (both), but the CNN recognizes 75.0% of the
-  ViT's (both); at 0.2-0.7 the ViT recognizes 46.9% and the CNN itself only 59.4% of
+  40.6% at 0.6-1.3): at 0.45-1.15 and at 0.35-1.0 alike, the CNN's images are discs,
+  rayed stars and arcs that the ViT recognizes 56.2% of, but the CNN recognizes 75.0% of
+  the ViT's; at 0.2-0.7 the ViT recognizes 46.9% and the CNN itself only 59.4% of
   its own (made for small sizes, they do not read at full size); on ``"shapes"``,
   0.35-1.0 gave CNN -> ViT 50.0% against 62.5%.
 * ``"shapes"`` -- a class as a few flat-coloured shapes (see :data:`SHAPES`):
