@@ -50,9 +50,10 @@ alternatives measured against each preset.
   ground; the random background also moves the start off flat grey. The default when the
   layer is non-spatial (class logits). Transfer (four per class): ViT -> CNN 81.2%, CNN
   -> ViT 40.6% (two per class: 75.0% / 50.0%, against ``"robust"``'s 62.5% / 43.8%, the
-  paper's 43.8% / 12.5% and ``"fast"``'s 56.2% / 18.8%). The weak direction is the
-  judge's reading: the CNN draws its classes as edge patterns (a star is a ring of short
-  rays round a dark centre), and the zoo ViT calls high-frequency clutter *frame*.
+  paper's 43.8% / 12.5% and ``"fast"``'s 56.2% / 18.8%). The weak direction comes from
+  what the CNN draws: its classes as edge patterns (a star is a ring of short rays round
+  a dark centre), which the zoo ViT reads as clutter (*frame*), although it reads shapes
+  drawn as the data draw them, on any flat ground.
 * ``"shapes"`` -- a class as a few flat-coloured shapes (see :data:`SHAPES`):
   ``"object"``'s random background and geometric transforms on an image painted with 48
   soft round blobs through a steep sigmoid (``param="splats"``,
