@@ -21,6 +21,8 @@ import torch  # noqa: E402
 from torchvision.utils import save_image  # noqa: E402
 
 from captum_vit import zoo  # noqa: E402
+from captum_vit.models import ImageModel  # noqa: E402
+from captum_vit.zoo.experiments import _boxes  # noqa: E402
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "images"
 CUTOFFS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.7)
@@ -75,6 +77,9 @@ def main() -> None:
         cells = [f"{v:.1f}" for v in (*r.low_pass_top1, *r.high_pass_top1)]
         print(f"| {n} | {r.clean_top1:.1f} | " + " | ".join(cells) + " |")
 
+    print("\n## Foreground only, box cut: what fills the outside (top-1 %)\n")
+    print_box_fills(models, data)
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
     zoo.plot_foreground_background(fb_box, top=1, ax=axes[0], chance=chance)
     axes[0].set_title("foreground / background (box cut), top-1")
@@ -84,11 +89,7 @@ def main() -> None:
     fig.savefig(OUT / "zoo_fore_back_frequency.png", dpi=120)
 
     batch = data.batch(range(8))
-    mask = batch["mask"]
-    box = torch.zeros_like(mask)
-    for i, m in enumerate(mask[:, 0]):
-        ys, xs = torch.nonzero(m, as_tuple=True)
-        box[i, :, ys.min() : ys.max() + 1, xs.min() : xs.max() + 1] = 1
+    box = _boxes(batch["mask"])
     rows = [
         batch["image"],
         batch["image"] * box,
@@ -101,6 +102,34 @@ def main() -> None:
         data.batch(range(64))["image"], OUT / "zoo_scenes.png", nrow=8, padding=2, pad_value=1.0
     )
     print(f"\nsaved figures under {OUT}")
+
+
+@torch.no_grad()
+def print_box_fills(models: dict, data: zoo.SyntheticScenes) -> None:
+    """Top-1 on the box cut with the outside black (the paper's cut), grey, or the image's
+    mean background colour, and the class most often given instead: separates what the
+    missing background costs from what the box's sharp edge costs."""
+    batch = data.batch(range(len(data)))
+    images, labels, mask = batch["image"], batch["label"], batch["mask"]
+    box = _boxes(mask)
+    background = (images * (1 - mask)).sum((2, 3), keepdim=True) / (1 - mask).sum(
+        (2, 3), keepdim=True
+    )
+    fills = {"black": torch.zeros_like(background), "grey": background * 0 + 0.5}
+    fills["mean background colour"] = background
+    print("| model | " + " | ".join(fills) + " | most frequent wrong class, black fill |")
+    print("|---|" + "---|" * (len(fills) + 1))
+    for name, model in models.items():
+        classifier = ImageModel(model.eval())
+        cells, wrong = [], None
+        for fill in fills.values():
+            pred = classifier(images * box + fill * (1 - box)).argmax(1)
+            cells.append(f"{(pred == labels).float().mean().item() * 100:.1f}")
+            if wrong is None:
+                errors = torch.bincount(pred[pred != labels], minlength=len(zoo.CLASSES))
+                top = int(errors.argmax())
+                wrong = f"{zoo.CLASSES[top]} ({int(errors[top])} of {int(errors.sum())} errors)"
+        print(f"| {name} | " + " | ".join(cells) + f" | {wrong} |")
 
 
 if __name__ == "__main__":
