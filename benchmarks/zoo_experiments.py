@@ -115,20 +115,21 @@ def print_box_fills(models: dict, data: zoo.SyntheticScenes) -> None:
     background = (images * (1 - mask)).sum((2, 3), keepdim=True) / (1 - mask).sum(
         (2, 3), keepdim=True
     )
-    fills = {"black": torch.zeros_like(background), "grey": background * 0 + 0.5}
-    fills["mean background colour"] = background
+    fills = {
+        "black": torch.zeros_like(background),
+        "grey": torch.full_like(background, 0.5),
+        "mean background colour": background,
+    }
     print("| model | " + " | ".join(fills) + " | most frequent wrong class, black fill |")
     print("|---|" + "---|" * (len(fills) + 1))
     for name, model in models.items():
-        classifier = ImageModel(model.eval())
-        cells, wrong = [], None
-        for fill in fills.values():
-            pred = classifier(images * box + fill * (1 - box)).argmax(1)
-            cells.append(f"{(pred == labels).float().mean().item() * 100:.1f}")
-            if wrong is None:
-                errors = torch.bincount(pred[pred != labels], minlength=len(zoo.CLASSES))
-                top = int(errors.argmax())
-                wrong = f"{zoo.CLASSES[top]} ({int(errors[top])} of {int(errors.sum())} errors)"
+        classifier = ImageModel(model)
+        preds = [classifier(images * box + fill * (1 - box)).argmax(1) for fill in fills.values()]
+        cells = [f"{(pred == labels).float().mean().item() * 100:.1f}" for pred in preds]
+        black = preds[0]
+        errors = torch.bincount(black[black != labels], minlength=len(zoo.CLASSES))
+        top = int(errors.argmax())
+        wrong = f"{zoo.CLASSES[top]} ({int(errors[top])} of {int(errors.sum())} errors)"
         print(f"| {name} | " + " | ".join(cells) + f" | {wrong} |")
 
 
