@@ -308,7 +308,7 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
         if done:
             scans[name] = LayerScan.from_file(files.out / _scan_file(name))
 
-    _say(shard, f"{len(images)} images ({images.description}); {len(layer_info)} layer(s)")
+    _say(shard, f"{images.description}; {len(layer_info)} layer(s)")
     if estimate:
         line = _estimate(
             model, images, layer_info, pending_scans, options["units"], fv, options, files, shard

@@ -209,9 +209,9 @@ class _Site:
         body = (
             f"<h1>Atlas of {_e(o['model'])}</h1>"
             f"<p class='explain'>What each unit of each layer responds to: its feature "
-            f"visualization, the {s['k']} images (of {o['num_images']}: {_e(o['images'])}"
-            f"{f'; {skipped} unreadable file(s) skipped' if skipped else ''}) that activate it "
-            f"most with patch activation maps, and its activation histogram. Feature "
+            f"visualization, the {s['k']} images that activate it most out of "
+            f"{_e(o['images'])}{f' ({skipped} unreadable file(s) skipped)' if skipped else ''}, "
+            f"with patch activation maps, and its activation histogram. Feature "
             f"visualizations: preset <code>{_e(s['preset'])}</code>, "
             f"{_e(s['steps'] if s['steps'] is not None else 'the preset default')} steps, "
             f"seed {s['seed']}. The terms are explained at the bottom of this page.</p>"
