@@ -82,6 +82,15 @@ class ExampleSet:
         values = self.channels.tolist()
         return str(values) if len(values) <= 8 else f"{values[:4]} ... {values[-2:]}"
 
+    def __repr__(self) -> str:
+        # The dataclass default would print every tensor in full (thousands of numbers).
+        grid = "x".join(str(size) for size in self.maps.shape[2:])
+        return (
+            f"ExampleSet(layer={self.layer!r}, {len(self.channels)} unit(s) "
+            f"{self._describe_channels()}, k={self.k}, score={self.score!r}, "
+            f"maps {grid}, num_images={self.num_images})"
+        )
+
     def save(self, path: str | PathLike) -> None:
         """Write the set to ``path`` (a ``torch.save`` file of tensors and plain values)."""
         torch.save(

@@ -94,6 +94,7 @@ def test_cls_pooled_last_block_is_measured_at_its_output_and_flagged():
     assert report.feeds_output == [True, True, True, False]
     assert abs(float(report.locality[-1]) - 1 / 16) < 0.01
     assert "unused by the output" in str(report).splitlines()[-1]
+    assert repr(report) == str(report)  # not every field tensor in full
     # Read at their inputs, the rows shift by one block: all local.
     inputs = cv.SpatialLocalityProbe(model, attribute_to_layer_input=True).attribute(rgb())
     assert inputs.sites == ["input"] * 4

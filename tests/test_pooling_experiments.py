@@ -94,6 +94,7 @@ def test_known_answers_and_oracles(name):
     assert 0 < natural[0] < 100
     assert report.natural == pytest.approx(natural, abs=1e-9)
     assert report.num_images == 24 and report.depth == DEPTH
+    assert repr(report) == str(report) and "tensor" not in repr(report)
     assert sorted(report.isolated_cls) == sorted(report.tear) == list(range(DEPTH + 1))
     # Exact known answers: nothing isolated / torn after the last block = natural.
     assert report.isolated_cls[0] == report.natural

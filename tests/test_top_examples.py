@@ -251,6 +251,12 @@ def test_save_and_load_round_trip(tmp_path):
     for name in ("channels", "scores", "indices", "maps"):
         assert torch.equal(getattr(loaded, name), getattr(result, name))
     assert (loaded.layer, loaded.score, loaded.num_images) == (LAYER, "mean", 4)
+    # A summary, not every tensor in full.
+    grid = "x".join(map(str, result.maps.shape[2:]))
+    assert repr(loaded) == (
+        f"ExampleSet(layer={LAYER!r}, 2 unit(s) [1, 2], k=3, score='mean', maps {grid}, "
+        "num_images=4)"
+    )
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an ExampleSet"):
         ExampleSet.load(tmp_path / "other.pt")

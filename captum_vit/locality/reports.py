@@ -91,6 +91,9 @@ class LocalityReport:
             )
         return "\n".join(lines)
 
+    # The dataclass default would print every field tensor in full.
+    __repr__ = __str__
+
 
 @dataclass
 class PoolingReport:
@@ -136,3 +139,5 @@ class PoolingReport:
         lines += [f"  isolated cls L={k:<3d} {v}" for k, v in sorted(self.isolated_cls.items())]
         lines += [f"  tear after L={k:<4d} {v}" for k, v in sorted(self.tear.items())]
         return "\n".join(lines)
+
+    __repr__ = __str__
