@@ -210,7 +210,11 @@ def atlas_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="captum-vit", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="captum-vit",
+        description="What Vision Transformers learn, from the command line (also "
+        "python -m captum_vit). The main job is atlas; see captum-vit atlas --help.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_atlas_parser(sub)
     sub.add_parser("layouts", help="token layouts of many architectures, early-exit capture")

@@ -175,3 +175,25 @@ def test_zoo_atlas_defaults_to_its_quick_recipe_unless_told_otherwise():
     assert _default_recipe(args(zoo="vit", steps=5)) == (None, 5)
     assert _default_recipe(args(zoo="vit", preset="ghiasi2023")) == ("ghiasi2023", None)
     assert _default_recipe(args()) == (None, None)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["atlas"],
+        ["layout"],
+        ["layouts"],
+        ["-m", "captum_vit.zoo.train"],
+    ],
+    ids=["captum-vit", "atlas", "layout", "layouts", "zoo.train"],
+)
+def test_help_is_plain_text(argv):
+    """--help is read in a terminal: no reST markup from docstrings (``name``, :class:)."""
+    command = argv if argv[:1] == ["-m"] else ["-m", "captum_vit", *argv]
+    result = subprocess.run(
+        [sys.executable, *command, "--help"], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("usage:")
+    for markup in ("``", ":class:", ":func:", ":data:", ":mod:"):
+        assert markup not in result.stdout, f"{markup!r} in:\n{result.stdout}"

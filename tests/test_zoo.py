@@ -183,14 +183,19 @@ def test_training_script_quick_mode_gives_a_loadable_model(tmp_path):
     assert not torch.equal(model.fc.weight, bundled.fc.weight)
     with pytest.raises(ValueError, match="holds zoo model"):
         load_model("vit", out)
+    # Training on the held-out seed would report a training accuracy as held out.
+    with pytest.raises(ValueError, match="held-out images would be training images"):
+        train_main(["cnn", "--quick", "--seed", "1", "--out", str(out), "--threads", "1"])
 
 
 def test_vit_training_command_quick_mode_records_its_cost(tmp_path):
     out = tmp_path / "vit.safetensors"
     args = ["vit", "--quick", "--attention-init", "mimetic", "--label-smoothing", "0.1"]
+    args += ["--seed", "1", "--eval-seed", "2"]
     assert train_main([*args, "--out", str(out), "--threads", "1"]) == 0
     info = read_metadata(out)["info"]
     assert info["config"]["steps"] == 3 and info["config"]["attention_init"] == "mimetic"
+    assert (info["config"]["seed"], info["config"]["eval_seed"]) == (1, 2)
     assert info["config"]["label_smoothing"] == 0.1
     assert info["cpu_seconds"] > 0 and info["threads"] == 1
     assert set(info["load_average_1min"]) == {"mean", "min", "max"}

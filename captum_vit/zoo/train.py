@@ -6,7 +6,8 @@ Usage::
     python -m captum_vit.zoo.train cnn --quick --out /tmp/cnn.safetensors   # a few steps
 
 Every training image is fresh (item ``step * batch + i`` of seed ``--seed``); the held-out
-accuracy is measured on seed ``--eval-seed``, which training never sees. The record saved
+accuracy is measured on seed ``--eval-seed``, which training never sees (the two must
+differ). The record saved
 with the weights holds the command, the settings, wall-clock and CPU time and the machine's
 load average during the run.
 """
@@ -357,7 +358,18 @@ def train(
     ``init``: continue from a weights file written by this script (a further stage with
     its own warm-up and cosine schedule); its training images are the next unseen items of
     the same seed, and its record is kept under ``"previous"``. ``save(model, step)`` is
-    called every ``save_every`` steps (checkpoints of a long run)."""
+    called every ``save_every`` steps (checkpoints of a long run).
+
+    Raises:
+        ValueError: ``cfg.seed == cfg.eval_seed`` (the held-out images would be training
+            images, and the accuracy a training accuracy).
+    """
+    if cfg.seed == cfg.eval_seed:
+        raise ValueError(
+            f"the training seed and the held-out seed are both {cfg.seed}: the held-out "
+            "images would be training images. Pick another --seed or --eval-seed "
+            "(TrainConfig.seed / eval_seed)"
+        )
     torch.manual_seed(cfg.seed)
     model, previous, first_item = _initial_model(name, cfg, init)
     if cfg.attention_init == "mimetic" and init is None:
@@ -379,18 +391,30 @@ def train(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m captum_vit.zoo.train", description=__doc__.split("\n")[0]
+        prog="python -m captum_vit.zoo.train",
+        description="Train a zoo model from scratch on the package's synthetic scenes, on "
+        "CPU. The defaults are the bundled weights' settings.",
     )
-    parser.add_argument("model", choices=MODEL_NAMES)
+    parser.add_argument("model", choices=MODEL_NAMES, help="which zoo model")
     parser.add_argument(
         "--quick", action="store_true", help="a few steps on small batches (for tests)"
     )
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the training scenes and of the init"
+    )
+    parser.add_argument(
+        "--eval-seed",
+        type=int,
+        default=TrainConfig.eval_seed,
+        help=f"seed of the held-out scenes (default {TrainConfig.eval_seed}; not --seed)",
+    )
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--label-smoothing", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=None, help="images per step")
+    parser.add_argument(
+        "--label-smoothing", type=float, default=None, help="of the cross-entropy loss"
+    )
     parser.add_argument(
         "--patch-drop",
         type=float,
@@ -447,7 +471,7 @@ def _config(args: argparse.Namespace) -> TrainConfig:
     ):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    return TrainConfig(seed=args.seed, **settings)
+    return TrainConfig(seed=args.seed, eval_seed=args.eval_seed, **settings)
 
 
 def main(argv: list[str] | None = None) -> int:
