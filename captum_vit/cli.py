@@ -188,6 +188,14 @@ def atlas_command(args: argparse.Namespace) -> int:
     loaded = load_model(
         args.model, zoo_name=args.zoo, weights=args.weights, pretrained=args.pretrained
     )
+    if loaded.random_weights and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: {args.model} has timm's random initialization (neither --pretrained nor "
+            "--weights): the atlas shows an untrained network. For trained weights pass "
+            "--pretrained (needs a network) or --weights FILE.",
+            file=sys.stderr,
+            flush=True,
+        )
     local_rank = os.environ.get("LOCAL_RANK", "0")  # set by torchrun: one GPU per process
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     loaded.model.to(device)

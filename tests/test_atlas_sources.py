@@ -123,6 +123,16 @@ def test_table_one_is_skipped_for_folders_the_model_does_not_name(tmp_path):
     assert "does not name its classes" in anonymous
 
 
+def test_table_one_says_when_zoo_scenes_are_not_the_model_classes():
+    from captum_vit.atlas import open_images
+
+    imagenet = _tiny_timm_vit()
+    reason = pooling_table(imagenet, open_images(imagenet, None, scenes=4))["skipped"]
+    assert reason.startswith("the images are zoo scenes, whose classes ('circle', 'square',")
+    assert "pass --images DIR" in reason and "'tench, Tinca tinca'" in reason
+    assert "folder(s) match no" not in reason  # the user named no folders
+
+
 # --------------------------------------------------------------------------- Hugging Face
 
 
@@ -232,6 +242,11 @@ def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path,
     loaded = load_model("vit_tiny_patch16_224", weights=tmp_path / "vit.pt")
     assert loaded.fingerprint == weights_fingerprint(saved)
     assert class_names(loaded.model)[1] == "goldfish, Carassius auratus"
+    assert loaded.description == "vit_tiny_patch16_224 with weights vit.pt"
+    assert not loaded.random_weights
+    untrained = load_model("vit_tiny_patch16_224")
+    assert untrained.random_weights and untrained.description.endswith("(random weights)")
+    assert not load_model(zoo_name="vit").random_weights
 
     def offline(*args, pretrained=False, **kwargs):
         if pretrained:

@@ -9,6 +9,7 @@ import torch
 from ..locality import SpatialLocalityProbe, pooling_experiments
 from ..models import class_aliases, match_class_names
 from .shard import fixed_batches
+from .sources import ZooScenes
 
 __all__ = ["layer_locality", "pooling_table"]
 
@@ -50,7 +51,7 @@ def pooling_table(
         }
     unmatched = [name for name, index in zip(names, indices, strict=True) if index is None]
     if unmatched:
-        return {"skipped": _unmatched_reason(model, unmatched)}
+        return {"skipped": _unmatched_reason(model, unmatched, isinstance(images, ZooScenes))}
     to_model = torch.tensor(indices)
     batches = fixed_batches(min(count, len(images)), batch_size)
 
@@ -79,9 +80,26 @@ def pooling_table(
 _LISTED = 5
 
 
-def _unmatched_reason(model: torch.nn.Module, unmatched: list[str]) -> str:
+def _unmatched_reason(model: torch.nn.Module, unmatched: list[str], scenes: bool) -> str:
     listed = ", ".join(repr(name) for name in unmatched[:_LISTED])
     more = f" and {len(unmatched) - _LISTED} more" if len(unmatched) > _LISTED else ""
+    naming = _how_to_name_classes(model)
+    if scenes:
+        return (
+            f"the images are zoo scenes, whose classes ({listed}{more}) are not the model's. "
+            "Table 1 needs labelled images of the model's own classes: pass --images DIR "
+            "(images=DIR), an ImageFolder tree whose class folders are named after the "
+            f"model's classes (case does not matter, _ reads as a space): {naming}."
+        )
+    return (
+        f"{len(unmatched)} image class folder(s) match no single class of the model: "
+        f"{listed}{more}. Name each class folder after one of the model's classes (case "
+        f"does not matter, _ reads as a space): {naming}."
+    )
+
+
+def _how_to_name_classes(model: torch.nn.Module) -> str:
+    """The model's first class names and the other ways a folder may name a class."""
     aliases = class_aliases(model)
     names = [alias[0] for alias in aliases]
     shown = ", ".join(repr(name) for name in names[:_LISTED])
@@ -91,8 +109,4 @@ def _unmatched_reason(model: torch.nn.Module, unmatched: list[str]) -> str:
         ways += ", or the part of a name before its first comma"
     if len(aliases[0]) > 1:
         ways += f", or a class's synset such as {aliases[0][1]!r}"
-    return (
-        f"{len(unmatched)} image class folder(s) match no single class of the model: "
-        f"{listed}{more}. Name each class folder after one of the model's classes (case "
-        f"does not matter, _ reads as a space): {shown}{ways}."
-    )
+    return shown + ways

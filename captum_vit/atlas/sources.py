@@ -34,11 +34,14 @@ _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionB
 
 @dataclass
 class LoadedModel:
-    """A model in eval mode, how it was named, and a hash of its weights."""
+    """A model in eval mode, how it was named, and a hash of its weights.
+    ``random_weights``: a timm architecture with its random initialization (named without
+    ``pretrained`` or ``weights``)."""
 
     model: nn.Module
     description: str
     fingerprint: str
+    random_weights: bool = False
 
 
 def load_model(
@@ -61,7 +64,9 @@ def load_model(
         pretrained: download timm's pretrained weights (needs a network).
 
     Returns:
-        The model in eval mode, with its description and weights fingerprint.
+        The model in eval mode, with its description and weights fingerprint. A timm name
+        without ``weights`` or ``pretrained`` is the untrained architecture: its
+        description says "(random weights)".
 
     Raises:
         ValueError: no model or two models named, an unknown name, weights that do not
@@ -92,8 +97,23 @@ def load_model(
         _load_weights(model, weights, f"zoo {zoo_name}")
     if weights is not None:
         description += f" with weights {Path(weights).name}"
+    random_weights = _is_untrained_timm(name, weights, pretrained)
+    if random_weights:
+        description += " (random weights)"
     model.eval()
-    return LoadedModel(model, description, weights_fingerprint(model))
+    return LoadedModel(model, description, weights_fingerprint(model), random_weights)
+
+
+def _is_untrained_timm(name: str | None, weights: str | Path | None, pretrained: bool) -> bool:
+    import timm
+
+    return (
+        name is not None
+        and weights is None
+        and not pretrained
+        and not Path(name).exists()
+        and timm.is_model(name)
+    )
 
 
 def _from_function(spec: str) -> nn.Module:
