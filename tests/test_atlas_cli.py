@@ -147,7 +147,7 @@ def _check_bad_input(tmp_path, capsys):
     _fails(capsys, "atlas", "no_such_model_xyz", match="unknown model")
     # An untrained timm architecture is said so before the work (here a bad layer ends it).
     untrained = ["atlas", "vit_tiny_patch16_224", "--out", str(out), "--layers", "nope"]
-    _fails(capsys, *untrained, match="random initialization (neither --pretrained nor --weights)")
+    _fails(capsys, *untrained, match="random initialization, seed 0 (neither")
     _fails(capsys, *base, "--units", "top:0", match="most active units must be >= 1")
     _fails(capsys, *base, "--preset", "nope", match="nope")
     assert not out.exists()

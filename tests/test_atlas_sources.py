@@ -245,7 +245,13 @@ def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path,
     assert loaded.description == "vit_tiny_patch16_224 with weights vit.pt"
     assert not loaded.random_weights
     untrained = load_model("vit_tiny_patch16_224")
-    assert untrained.random_weights and untrained.description.endswith("(random weights)")
+    assert untrained.random_weights
+    assert untrained.description == "vit_tiny_patch16_224 (random weights, seed 0)"
+    # The same weights every time (an atlas resumes; torchrun processes agree), and the
+    # caller's random state is left alone.
+    state = torch.random.get_rng_state()
+    assert load_model("vit_tiny_patch16_224").fingerprint == untrained.fingerprint
+    assert torch.equal(torch.random.get_rng_state(), state)
     assert not load_model(zoo_name="vit").random_weights
 
     def offline(*args, pretrained=False, **kwargs):

@@ -65,8 +65,9 @@ def load_model(
 
     Returns:
         The model in eval mode, with its description and weights fingerprint. A timm name
-        without ``weights`` or ``pretrained`` is the untrained architecture: its
-        description says "(random weights)".
+        without ``weights`` or ``pretrained`` is the untrained architecture, initialized
+        under seed 0 (the same weights every time; your random state is left as it was):
+        its description says "(random weights, seed 0)".
 
     Raises:
         ValueError: no model or two models named, an unknown name, weights that do not
@@ -99,7 +100,7 @@ def load_model(
         description += f" with weights {Path(weights).name}"
     random_weights = _is_untrained_timm(name, weights, pretrained)
     if random_weights:
-        description += " (random weights)"
+        description += " (random weights, seed 0)"
     model.eval()
     return LoadedModel(model, description, weights_fingerprint(model), random_weights)
 
@@ -172,7 +173,11 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
     import timm
 
     if not pretrained:
-        return timm.create_model(name)
+        # A fixed seed: the same command gives the same untrained network, so an atlas can
+        # be resumed and every torchrun process holds the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return timm.create_model(name)
     try:
         return timm.create_model(name, pretrained=True)
     except Exception as error:  # no network, no cached file, a hub error: all say the same
