@@ -191,8 +191,8 @@ def atlas_command(args: argparse.Namespace) -> int:
     if loaded.random_weights and os.environ.get("RANK", "0") == "0":
         print(
             f"note: {args.model} has timm's random initialization, seed 0 (neither "
-            "--pretrained nor --weights): the atlas shows an untrained network. For trained weights pass "
-            "--pretrained (needs a network) or --weights FILE.",
+            "--pretrained nor --weights): the atlas shows an untrained network. For "
+            "trained weights pass --pretrained (needs a network) or --weights FILE.",
             file=sys.stderr,
             flush=True,
         )

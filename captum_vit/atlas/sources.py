@@ -88,33 +88,21 @@ def load_model(
         )
     if weights is not None and not Path(weights).is_file():
         raise FileNotFoundError(f"weights file {weights} does not exist")
+    random_weights = False
     if zoo_name is not None:
         model, description = zoo.load_model(zoo_name), f"zoo {zoo_name}"
     elif ":" in name and not Path(name).exists():
         model, description = _from_function(name), name
     else:
-        model, description = _from_library(name, weights, pretrained), name
+        (model, random_weights), description = _from_library(name, weights, pretrained), name
     if weights is not None and zoo_name is not None:
         _load_weights(model, weights, f"zoo {zoo_name}")
     if weights is not None:
         description += f" with weights {Path(weights).name}"
-    random_weights = _is_untrained_timm(name, weights, pretrained)
     if random_weights:
         description += " (random weights, seed 0)"
     model.eval()
     return LoadedModel(model, description, weights_fingerprint(model), random_weights)
-
-
-def _is_untrained_timm(name: str | None, weights: str | Path | None, pretrained: bool) -> bool:
-    import timm
-
-    return (
-        name is not None
-        and weights is None
-        and not pretrained
-        and not Path(name).exists()
-        and timm.is_model(name)
-    )
 
 
 def _from_function(spec: str) -> nn.Module:
@@ -131,7 +119,10 @@ def _from_function(spec: str) -> nn.Module:
     return model
 
 
-def _from_library(name: str, weights: str | Path | None, pretrained: bool) -> nn.Module:
+def _from_library(
+    name: str, weights: str | Path | None, pretrained: bool
+) -> tuple[nn.Module, bool]:
+    """The model, and whether it is a timm architecture with its random initialization."""
     import open_clip
     import timm
 
@@ -141,12 +132,12 @@ def _from_library(name: str, weights: str | Path | None, pretrained: bool) -> nn
                 f"{name} is a model directory, which holds its own weights: drop "
                 "--weights / --pretrained"
             )
-        return _from_hf_directory(Path(name))
+        return _from_hf_directory(Path(name)), False
     if timm.is_model(name):
         model = _create_timm(name, pretrained)
         if weights is not None:
             _load_weights(model, weights, name)
-        return model
+        return model, weights is None and not pretrained
     if name in open_clip.list_models():
         if weights is None:
             raise ValueError(
@@ -154,7 +145,7 @@ def _from_library(name: str, weights: str | Path | None, pretrained: bool) -> nn
                 "--pretrained is for timm names)"
             )
         try:
-            return open_clip.create_model(name, pretrained=str(weights))
+            return open_clip.create_model(name, pretrained=str(weights)), False
         except RuntimeError as error:  # load_state_dict(strict=True)
             raise ValueError(_mismatch(weights, name, error)) from error
         except Exception as error:  # an unreadable file, or one that holds no state dict

@@ -7,9 +7,8 @@ Usage::
 
 Every training image is fresh (item ``step * batch + i`` of seed ``--seed``); the held-out
 accuracy is measured on seed ``--eval-seed``, which training never sees (the two must
-differ). The record saved
-with the weights holds the command, the settings, wall-clock and CPU time and the machine's
-load average during the run.
+differ). The record saved with the weights holds the command, the settings, wall-clock and
+CPU time and the machine's load average during the run.
 """
 
 from __future__ import annotations
