@@ -86,8 +86,10 @@ def layouts() -> int:
 
 
 def layout_command(args: argparse.Namespace) -> int:
+    from .atlas.sources import create_timm
+
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs).eval()
+    model = create_timm(args.model, args.pretrained, **kwargs).eval()
     layout = resolve_layout(model, args.layer)
     print(layout)
     return 0
@@ -158,7 +160,9 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
         help="optimization steps (default: the preset's; for --zoo with neither --preset nor "
         "--steps: preset fast with 96 steps)",
     )
-    atlas.add_argument("--seed", type=int, default=0)
+    atlas.add_argument(
+        "--seed", type=int, default=0, help="seed of the feature visualizations (default 0)"
+    )
     atlas.add_argument("--batch-size", type=int, default=64, help="images per forward")
     atlas.add_argument("--fv-batch", type=int, default=8, help="units optimized together")
     atlas.add_argument("--device", help="cpu or cuda (default: cuda when present)")
@@ -226,11 +230,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_atlas_parser(sub)
     sub.add_parser("layouts", help="token layouts of many architectures, early-exit capture")
-    layout = sub.add_parser("layout", help="token layout of one layer of a timm model")
-    layout.add_argument("model")
-    layout.add_argument("layer")
-    layout.add_argument("--img-size", type=int, default=None)
-    layout.add_argument("--pretrained", action="store_true")
+    layout = sub.add_parser(
+        "layout",
+        help="token layout of one layer of a timm model",
+        description="Print the token layout of one layer of a timm model, measured in one "
+        "forward pass: how its output is laid out (tokens or a feature map), the patch grid, "
+        "the prefix tokens (cls, distillation, registers) and the number of channels.",
+    )
+    layout.add_argument("model", help="timm model name, e.g. vit_tiny_patch16_224")
+    layout.add_argument("layer", help="dotted path of the layer, e.g. blocks.3.mlp.act")
+    layout.add_argument(
+        "--img-size", type=int, default=None, help="input size (default: the model's own)"
+    )
+    layout.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="download timm's weights (needs a network; the layout is the same without them)",
+    )
     args = parser.parse_args(argv)
     if args.command == "layouts":
         return layouts()
@@ -246,7 +262,14 @@ def run() -> int:
     """The program's entry point (``captum-vit``, ``python -m captum_vit``): :func:`main`
     in a process whose freed memory is kept for reuse (see :mod:`captum_vit._memory`)."""
     keep_freed_memory()
-    return main()
+    try:
+        code = main()
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:  # output piped into head & co., which closed it early
+        # Python flushes stdout again at exit: point it at devnull so that flush is quiet.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -145,6 +145,8 @@ def _check_bad_input(tmp_path, capsys):
         match="does not match",
     )
     _fails(capsys, "atlas", "no_such_model_xyz", match="unknown model")
+    # A misspelt name (wrong case, a missing size) gets the names it was close to.
+    _fails(capsys, "atlas", "vit-b-16", match="Closest names: ViT-B-16,")
     # An untrained timm architecture is said so before the work (here a bad layer ends it).
     untrained = ["atlas", "vit_tiny_patch16_224", "--out", str(out), "--layers", "nope"]
     _fails(capsys, *untrained, match="random initialization, seed 0 (neither")
@@ -163,6 +165,20 @@ def test_cli_layouts_and_layout_errors(capsys):
     assert "cls, dist" in capsys.readouterr().out
     assert main(["layout", "vit_tiny_patch16_224", "blocks.1.mlp.fc", "--img-size", "32"]) == 2
     assert "blocks.1.mlp.fc1" in capsys.readouterr().err
+    # An unknown model is an error message with the close names, not a traceback.
+    assert main(["layout", "vit_tiny_patch16", "blocks.1", "--img-size", "32"]) == 2
+    assert "Closest names: vit_tiny_patch16_384, vit_tiny_patch16_224" in capsys.readouterr().err
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback():
+    """``captum-vit layouts | head -1``: the reader closes the pipe after one line."""
+    command = [sys.executable, "-m", "captum_vit", "layouts"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        proc.stdout.readline()
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 1
 
 
 def test_zoo_atlas_defaults_to_its_quick_recipe_unless_told_otherwise():

@@ -11,12 +11,14 @@ zoo's synthetic scenes. Every image source has ``len()``, ``batch(indices)`` (a 
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,14 @@ from torch import nn
 from .. import zoo
 from ..models import input_config, unwrap_vision
 
-__all__ = ["ImageFiles", "LoadedModel", "ZooScenes", "load_model", "open_images"]
+__all__ = [
+    "ImageFiles",
+    "LoadedModel",
+    "ZooScenes",
+    "create_timm",
+    "load_model",
+    "open_images",
+]
 
 #: A Pillow decoding failure, whatever the file's problem.
 _UNREADABLE = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
@@ -134,7 +143,7 @@ def _from_library(
             )
         return _from_hf_directory(Path(name)), False
     if timm.is_model(name):
-        model = _create_timm(name, pretrained)
+        model = create_timm(name, pretrained)
         if weights is not None:
             _load_weights(model, weights, name)
         return model, weights is None and not pretrained
@@ -155,28 +164,48 @@ def _from_library(
                 f"{type(error).__name__}: {detail}"
             ) from error
     raise ValueError(
-        f"unknown model {name!r}: not a timm or open_clip name, and not module:function; "
-        "use --zoo vit for the bundled model"
+        f"unknown model {name!r}: not a timm or open_clip name, and not "
+        f"module:function.{_close_names(name)} Use --zoo vit for the bundled model"
     )
 
 
-def _create_timm(name: str, pretrained: bool) -> nn.Module:
+def _close_names(name: str) -> str:
+    """`` Closest names: ...`` among timm's and open_clip's models (case ignored), or ``""``."""
+    import open_clip
     import timm
 
+    by_key = {known.lower(): known for known in timm.list_models() + open_clip.list_models()}
+    close = difflib.get_close_matches(name.lower(), list(by_key), n=5, cutoff=0.6)
+    return f" Closest names: {', '.join(by_key[key] for key in close)}." if close else ""
+
+
+def create_timm(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained, **kwargs)`` with the errors a user can act on.
+
+    Without ``pretrained`` the random initialization is drawn under seed 0, so the same
+    name gives the same untrained network every time (an atlas of it can be resumed, and
+    every torchrun process holds the same weights); the caller's random state is kept.
+
+    Raises:
+        ValueError: ``name`` is not a timm model (the message lists close names), or the
+            pretrained weights cannot be downloaded.
+    """
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"unknown timm model {name!r}.{_close_names(name)}")
     if not pretrained:
-        # A fixed seed: the same command gives the same untrained network, so an atlas can
-        # be resumed and every torchrun process holds the same weights.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return timm.create_model(name)
+            return timm.create_model(name, **kwargs)
     try:
-        return timm.create_model(name, pretrained=True)
+        return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as error:  # no network, no cached file, a hub error: all say the same
         detail = " ".join(str(error).split())[:300]
         raise ValueError(
             f"cannot get timm's pretrained weights for {name} (--pretrained downloads them "
-            f"and needs a network): {type(error).__name__}: {detail}. Without a network, pass "
-            "a local checkpoint with --weights FILE"
+            f"and needs a network): {type(error).__name__}: {detail}. Without a network, leave "
+            "out --pretrained (the atlas takes a local checkpoint with --weights FILE)"
         ) from error
 
 
