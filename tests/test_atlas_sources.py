@@ -18,7 +18,7 @@ from PIL import Image
 from skimage import data as photos
 
 from captum_vit import ImageModel, zoo
-from captum_vit.atlas import ImageFiles, build_atlas, default_layers, load_model
+from captum_vit.atlas import ImageFiles, build_atlas, default_layers, load_model, open_images
 from captum_vit.atlas.model_stats import pooling_table
 from captum_vit.atlas.sources import weights_fingerprint
 from captum_vit.cli import main
@@ -119,13 +119,21 @@ def test_table_one_is_skipped_for_folders_the_model_does_not_name(tmp_path):
     unmatched, fix = reason.split(". ", 1)
     assert unmatched.endswith(": 'banana'")  # "star" matches
     assert "'circle', 'square'" in fix  # the names that would match
-    anonymous = pooling_table(_tiny_timm_vit(num_classes=8), images)["skipped"]
-    assert "does not name its classes" in anonymous
+    anonymous = _tiny_timm_vit(num_classes=8)
+    reason = pooling_table(anonymous, images)["skipped"]
+    assert reason.endswith(
+        "does not name its classes (no class_names list on the model, Hugging Face id2label "
+        "or ImageNet-1k head), so the image folders cannot be matched to its outputs. Name "
+        "them with a list, one name per output: model.class_names = ['cat', 'dog', ...]"
+    )
+    scenes = open_images(anonymous, None, scenes=2)  # no folders named by the user
+    assert "so the zoo scenes' classes cannot" in pooling_table(anonymous, scenes)["skipped"]
+    # The fix the reason gives works: named classes, and the folders are matched.
+    anonymous.class_names = ["circle", "square", "triangle", "star", "a", "b", "c", "d"]
+    assert "does not name" not in pooling_table(anonymous, images)["skipped"]
 
 
 def test_table_one_says_when_zoo_scenes_are_not_the_model_classes():
-    from captum_vit.atlas import open_images
-
     imagenet = _tiny_timm_vit()
     reason = pooling_table(imagenet, open_images(imagenet, None, scenes=4))["skipped"]
     assert reason.startswith("the images are zoo scenes, whose classes ('circle', 'square',")
@@ -232,7 +240,13 @@ def test_open_clip_model_with_a_weights_file(tmp_path, tiny_clip_names):
     assert list(manifest["layers"]) == layers
     for layer, info in manifest["layers"].items():
         assert (index.parent / f"layers/{layer}/unit_{info['units'][0]:04d}.html").is_file()
-    assert "the images have no labels" in index.read_text()
+    page = index.read_text()
+    assert "the images have no labels" in page
+    # The atlas names layers inside the image tower; the page says how to name them in code.
+    assert "e.g. <code>visual.transformer.resblocks.0.mlp.gelu</code>" in page
+    scenes = open_images(loaded.model, None, scenes=2)
+    reason = pooling_table(loaded.model, scenes)["skipped"]
+    assert reason.startswith("the model is an image-text (CLIP) model")
 
 
 def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path, monkeypatch):
@@ -265,8 +279,6 @@ def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path,
 
 
 def test_zoo_scenes_are_drawn_at_the_model_input_size():
-    from captum_vit.atlas import open_images
-
     scenes = open_images(_tiny_timm_vit(), None, scenes=3)
     assert scenes.batch([0, 2])["image"].shape == (2, 3, 32, 32)
     assert scenes.fingerprint == "zoo-scenes:3:1:32"

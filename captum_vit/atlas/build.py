@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._progress import resolve_progress
-from ..capture import find_module
+from ..capture import find_module, module_name
 from ..layout import resolve_layout
 from ..locality.probe import find_blocks
 from ..models import ImageModel, _clip_image_tower, model_device, unwrap_vision
@@ -211,7 +211,9 @@ def build_atlas(
     model = loaded.model if loaded else model
     # A full open_clip CLIP model: its image tower, whose layer paths name no text module
     # (``transformer.resblocks.3`` would also be the text transformer's block).
-    model = _clip_image_tower(model) or model
+    tower = _clip_image_tower(model)
+    tower_name = module_name(model, tower) if tower is not None else None
+    model = tower or model
     shard = Shard.from_environment()
     try:
         return _build(
@@ -230,6 +232,7 @@ def build_atlas(
             fv_batch=fv_batch,
             scenes=scenes,
             show_progress=show_progress,
+            tower=tower_name,
         )
     finally:
         shard.close()
@@ -342,7 +345,7 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
     shard.barrier()
     if shard.is_main:
         layers_record = _merge_layers(old_layers, layer_info, chosen)
-        overview = _overview(model, loaded, images, files, layers_record)
+        overview = _overview(model, loaded, images, files, layers_record, options["tower"])
         files.write_manifest(settings, layers_record)
         index = write_site(files, {"settings": settings, "layers": layers_record}, overview)
         files.discard_work()
@@ -384,9 +387,10 @@ def _merge_layers(old: dict, found: dict, chosen: dict) -> dict:
     return merged
 
 
-def _overview(model, loaded, images, files: AtlasFiles, layers: dict) -> dict:
+def _overview(model, loaded, images, files: AtlasFiles, layers: dict, tower: str | None) -> dict:
     """Locality of every layer and Table 1, cached in ``data/model.json`` (recomputed only
-    when the atlas's layers change)."""
+    when the atlas's layers change). ``tower``: where the layers' paths start in the full
+    model (``"visual"`` for an open_clip CLIP model), else ``None``."""
     names = list(layers)
     cached = files.read_json("data/model.json") if files.exists("data/model.json") else {}
     if cached.get("layers") != names:
@@ -398,6 +402,7 @@ def _overview(model, loaded, images, files: AtlasFiles, layers: dict) -> dict:
         files.write_json("data/model.json", cached)
     return {
         "model": loaded.description if loaded else type(unwrap_vision(model)).__name__,
+        "tower": tower,
         "images": images.description,
         "num_images": len(images),
         "skipped_files": len(images.skipped),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from ..locality import SpatialLocalityProbe, pooling_experiments
-from ..models import class_aliases, match_class_names
+from ..models import _is_open_clip, class_aliases, match_class_names, unwrap_vision
 from .shard import fixed_batches
 from .sources import ZooScenes
 
@@ -45,10 +45,7 @@ def pooling_table(
         return {"skipped": "the images have no labels (use an ImageFolder tree or zoo scenes)"}
     indices = match_class_names(model, names)
     if indices is None:
-        return {
-            "skipped": "the model does not name its classes (no class_names, Hugging Face "
-            "id2label or ImageNet head), so the image folders cannot be matched to its outputs"
-        }
+        return {"skipped": _unnamed_reason(model, isinstance(images, ZooScenes))}
     unmatched = [name for name, index in zip(names, indices, strict=True) if index is None]
     if unmatched:
         return {"skipped": _unmatched_reason(model, unmatched, isinstance(images, ZooScenes))}
@@ -95,6 +92,21 @@ def _unmatched_reason(model: torch.nn.Module, unmatched: list[str], scenes: bool
         f"{len(unmatched)} image class folder(s) match no single class of the model: "
         f"{listed}{more}. Name each class folder after one of the model's classes (case "
         f"does not matter, _ reads as a space): {naming}."
+    )
+
+
+def _unnamed_reason(model: torch.nn.Module, scenes: bool) -> str:
+    if _is_open_clip(unwrap_vision(model)):
+        return (
+            "the model is an image-text (CLIP) model: its image tower outputs an embedding, "
+            "not class scores, so there are no predictions to measure; Table 1 needs a "
+            "classifier"
+        )
+    images = "the zoo scenes' classes" if scenes else "the image folders"
+    return (
+        "the model does not name its classes (no class_names list on the model, Hugging "
+        f"Face id2label or ImageNet-1k head), so {images} cannot be matched to its outputs. "
+        "Name them with a list, one name per output: model.class_names = ['cat', 'dog', ...]"
     )
 
 

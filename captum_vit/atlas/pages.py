@@ -216,7 +216,8 @@ class _Site:
             f"{_e(s['steps'] if s['steps'] is not None else 'the preset default')} steps, "
             f"seed {s['seed']}. The terms are explained at the bottom of this page.</p>"
             "<h2>Layers</h2><p class='explain'>Units shown / units in the layer; the patch "
-            "grid; the layer's <dfn>locality</dfn> (see the terms below; bar: 1 = fully local).</p>"
+            "grid; the layer's <dfn>locality</dfn> (see the terms below; bar: 1 = fully local)."
+            f"{self.tower_note()}</p>"
             "<table><tr><th>#</th><th>layer</th><th>units shown</th><th>grid</th>"
             f"<th>locality</th></tr>{''.join(rows)}</table>"
             f"<h2>Where the model pools spatial information (the paper's Table 1)</h2>"
@@ -224,9 +225,23 @@ class _Site:
         )
         return self.page(f"Atlas of {o['model']}", body, "")
 
+    def tower_note(self) -> str:
+        """For a CLIP model, how its image tower's layer names read in code."""
+        tower = self.overview.get("tower")
+        if not tower:
+            return ""
+        example = f"{tower}.{self.names[0]}"
+        return (
+            f" Layer names are paths inside the image tower <code>{_e(tower)}</code>; in code, "
+            f"name a layer of the full model with the <code>{_e(tower)}.</code> prefix, e.g. "
+            f"<code>{_e(example)}</code> (the name without it is also a path in the text "
+            "tower)."
+        )
+
     def table_one(self, pooling: dict) -> str:
         if "skipped" in pooling:
-            return f"<p class='explain'>Not measured: {_e(pooling['skipped'])}</p>"
+            reason = pooling["skipped"].rstrip(".")
+            return f"<p class='explain'>Not measured: {_e(reason)}.</p>"
         terms = "".join(f"<dt><dfn>{_e(t)}</dfn></dt><dd>{_e(d)}</dd>" for t, d in TABLE_ONE)
         rows = [("natural", pooling["natural"])]
         rows += [(f"isolated cls, L = {k}", v) for k, v in pooling["isolated_cls"].items()]
