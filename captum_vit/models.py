@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -363,14 +364,19 @@ def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -
     ``(B, 3, H, W)`` float batch of RGB values in [0, 1] (finite, within
     ``IMAGE_RANGE_TOLERANCE`` of the range, the right size for a fixed-size model)."""
     if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor, got {type(images).__name__}")
+        raise TypeError(
+            f"images must be a torch.Tensor, got {type(images).__name__}{_tensor_hint(images)}"
+        )
     if not images.is_floating_point():
         raise TypeError(
             f"images must be a float tensor in [0, 1], got dtype {images.dtype}; "
             "convert with images.float() / 255"
         )
     if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(f"images must have shape (B, 3, H, W) (RGB), got {tuple(images.shape)}")
+        raise ValueError(
+            f"images must have shape (B, 3, H, W) (RGB), got {tuple(images.shape)}"
+            f"{_shape_hint(images.shape)}"
+        )
     # min and max are NaN / inf exactly when some value is; aminmax reads the batch once
     # without the full-size bool tensor of isfinite (5x faster on CPU).
     if images.numel():
@@ -389,6 +395,33 @@ def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -
             f"{images.shape[-2]}x{images.shape[-1]}; resize the images or build the model "
             "with img_size / dynamic_img_size=True"
         )
+
+
+def _tensor_hint(images: object) -> str:
+    """How to make a tensor of what check_images was given, where there is a usual way."""
+    if isinstance(images, np.ndarray):
+        return (
+            "; convert with torch.from_numpy(array), then .permute(0, 3, 1, 2) for "
+            "(B, H, W, 3) arrays and .float() / 255 for uint8 ones"
+        )
+    if type(images).__module__.startswith("PIL."):  # a Pillow image, without importing it
+        return "; convert with torchvision.transforms.functional.to_tensor(image)[None]"
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], torch.Tensor):
+        return "; stack a list of (3, H, W) images with torch.stack(images)"
+    return ""
+
+
+def _shape_hint(shape: torch.Size) -> str:
+    """The usual fix for a wrongly shaped image batch, where the shape suggests one."""
+    if len(shape) == 3 and shape[0] == 3:
+        return "; for one image add the batch dimension: images[None]"
+    if len(shape) == 4 and shape[-1] == 3:
+        return "; channels last? use images.permute(0, 3, 1, 2)"
+    if len(shape) == 4 and shape[1] == 1:
+        return "; for grey images repeat the channel: images.expand(-1, 3, -1, -1)"
+    if len(shape) == 4 and shape[1] == 4:
+        return "; for RGBA images drop the alpha channel: images[:, :3]"
+    return ""
 
 
 class ImageModel(nn.Module):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import timm
 import torch
 from archs import open_clip_model, open_clip_tower
+from PIL import Image
 
 import captum_vit as cv
 from captum_vit.models import ImageModel, check_images, fixed_input_size, input_config
@@ -61,8 +63,17 @@ def test_fixed_input_size():
 @pytest.mark.parametrize(
     "images,error,match",
     [
-        (torch.rand(2, 1, 32, 32), ValueError, "RGB"),
-        (torch.rand(3, 32, 32), ValueError, r"\(B, 3, H, W\)"),
+        (torch.rand(2, 1, 32, 32), ValueError, r"RGB.*grey images.*expand\(-1, 3, -1, -1\)"),
+        (torch.rand(2, 4, 32, 32), ValueError, r"RGBA images.*images\[:, :3\]"),
+        (torch.rand(3, 32, 32), ValueError, r"\(B, 3, H, W\).*images\[None\]"),
+        (torch.rand(2, 32, 32, 3), ValueError, r"channels last\? use images.permute\(0, 3, 1, 2\)"),
+        (np.zeros((1, 32, 32, 3), np.uint8), TypeError, r"ndarray; convert with torch.from_numpy"),
+        ([torch.rand(3, 32, 32)], TypeError, r"list; stack .* torch.stack\(images\)"),
+        (
+            Image.new("RGB", (32, 32)),
+            TypeError,
+            r"Image; convert with .*to_tensor\(image\)\[None\]",
+        ),
         (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), TypeError, "float"),
         (torch.rand(1, 3, 16, 32), ValueError, "32x32 images only"),
