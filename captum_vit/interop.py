@@ -22,7 +22,7 @@ from torch import nn
 
 from .capture import HookSet, find_module
 from .layout import TokenLayout, resolve_layout
-from .models import unwrap_vision
+from .models import check_batch_shape, unwrap_vision
 
 __all__ = ["PatchGrid", "patch_grid", "patch_feature_mask"]
 
@@ -254,9 +254,10 @@ def patch_feature_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         The ``(1, 1, H, W)`` long mask on the inputs' device.
 
     Raises:
-        ValueError: the model has no patch embedding convolution, or its patches overlap
-            (kernel larger than stride, as in PiT or a CNN stem), so no mask can follow
-            the patches.
+        TypeError: ``inputs`` is not a tensor.
+        ValueError: ``inputs`` is not a ``(B, 3, H, W)`` batch, the model has no patch
+            embedding convolution, or its patches overlap (kernel larger than stride, as
+            in PiT or a CNN stem), so no mask can follow the patches.
 
     Examples::
 
@@ -266,11 +267,7 @@ def patch_feature_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         ...     images, target=3, sliding_window_shapes=mask.sliding_window_shapes,
         ...     strides=mask.strides)
     """
-    if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
-        raise ValueError(
-            "inputs must be a (B, 3, H, W) image tensor, got "
-            f"{tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__}"
-        )
+    check_batch_shape(inputs, "inputs")
     name, conv = _patch_embedding(model)
     layout = resolve_layout(model, name, inputs[:2])
     grid_h, grid_w = layout.grid

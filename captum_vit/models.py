@@ -22,6 +22,7 @@ from .capture import find_module, module_name
 __all__ = [
     "ImageModel",
     "InputConfig",
+    "check_batch_shape",
     "check_images",
     "class_aliases",
     "class_names",
@@ -363,19 +364,11 @@ def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -
     """Raise a ValueError / TypeError naming the problem if ``images`` is not a valid
     ``(B, 3, H, W)`` float batch of RGB values in [0, 1] (finite, within
     ``IMAGE_RANGE_TOLERANCE`` of the range, the right size for a fixed-size model)."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(
-            f"images must be a torch.Tensor, got {type(images).__name__}{_tensor_hint(images)}"
-        )
+    check_batch_shape(images)
     if not images.is_floating_point():
         raise TypeError(
             f"images must be a float tensor in [0, 1], got dtype {images.dtype}; "
             "convert with images.float() / 255"
-        )
-    if images.dim() != 4 or images.shape[1] != 3:
-        raise ValueError(
-            f"images must have shape (B, 3, H, W) (RGB), got {tuple(images.shape)}"
-            f"{_shape_hint(images.shape)}"
         )
     # min and max are NaN / inf exactly when some value is; aminmax reads the batch once
     # without the full-size bool tensor of isfinite (5x faster on CPU).
@@ -397,6 +390,20 @@ def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -
         )
 
 
+def check_batch_shape(images: torch.Tensor, name: str = "images") -> None:
+    """Raise a TypeError / ValueError with the usual fix unless ``images`` is a
+    ``(B, 3, H, W)`` tensor (any dtype or range: normalized inputs pass too)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(images).__name__}{_tensor_hint(images)}"
+        )
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"{name} must have shape (B, 3, H, W) (RGB), got {tuple(images.shape)}"
+            f"{_shape_hint(images.shape)}"
+        )
+
+
 def _tensor_hint(images: object) -> str:
     """How to make a tensor of what check_images was given, where there is a usual way."""
     if isinstance(images, np.ndarray):
@@ -408,6 +415,8 @@ def _tensor_hint(images: object) -> str:
         return "; convert with torchvision.transforms.functional.to_tensor(image)[None]"
     if isinstance(images, (list, tuple)) and images and isinstance(images[0], torch.Tensor):
         return "; stack a list of (3, H, W) images with torch.stack(images)"
+    if isinstance(images, nn.Module):
+        return "; a model was passed where the images go: check the order of the arguments"
     return ""
 
 

@@ -265,3 +265,14 @@ def test_patch_feature_mask_refuses_overlapping_patches():
     model, size = build("pit")
     with pytest.raises(ValueError, match="overlapping"):
         cv.patch_feature_mask(model, images(size))
+
+
+def test_patch_feature_mask_refuses_what_is_not_an_image_batch():
+    model, size = build("vit")
+    x = images(size)
+    with pytest.raises(ValueError, match=r"got \(3, .*images\[None\]"):
+        cv.patch_feature_mask(model, x[0])
+    with pytest.raises(TypeError, match="inputs must be a torch.Tensor, got ndarray; convert"):
+        cv.patch_feature_mask(model, x.numpy())
+    with pytest.raises(TypeError, match="a model was passed where the images go"):
+        cv.patch_feature_mask(x, model)
