@@ -24,6 +24,7 @@ __all__ = [
     "InputConfig",
     "check_batch_shape",
     "check_images",
+    "check_value_range",
     "class_aliases",
     "class_names",
     "match_class_names",
@@ -370,23 +371,30 @@ def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -
             f"images must be a float tensor in [0, 1], got dtype {images.dtype}; "
             "convert with images.float() / 255"
         )
-    # min and max are NaN / inf exactly when some value is; aminmax reads the batch once
-    # without the full-size bool tensor of isfinite (5x faster on CPU).
-    if images.numel():
-        low, high = (float(v) for v in torch.aminmax(images.detach()))
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("images contain NaN or inf values")
-        if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
-            raise ValueError(
-                f"images must be RGB values in [0, 1], got values in [{low:.4g}, {high:.4g}]: "
-                "divide 0-255 images by 255; pass images before mean / std normalization "
-                "(the model normalizes inside); clamp small overshoots with images.clamp(0, 1)"
-            )
+    check_value_range(images)
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(
             f"this model takes {size[0]}x{size[1]} images only, got "
             f"{images.shape[-2]}x{images.shape[-1]}; resize the images or build the model "
             "with img_size / dynamic_img_size=True"
+        )
+
+
+def check_value_range(images: torch.Tensor, name: str = "images") -> None:
+    """Raise a ValueError with the usual fix unless every value of ``images`` is finite
+    and within ``IMAGE_RANGE_TOLERANCE`` of [0, 1]."""
+    if not images.numel():
+        return
+    # min and max are NaN / inf exactly when some value is; aminmax reads the batch once
+    # without the full-size bool tensor of isfinite (5x faster on CPU).
+    low, high = (float(v) for v in torch.aminmax(images.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"NaN or inf values in {name}")
+    if low < -IMAGE_RANGE_TOLERANCE or high > 1 + IMAGE_RANGE_TOLERANCE:
+        raise ValueError(
+            f"{name} must hold RGB values in [0, 1], got values in [{low:.4g}, {high:.4g}]: "
+            "divide 0-255 images by 255; pass images before mean / std normalization "
+            "(the model normalizes inside); clamp small overshoots with images.clamp(0, 1)"
         )
 
 

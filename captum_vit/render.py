@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from .models import check_value_range
+
 __all__ = [
     "captum_arrays",
     "example_grid",
@@ -49,6 +51,7 @@ def to_pil(image: torch.Tensor | np.ndarray) -> Image.Image:
     array = np.asarray(image, dtype=np.float32)
     if array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"expected a (3, H, W) tensor or (H, W, 3) array, got {array.shape}")
+    check_value_range(torch.from_numpy(array), "an image")
     return Image.fromarray((np.clip(array, 0, 1) * 255 + 0.5).astype(np.uint8), "RGB")
 
 
@@ -180,8 +183,13 @@ def _check_image(image: Any) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
         raise TypeError(f"an image must be a (3, H, W) tensor, got {type(image).__name__}")
     if image.dim() != 3 or image.shape[0] != 3:
-        raise ValueError(f"an image must be (3, H, W) RGB in [0, 1], got {tuple(image.shape)}")
-    return image.detach().float().cpu()
+        batch = "; for one image of a batch take images[i]" if image.dim() == 4 else ""
+        raise ValueError(
+            f"an image must be (3, H, W) RGB in [0, 1], got {tuple(image.shape)}{batch}"
+        )
+    image = image.detach().float().cpu()
+    check_value_range(image, "an image")
+    return image
 
 
 def captum_arrays(

@@ -165,3 +165,21 @@ def test_photographs_top_examples_and_grid_match_planted_blueness():
         np.testing.assert_allclose(pixels[2:34, left : left + 32], expected[cell], atol=2 / 255)
     with pytest.raises(IndexError, match="not in this ExampleSet"):
         render.example_grid(result, 5, images)
+
+
+def test_images_outside_the_unit_range_are_refused_not_drawn_white():
+    """Before, to_pil clipped 0-255 values to 1: a photograph came out all white."""
+    photo = skimage.data.astronaut()[:32, :32]  # (H, W, 3) uint8
+    with pytest.raises(ValueError, match=r"got values in \[.*\]: divide 0-255 images by 255"):
+        render.to_pil(photo)
+    tensor = torch.from_numpy(photo).permute(2, 0, 1).float()
+    with pytest.raises(ValueError, match="an image must hold RGB values in"):
+        render.to_pil(tensor)
+    with pytest.raises(ValueError, match="divide 0-255"):
+        render.image_grid([tensor])
+    with pytest.raises(ValueError, match="NaN or inf values in an image"):
+        render.to_pil(torch.full((3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"one image of a batch take images\[i\]"):
+        render.overlay(tensor[None] / 255, torch.rand(1, 4, 4))
+    drawn = np.asarray(render.to_pil(tensor / 255))
+    assert np.abs(drawn.astype(int) - photo).max() <= 1  # what is in range round-trips
