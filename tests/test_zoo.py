@@ -62,6 +62,31 @@ def test_items_are_deterministic_and_match_batches():
         data[50]
 
 
+def test_scenes_refuse_indices_and_sizes_they_cannot_honour():
+    data = SyntheticScenes(8, seed=1)
+    # batch() drew any index, in range or not: item 100 of an 8-item dataset.
+    with pytest.raises(IndexError, match="index 100 out of range for 8 items"):
+        data.batch([3, 100])
+    assert torch.equal(data.batch([-1])["image"], data.batch([7])["image"])
+    assert data.batch(torch.tensor([1, 2]))["label"].tolist() == [
+        data[1]["label"],
+        data[2]["label"],
+    ]
+    with pytest.raises(TypeError, match=r"batch\(range\(1, 3, 1\)\) for this slice"):
+        data[1:3]
+    with pytest.raises(TypeError, match="an index must be an int, got float"):
+        data[1.0]
+    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+        next(data.batches(0))
+    with pytest.raises(TypeError, match="length must be an int, got 2.5"):
+        SyntheticScenes(2.5)
+    assert repr(data) == "SyntheticScenes(8, seed=1)"
+    small = SyntheticScenes(4, image_size=32, background_bias=0.0, num_classes=3)
+    assert repr(small) == (
+        "SyntheticScenes(4, seed=0, image_size=32, background_bias=0.0, num_classes=3)"
+    )
+
+
 def test_item_contents_are_consistent():
     data = SyntheticScenes(64, seed=5)
     batch = data.batch(range(64))

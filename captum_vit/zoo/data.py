@@ -9,6 +9,8 @@ over the pixels and over a batch (:meth:`SyntheticScenes.batch`), fast enough to
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 from collections.abc import Sequence
 
 import numpy as np
@@ -124,6 +126,9 @@ class SyntheticScenes(Dataset):
         filter: tuple[str, float] | None = None,
         num_classes: int = len(CLASSES),
     ) -> None:
+        for name, value in (("length", length), ("seed", seed), ("image_size", image_size)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise TypeError(f"{name} must be an int, got {value!r}")
         if length < 0:
             raise ValueError(f"length must be >= 0, got {length}")
         if not 0.0 <= background_bias <= 1.0:
@@ -149,10 +154,33 @@ class SyntheticScenes(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def __repr__(self) -> str:
+        options = f", image_size={self.image_size}" if self.image_size != 64 else ""
+        if self.background_bias != 0.5:
+            options += f", background_bias={self.background_bias}"
+        if self.filter is not None:
+            options += f", filter={self.filter!r}"
+        if self.num_classes != len(CLASSES):
+            options += f", num_classes={self.num_classes}"
+        return f"SyntheticScenes({self.length}, seed={self.seed}{options})"
+
+    def _position(self, index: int) -> int:
+        """``index`` as a position in ``0 .. len - 1`` (negative indices count from the end)."""
+        if isinstance(index, slice):
+            raise TypeError(
+                "SyntheticScenes takes one int index; for several items use batch(indices), "
+                f"e.g. batch(range{index.indices(self.length)}) for this slice"
+            )
+        try:
+            position = operator.index(index)
+        except TypeError:
+            raise TypeError(f"an index must be an int, got {type(index).__name__}") from None
+        if not -self.length <= position < self.length:
+            raise IndexError(f"index {position} out of range for {self.length} items")
+        return position % self.length
+
     def __getitem__(self, index: int) -> dict:
-        if not -self.length <= index < self.length:
-            raise IndexError(f"index {index} out of range for {self.length} items")
-        item = self.batch([index % self.length])
+        item = self.batch([index])
         return {
             "image": item["image"][0],
             "label": int(item["label"][0]),
@@ -163,6 +191,12 @@ class SyntheticScenes(Dataset):
     def batches(self, batch_size: int):
         """Iterate over the dataset in order, ``batch_size`` items at a time (dicts of
         stacked tensors, as :meth:`batch`)."""
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, numbers.Integral)
+            or batch_size < 1
+        ):
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         for start in range(0, self.length, batch_size):
             yield self.batch(range(start, min(start + batch_size, self.length)))
 
@@ -209,8 +243,11 @@ class SyntheticScenes(Dataset):
         Returns:
             dict with ``image`` (B, 3, S, S), ``label`` (B,) long, ``mask`` (B, 1, S, S),
             ``background`` (B,) long; item ``b`` equals ``self[indices[b]]``.
+
+        Raises:
+            IndexError: an index outside the dataset (negative ones count from the end).
         """
-        params = [self._params(i) for i in indices]
+        params = [self._params(self._position(i)) for i in indices]
         if not params:
             raise ValueError("batch needs at least one index")
 
