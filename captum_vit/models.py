@@ -9,6 +9,7 @@ which the caller may override.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -212,8 +213,8 @@ class InputConfig:
 
 
 def _pair(value: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return (value, value)
+    if isinstance(value, numbers.Integral):
+        return (int(value), int(value))
     value = tuple(int(v) for v in value)
     return value[-2:] if len(value) >= 2 else (value[0], value[0])
 

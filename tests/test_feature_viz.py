@@ -475,3 +475,20 @@ def test_progress_bar_on_by_default_when_stderr_is_a_terminal(monkeypatch):
     monkeypatch.setattr("sys.stderr", terminal)
     fv.attribute(target=1, preset="fast", steps=2)
     assert "feature visualization" in terminal.getvalue()
+
+
+def test_diversity_that_cannot_work_and_odd_image_sizes_are_refused():
+    model = TIMM_ARCHS["vit"][0]()
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    # [3, diversity()] is two targets, the second optimizing only dissimilarity.
+    with pytest.raises(ValueError, match="target 1 is diversity\\(\\) alone"):
+        fv.attribute(target=[3, obj.diversity()], images_per_target=2, steps=1)
+    # With one image per target the term scores 0: it was silently ignored.
+    with pytest.raises(ValueError, match="pass images_per_target=2 or more"):
+        fv.attribute(target=obj.channel(3) + 0.5 * obj.diversity(), steps=1)
+    with pytest.raises(TypeError, match="an int or an \\(H, W\\) pair of ints, got 32.0"):
+        fv.attribute(target=3, image_size=32.0, steps=1)
+    with pytest.raises(TypeError, match="got '32'"):
+        fv.attribute(target=3, image_size="32", steps=1)
+    shaped = fv.attribute(target=3, image_size=np.int64(24), preset="fast", steps=1)
+    assert shaped.shape == (1, 3, 24, 24)

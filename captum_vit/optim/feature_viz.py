@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import numbers
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from .objectives import (
     Objective,
     Token,
     as_objective,
+    check_diversity,
     compile_objectives,
     total_variation,
 )
@@ -145,7 +147,8 @@ class FeatureVisualization(_LayerMethod):
             ``return_trace=True``, ``(images, trace)``.
 
         Raises:
-            ValueError: bad images, sizes, token specs, presets or settings.
+            ValueError: bad images, sizes, token specs, presets or settings; a
+                ``diversity()`` term alone or with one image per target.
             TypeError: a keyword that is no recipe setting.
             IndexError: a unit outside the layer's channels.
         """
@@ -158,6 +161,7 @@ class FeatureVisualization(_LayerMethod):
         recipe = self.recipe(preset, spatial=layout is not None, steps=steps, **recipe)
 
         objectives = _as_objectives(target, token)
+        check_diversity(objectives, images_per_target)
         rows = len(objectives) * images_per_target
         if inputs is not None:
             inputs = self._start_images(inputs, rows, size).to(device)
@@ -291,7 +295,7 @@ class FeatureVisualization(_LayerMethod):
         self, inputs: Tensor | None, image_size: int | Sequence[int] | None
     ) -> tuple[int, int]:
         if image_size is not None:
-            size = _pair(image_size)
+            size = _pair(_check_size(image_size))
             if inputs is not None and tuple(inputs.shape[-2:]) != size:
                 raise ValueError(
                     f"inputs are {inputs.shape[-2]}x{inputs.shape[-1]} but image_size is "
@@ -336,6 +340,15 @@ class FeatureVisualization(_LayerMethod):
                 return None, flat[size]
             raise
         return layout, layout.num_channels
+
+
+def _check_size(image_size: Any) -> int | Sequence[int]:
+    """``image_size`` if it is an int or an ``(H, W)`` pair of ints."""
+    values = image_size if isinstance(image_size, Sequence) else [image_size]
+    integral = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
+    if not integral or len(values) not in (1, 2) or isinstance(image_size, str):
+        raise TypeError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
+    return image_size
 
 
 def _as_objectives(target: Any, token: Token) -> list[Objective]:

@@ -200,6 +200,31 @@ def diversity() -> Objective:
     return _Diversity()
 
 
+def check_diversity(objectives: Sequence[Objective], images: int) -> None:
+    """Refuse a :func:`diversity` term that cannot do what it is there for.
+
+    Raises:
+        ValueError: a target uses ``diversity()`` with one image per target (it compares a
+            target's images, so it scores 0), or is ``diversity()`` alone (images that
+            differ from each other and excite nothing; ``[5, diversity()]`` is two targets).
+    """
+    for index, objective in enumerate(objectives):
+        terms = objective.terms()
+        if not any(isinstance(p, _Diversity) for _, p in terms):
+            continue
+        if all(isinstance(p, _Diversity) for _, p in terms):
+            raise ValueError(
+                f"target {index} is diversity() alone, which rewards images that differ and "
+                "excite nothing (in a list, each item is its own target); add it to a "
+                "unit's objective: channel(5) + 0.1 * diversity()"
+            )
+        if images < 2:
+            raise ValueError(
+                f"target {index} uses diversity(), which compares the images of one target: "
+                "pass images_per_target=2 or more (with one image it scores 0)"
+            )
+
+
 def as_objective(target: Any, token: Token = "patches") -> Objective:
     """An int unit becomes :func:`channel` at ``token``; objectives pass through."""
     if isinstance(target, Objective):
