@@ -492,3 +492,17 @@ def test_diversity_that_cannot_work_and_odd_image_sizes_are_refused():
         fv.attribute(target=3, image_size="32", steps=1)
     shaped = fv.attribute(target=3, image_size=np.int64(24), preset="fast", steps=1)
     assert shaped.shape == (1, 3, 24, 24)
+
+
+def test_a_diverged_optimization_raises_instead_of_returning_nan_images():
+    model = TIMM_ARCHS["vit"][0]()
+    with torch.no_grad():  # unit 5's pre-activation overflows float32 on every input
+        model.blocks[1].mlp.fc1.weight[5] = 1e38
+        model.blocks[1].mlp.fc1.bias[5] = 1e38
+    fv = cv.FeatureVisualization(model, "blocks.1.mlp.act")
+    with pytest.raises(RuntimeError, match=r"diverged: 1 of 1 image\(s\) \(0\).*at step 0 of 2"):
+        fv.attribute(target=5, preset="fast", steps=2)
+    with pytest.raises(ValueError, match="objective_scale must be a finite number, got nan"):
+        fv.attribute(target=3, steps=1, objective_scale=float("nan"))
+    with pytest.raises(ValueError, match=r"betas\[1\] must be a finite number"):
+        fv.attribute(target=3, steps=1, betas=(0.9, float("inf")))

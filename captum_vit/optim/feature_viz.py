@@ -187,7 +187,9 @@ class FeatureVisualization(_LayerMethod):
             show_progress=show_progress,
         )
         with torch.no_grad():
-            images = image_param.images().detach().float().clamp(0.0, 1.0)
+            images = image_param.images().detach().float()
+        _check_finite(images, trace)
+        images = images.clamp(0.0, 1.0)
         return (images, trace) if return_trace else images
 
     def recipe(
@@ -340,6 +342,23 @@ class FeatureVisualization(_LayerMethod):
                 return None, flat[size]
             raise
         return layout, layout.num_channels
+
+
+def _check_finite(images: Tensor, trace: Tensor) -> None:
+    """Raise if the optimization diverged (NaN / inf images), naming the first step whose
+    objective was not finite, instead of returning images that render as black."""
+    broken = ~torch.isfinite(images.flatten(1)).all(dim=1)
+    if not bool(broken.any()):
+        return
+    bad_steps = (~torch.isfinite(trace)).any(dim=1).nonzero()
+    when = f"at step {int(bad_steps[0])}" if len(bad_steps) else "in the last step"
+    rows = broken.nonzero().flatten().tolist()
+    shown = ", ".join(map(str, rows[:8])) + (" ..." if len(rows) > 8 else "")
+    raise RuntimeError(
+        f"feature visualization diverged: {len(rows)} of {len(images)} image(s) ({shown}) "
+        f"hold NaN or inf; the objective was first not finite {when} of {len(trace)}. A float16 "
+        "model can overflow: try float32 or bfloat16; otherwise lower lr or objective_scale"
+    )
 
 
 def _check_size(image_size: Any) -> int | Sequence[int]:

@@ -82,6 +82,7 @@ alternatives measured against each preset.
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -249,11 +250,29 @@ class Preset:
             raise ValueError(f"splat_gain must be positive, got {self.splat_gain}")
         if self.copies < 1:
             raise ValueError(f"copies must be at least 1, got {self.copies}")
+        numbers = {name: getattr(self, name) for name in _FLOAT_FIELDS}
+        numbers.update({f"betas[{i}]": beta for i, beta in enumerate(self.betas)})
+        for name, value in numbers.items():
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
         for name in ("transforms", "warmup_transforms"):
             if not callable(getattr(self, name)):
                 raise TypeError(f"{name} must be a list of transforms or a function size -> list")
+
+
+#: The float settings of a :class:`Preset` (besides ``betas``), all required finite.
+_FLOAT_FIELDS = (
+    "tv_weight",
+    "objective_scale",
+    "lr",
+    "clip_lr",
+    "eps",
+    "fourier_sd",
+    "decay_power",
+    "splat_gain",
+)
 
 
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
