@@ -405,6 +405,7 @@ class _RunningTopK:
         picked = spatial if self._all_units(spatial) else spatial[:, self.units]
         picked = picked.float()  # scores in float32 also for half-precision models
         new_scores = _reduce_maps(picked, score).t()  # (units, B)
+        _check_no_nan(new_scores, self.units, positions)
         new_indices = positions.view(1, batch).expand(len(new_scores), batch)
         in_order = self._columns_in_tie_order(new_scores, positions)
         rows = self._rows_with_entrants(new_scores, new_indices, in_order)
@@ -539,6 +540,28 @@ def _rank_ties_by_column(scores: torch.Tensor, k: int) -> torch.Tensor:
     shift = 1 << max(1, (n - 1).bit_length())
     column_rank = n - 1 - torch.arange(n, device=scores.device)  # left column wins a tie
     return torch.topk(ordered * shift + column_rank, k, dim=1).indices
+
+
+def _check_no_nan(scores: torch.Tensor, units: torch.Tensor, positions: torch.Tensor) -> None:
+    """A NaN score has no rank: it would never enter the top-k, and a unit whose every
+    activation is NaN would come back empty as if no image had been seen."""
+    nan = torch.isnan(scores)
+    if not bool(nan.any()):
+        return
+    rows, columns = nan.nonzero(as_tuple=True)
+    bad_units = units[rows.unique()].tolist()
+    bad_images = positions[columns.unique()].tolist()
+    raise RuntimeError(
+        f"the layer's activations are NaN for unit(s) {_listed(bad_units)} on image(s) "
+        f"{_listed(bad_images)}: the model computes NaN there (an overflow, as in a float16 "
+        "model, or NaN weights), so these images cannot be ranked. Run the model in float32 "
+        "or bfloat16, or check its weights"
+    )
+
+
+def _listed(values: list[int], shown: int = 8) -> str:
+    more = f" and {len(values) - shown} more" if len(values) > shown else ""
+    return ", ".join(map(str, values[:shown])) + more
 
 
 def _tie_key(indices: torch.Tensor) -> torch.Tensor:

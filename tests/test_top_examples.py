@@ -308,3 +308,21 @@ def test_two_process_gloo_merge_equals_one_process(tmp_path):
             result = ExampleSet.load(tmp_path / f"{name}{rank}.pt")
             assert_same(result, reference)
             assert result.num_images == (3 if name == "empty" else 11)
+
+
+def test_nan_activations_raise_instead_of_leaving_the_unit_empty():
+    """A unit whose activations are NaN came back with no examples (-inf scores, index -1)
+    as if no image had been seen."""
+    from archs import hooks_left
+
+    model = TIMM_ARCHS["vit"][0]()
+    with torch.no_grad():  # unit 5's pre-activation overflows to inf; GELU(-inf) is NaN
+        model.blocks[1].mlp.fc1.weight[5] = 1e38
+        model.blocks[1].mlp.fc1.bias[5] = -1e38
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    method = cv.TopActivatingExamples(model, "blocks.1.mlp.act", k=2)
+    with pytest.raises(RuntimeError, match=r"NaN for unit\(s\) 5 on image\(s\) 0, 1, 2"):
+        method.attribute([images[:3], images[3:]])
+    assert not hooks_left(model)
+    others = method.attribute([images[:3], images[3:]], target=[4, 6])  # unit 5 not asked
+    assert bool((others.indices >= 0).all())
