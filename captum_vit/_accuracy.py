@@ -35,6 +35,12 @@ class TopKCounter:
         check_labels(labels, logits.shape[-1])
         if labels.shape[0] != logits.shape[0]:
             raise ValueError(f"{labels.shape[0]} labels for {logits.shape[0]} rows of logits")
+        if bool(torch.isnan(logits).any()):  # topk ranks NaN first: a hit or miss by chance
+            raise RuntimeError(
+                "the model's logits hold NaN, which have no rank, so accuracy cannot be "
+                "counted: the model computes NaN (an overflow, as in a float16 model, or NaN "
+                "weights). Run it in float32 or bfloat16, or check its weights"
+            )
         top = logits.topk(min(self.k, logits.shape[-1]), dim=-1).indices
         target = labels.to(top.device).view(-1, *([1] * (top.dim() - 1)))
         self.top1 += (top[..., :1] == target).squeeze(-1).sum(0).cpu()

@@ -116,6 +116,10 @@ def test_top_k_counter_small_heads_and_bad_labels():
         counter.add(torch.zeros(1, 3), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="k must"):
         TopKCounter(k=0)
+    # topk ranks NaN first: a NaN logit on the label's class was counted as a hit.
+    with pytest.raises(RuntimeError, match="logits hold NaN"):
+        counter.add(torch.tensor([[float("nan"), 0.0, 1.0]]), torch.tensor([0]))
+    assert counter.total == 1
 
 
 # --------------------------------------------------------------------------- progress
