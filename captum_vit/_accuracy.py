@@ -36,7 +36,7 @@ class TopKCounter:
         if labels.shape[0] != logits.shape[0]:
             raise ValueError(f"{labels.shape[0]} labels for {logits.shape[0]} rows of logits")
         if bool(torch.isnan(logits).any()):  # topk ranks NaN first: a hit or miss by chance
-            raise RuntimeError(
+            raise FloatingPointError(
                 "the model's logits hold NaN, which have no rank, so accuracy cannot be "
                 "counted: the model computes NaN (an overflow, as in a float16 model, or NaN "
                 "weights). Run it in float32 or bfloat16, or check its weights"

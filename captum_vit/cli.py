@@ -253,7 +253,14 @@ def main(argv: list[str] | None = None) -> int:
     command = atlas_command if args.command == "atlas" else layout_command
     try:
         return command(args)
-    except (ValueError, TypeError, FileNotFoundError, IndexError, ImportError) as error:
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        IndexError,
+        ImportError,
+        FloatingPointError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

@@ -203,8 +203,9 @@ class TopActivatingExamples(_LayerMethod):
 
         Returns:
             :class:`ExampleSet` of float32 scores and maps on the CPU (whatever the model's
-            dtype and device; a stream can be longer than a device holds); under ``torch.distributed`` every rank gets the same,
-            exactly merged result (the one a single process would get over all data).
+            dtype and device; a stream can be longer than a device holds); under
+            ``torch.distributed`` every rank gets the same, exactly merged result (the one
+            a single process would get over all data).
             Every rank must call ``attribute`` with the same layer, target and image
             size (a rank may have no batches); the merge is two ``all_gather`` calls of
             the kept candidates (gloo on CPU, NCCL on the current CUDA device).
@@ -215,6 +216,7 @@ class TopActivatingExamples(_LayerMethod):
             ValueError: unknown score, a non-spatial layer, invalid images, batches of
                 different patch grids, or an empty stream.
             IndexError: a unit outside the layer's channels.
+            FloatingPointError: the model computes NaN activations for a unit asked for.
         """
         return scan_top_examples(
             [self], inputs, target, score=score, show_progress=show_progress, offset=offset
@@ -551,7 +553,7 @@ def _check_no_nan(scores: torch.Tensor, units: torch.Tensor, positions: torch.Te
     rows, columns = nan.nonzero(as_tuple=True)
     bad_units = units[rows.unique()].tolist()
     bad_images = positions[columns.unique()].tolist()
-    raise RuntimeError(
+    raise FloatingPointError(
         f"the layer's activations are NaN for unit(s) {_listed(bad_units)} on image(s) "
         f"{_listed(bad_images)}: the model computes NaN there (an overflow, as in a float16 "
         "model, or NaN weights), so these images cannot be ranked. Run the model in float32 "

@@ -151,6 +151,7 @@ class FeatureVisualization(_LayerMethod):
                 ``diversity()`` term alone or with one image per target.
             TypeError: a keyword that is no recipe setting.
             IndexError: a unit outside the layer's channels.
+            FloatingPointError: the optimization diverged (NaN or inf images).
         """
         if images_per_target < 1:
             raise ValueError(f"images_per_target must be at least 1, got {images_per_target}")
@@ -354,7 +355,7 @@ def _check_finite(images: Tensor, trace: Tensor) -> None:
     when = f"at step {int(bad_steps[0])}" if len(bad_steps) else "in the last step"
     rows = broken.nonzero().flatten().tolist()
     shown = ", ".join(map(str, rows[:8])) + (" ..." if len(rows) > 8 else "")
-    raise RuntimeError(
+    raise FloatingPointError(
         f"feature visualization diverged: {len(rows)} of {len(images)} image(s) ({shown}) "
         f"hold NaN or inf; the objective was first not finite {when} of {len(trace)}. A float16 "
         "model can overflow: try float32 or bfloat16; otherwise lower lr or objective_scale"
