@@ -86,12 +86,27 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
             towers = [c for c in found if c.startswith("visual.") and c.endswith(f".{layer}")]
             _refuse_ambiguous(model, layer, [c for c in towers if names[c] is not names[layer]])
         return found[0], names[found[0]]
-    close = difflib.get_close_matches(layer, [n for n in names if n], n=5, cutoff=0.5)
+    shown, prefix = _as_the_user_sees(model)
+    paths = [n[len(prefix) :] for n in names if n.startswith(prefix) and n != prefix[:-1]]
+    close = difflib.get_close_matches(layer, [n for n in paths if n], n=5, cutoff=0.5)
     hint = f" Closest names: {', '.join(close)}." if close else ""
     raise ValueError(
-        f"unknown layer {layer!r} in {type(model).__name__}.{hint} "
+        f"unknown layer {layer!r} in {shown}.{hint} "
         "See `dict(model.named_modules())` for every name."
     )
+
+
+def _as_the_user_sees(model: nn.Module) -> tuple[str, str]:
+    """``(class name, path prefix)`` of the model the user holds inside the package's
+    wrappers (``ImageModel``, ``HFVisionModel``), which set ``wrapped_prefix`` to the
+    attribute path of what they wrap (``"model."``): error messages name that model and
+    its own paths, which the methods accept as well."""
+    prefix = ""
+    while getattr(model, "wrapped_prefix", ""):
+        inner = model.wrapped_prefix
+        prefix += inner
+        model = getattr(model, inner[:-1])
+    return type(model).__name__, prefix
 
 
 def _refuse_ambiguous(model: nn.Module, layer: str, others: list[str]) -> None:

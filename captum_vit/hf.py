@@ -115,6 +115,8 @@ class HFVisionModel(nn.Module):
         mean, std = _normalization(config)
         self.declared_input_config = {"mean": mean, "std": std, "size": self.image_size}
         self.image_prefix = "vision_model." if self._clip_pair else "model."
+        # The user's paths: CLIPModel's are this wrapper's; a wrapped model's lack "model.".
+        self.wrapped_prefix = "" if self._clip_pair else "model."
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self._clip_pair:  # as CLIPModel.get_image_features

@@ -460,6 +460,9 @@ class ImageModel(nn.Module):
         >>> logits = wrapped(torch.rand(2, 3, 224, 224))
     """
 
+    #: Where the wrapped model sits: its paths, less this prefix, are the user's.
+    wrapped_prefix = "model."
+
     def __init__(
         self,
         model: nn.Module,

@@ -224,3 +224,26 @@ def test_package_methods_run_on_hf_models(kind):
     assert rollout.shape == (3, 4, 4)
     assert (rollout > 0).all() and (rollout.sum(dim=(1, 2)) <= 1 + 1e-6).all()
     assert hooks_left(model) == 0
+
+
+def test_unknown_layer_names_the_users_model_and_its_own_paths():
+    """The methods wrap a Hugging Face model; the error named the wrapper (HFVisionModel)
+    and listed the wrapper's paths (model.vit.layers.1.mlp) instead of the user's."""
+    model = build("vit")
+    with pytest.raises(ValueError) as caught:
+        cv.PatchActivationMap(model, "vit.encoder.layer.1.mlp")  # an older naming
+    message = str(caught.value)
+    assert f"in {type(model).__name__}." in message and "HFVisionModel" not in message
+    suggested = message.split("Closest names: ")[1].split(",")[0]
+    assert suggested == "vit.layers.1.mlp"
+    x = torch.rand(2, 3, 32, 48)
+    assert cv.PatchActivationMap(model, suggested).attribute(x, target=0).shape == (2, 4, 6)
+    zoo_model = build_zoo()
+    with pytest.raises(ValueError, match=r"in VisionTransformer\. Closest names: blocks\.5,"):
+        cv.patch_grid(cv.ImageModel(zoo_model), "blocks.9").__enter__()
+
+
+def build_zoo():
+    from captum_vit import zoo
+
+    return zoo.load_model("vit")
