@@ -200,9 +200,7 @@ def atlas_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    local_rank = os.environ.get("LOCAL_RANK", "0")  # set by torchrun: one GPU per process
-    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    loaded.model.to(device)
+    _move_to_device(loaded.model, args.device)
     preset, steps = _default_recipe(args)
     build_atlas(
         loaded,
@@ -219,6 +217,26 @@ def atlas_command(args: argparse.Namespace) -> int:
         scenes=args.scenes,
     )
     return 0
+
+
+def _move_to_device(model: torch.nn.Module, name: str | None) -> None:
+    """The model on ``--device`` (default: this process's GPU under torchrun, else the
+    first GPU, else the CPU); a device that does not parse or cannot be used is an error
+    message, not a traceback."""
+    local_rank = os.environ.get("LOCAL_RANK", "0")  # set by torchrun: one GPU per process
+    if name is None:
+        name = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device: use cpu, cuda or cuda:N") from None
+    try:
+        model.to(device)
+    except (RuntimeError, AssertionError) as error:  # no driver / not compiled with CUDA
+        detail = " ".join(str(error).split())[:200]
+        raise ValueError(
+            f"cannot use --device {name}: {detail}. Leave --device out to use what is here"
+        ) from error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -152,6 +152,11 @@ def _check_bad_input(tmp_path, capsys):
     _fails(capsys, *untrained, match="random initialization, seed 0 (neither")
     _fails(capsys, *base, "--units", "top:0", match="most active units must be >= 1")
     _fails(capsys, *base, "--preset", "nope", match="nope")
+    # --steps 0 failed only after the estimate, with the atlas's folder already written.
+    _fails(capsys, *base, "--steps", "0", match="steps must be a positive int, got 0")
+    _fails(capsys, *base, "--device", "gpu", match="'gpu' is not a device: use cpu, cuda")
+    if not torch.cuda.is_available():  # was a RuntimeError traceback
+        _fails(capsys, *base, "--device", "cuda", match="cannot use --device cuda: ")
     assert not out.exists()
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "file.txt").write_text("mine")

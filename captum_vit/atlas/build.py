@@ -238,8 +238,9 @@ def build_atlas(
         shard.close()
 
 
-def _check_arguments(k: int, batch_size: int, fv_batch: int) -> None:
-    for name, value in (("k", k), ("batch_size", batch_size), ("fv_batch", fv_batch)):
+def _check_arguments(k: int, batch_size: int, fv_batch: int, steps: int | None) -> None:
+    counts = [("k", k), ("batch_size", batch_size), ("fv_batch", fv_batch)]
+    for name, value in counts + ([("steps", steps)] if steps is not None else []):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
 
@@ -267,7 +268,7 @@ def _check_units(units: str | int | Sequence[int], layer_info: dict) -> None:
 
 def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Path:
     k, batch_size, fv_batch = options["k"], options["batch_size"], options["fv_batch"]
-    _check_arguments(k, batch_size, fv_batch)
+    _check_arguments(k, batch_size, fv_batch, options["steps"])
     estimate = options["show_progress"] is not False and shard.is_main
     progress = resolve_progress(options["show_progress"]) and shard.is_main
     if images is None or isinstance(images, (str, Path)):
