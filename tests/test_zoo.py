@@ -4,6 +4,7 @@ foreground / background and frequency experiments (checked against hand-written 
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -19,9 +20,9 @@ from captum_vit.zoo import (
     frequency_sensitivity,
     load_model,
 )
-from captum_vit.zoo.registry import build_model, read_metadata
+from captum_vit.zoo.registry import WEIGHTS_DIR, build_model, read_metadata
+from captum_vit.zoo.train import TrainConfig, mimetic_attention_init
 from captum_vit.zoo.train import main as train_main
-from captum_vit.zoo.train import mimetic_attention_init
 
 HELD_OUT_SEED = 1  # training uses seed 0
 
@@ -210,7 +211,38 @@ def test_training_script_quick_mode_gives_a_loadable_model(tmp_path):
         load_model("vit", out)
     # Training on the held-out seed would report a training accuracy as held out.
     with pytest.raises(ValueError, match="held-out images would be training images"):
-        train_main(["cnn", "--quick", "--seed", "1", "--out", str(out), "--threads", "1"])
+        TrainConfig(steps=1, seed=1)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--seed", "1"], "held-out images would be training images"),
+        (["--steps", "0"], "steps must be a positive int, got 0"),
+        (["--batch-size", "0"], "batch_size must be a positive int, got 0"),
+        (["--lr", "-1"], "lr must be a positive number, got -1.0"),
+        (["--patch-drop", "1"], r"patch_drop must be in \[0, 1\), got 1.0"),
+        (["--out", "{file}/x.safetensors"], "is a file, not a folder"),
+        (["--out", "{folder}"], "is a folder: name the weights file"),
+    ],
+)
+def test_training_command_refuses_bad_settings_before_training(tmp_path, capsys, flags, message):
+    """Before, --steps 0 "trained" an untrained model and saved it over the bundled
+    weights; the others failed with a traceback (some after training)."""
+    (tmp_path / "file").write_text("not a folder")
+    flags = [f.format(file=tmp_path / "file", folder=tmp_path) for f in flags]
+    out = ["--out", str(tmp_path / "w.safetensors")] if "--out" not in flags else []
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert train_main(["cnn", "--quick", *out, *flags, "--threads", "1"]) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+def test_quick_training_does_not_replace_the_bundled_weights(capsys):
+    bundled = (WEIGHTS_DIR / "cnn.safetensors").read_bytes()
+    assert train_main(["cnn", "--quick", "--threads", "1"]) == 2
+    assert "--quick would replace the bundled weights" in capsys.readouterr().err
+    assert (WEIGHTS_DIR / "cnn.safetensors").read_bytes() == bundled
 
 
 def test_vit_training_command_quick_mode_records_its_cost(tmp_path):
@@ -366,7 +398,7 @@ def test_frequency_sensitivity_matches_oracle_on_both_models(models):
 
 
 def test_patch_dropout_drops_tokens_for_the_first_part_of_training_only():
-    from captum_vit.zoo.train import QUICK, TrainConfig, _run_steps
+    from captum_vit.zoo.train import QUICK, _run_steps
 
     model = build_model("vit")
     original = model.patch_drop

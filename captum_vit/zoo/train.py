@@ -66,6 +66,38 @@ class TrainConfig:
     patch_drop: float = 0.0
     patch_drop_until: float = 0.8
 
+    def __post_init__(self) -> None:
+        """Raises ValueError for a setting that cannot train, or for ``seed == eval_seed``
+        (the held-out images would be training images, the accuracy a training one)."""
+        if self.seed == self.eval_seed:
+            raise ValueError(
+                f"the training seed and the held-out seed are both {self.seed}: the held-out "
+                "images would be training images. Pick another --seed or --eval-seed "
+                "(TrainConfig.seed / eval_seed)"
+            )
+        for name in ("steps", "batch_size", "eval_images", "log_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if not (math.isfinite(self.clip_grad) and self.clip_grad > 0):
+            raise ValueError(f"clip_grad must be a positive number, got {self.clip_grad}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        for name in ("label_smoothing", "patch_drop"):  # 1 would leave nothing to learn
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ("patch_drop_until", "background_bias"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.attention_init not in ("default", "mimetic"):
+            raise ValueError(
+                f"attention_init must be 'default' or 'mimetic', got {self.attention_init!r}"
+            )
+
 
 #: Full-run settings per model; ``--quick`` overrides steps and sizes.
 DEFAULTS: dict[str, dict] = {
@@ -359,16 +391,9 @@ def train(
     the same seed, and its record is kept under ``"previous"``. ``save(model, step)`` is
     called every ``save_every`` steps (checkpoints of a long run).
 
-    Raises:
-        ValueError: ``cfg.seed == cfg.eval_seed`` (the held-out images would be training
-            images, and the accuracy a training accuracy).
+    The config itself refuses bad settings (:class:`TrainConfig`), among them a training
+    seed equal to the held-out seed.
     """
-    if cfg.seed == cfg.eval_seed:
-        raise ValueError(
-            f"the training seed and the held-out seed are both {cfg.seed}: the held-out "
-            "images would be training images. Pick another --seed or --eval-seed "
-            "(TrainConfig.seed / eval_seed)"
-        )
     torch.manual_seed(cfg.seed)
     model, previous, first_item = _initial_model(name, cfg, init)
     if cfg.attention_init == "mimetic" and init is None:
@@ -453,6 +478,28 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_file(args: argparse.Namespace) -> Path:
+    """``--out``, or the bundled weights (which only a full run may replace), checked
+    before training starts."""
+    if args.out is None:
+        if args.quick:
+            raise ValueError(
+                "--quick would replace the bundled weights with a smoke-test model: pass --out FILE"
+            )
+        return WEIGHTS_DIR / f"{args.model}.safetensors"
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(
+            f"--out {out} is a folder: name the weights file, e.g. {out / 'vit.safetensors'}"
+        )
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    return out
+
+
 def _config(args: argparse.Namespace) -> TrainConfig:
     """The run's settings: the model's defaults, then ``--quick``, then explicit flags."""
     settings = dict(DEFAULTS[args.model])
@@ -475,9 +522,13 @@ def _config(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        cfg = _config(args)
+        out = _output_file(args)
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     torch.set_num_threads(args.threads)
-    cfg = _config(args)
-    out = args.out or WEIGHTS_DIR / f"{args.model}.safetensors"
     command = "python -m captum_vit.zoo.train " + " ".join(
         argv if argv is not None else sys.argv[1:]
     )
