@@ -238,11 +238,15 @@ def test_training_command_refuses_bad_settings_before_training(tmp_path, capsys,
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
 
-def test_quick_training_does_not_replace_the_bundled_weights(capsys):
+def test_quick_training_does_not_replace_the_bundled_weights(tmp_path, monkeypatch, capsys):
+    import captum_vit.zoo.train as train_module
+
     bundled = (WEIGHTS_DIR / "cnn.safetensors").read_bytes()
+    (tmp_path / "cnn.safetensors").write_bytes(bundled)  # a copy: a regression harms no file
+    monkeypatch.setattr(train_module, "WEIGHTS_DIR", tmp_path)
     assert train_main(["cnn", "--quick", "--threads", "1"]) == 2
     assert "--quick would replace the bundled weights" in capsys.readouterr().err
-    assert (WEIGHTS_DIR / "cnn.safetensors").read_bytes() == bundled
+    assert (tmp_path / "cnn.safetensors").read_bytes() == bundled
 
 
 def test_vit_training_command_quick_mode_records_its_cost(tmp_path):
