@@ -7,6 +7,7 @@ submodule loads on first use.
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 from typing import Any
 
 from .capture import LayerTap, capture_layers
@@ -63,4 +64,13 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+    """The public names and the package's submodules loaded so far (not the helpers this
+    file imports, such as ``importlib`` and ``Any``)."""
+    submodules = {
+        name
+        for name, value in globals().items()
+        if isinstance(value, ModuleType)
+        and value.__name__.startswith(__name__ + ".")
+        and not name.startswith("_")
+    }
+    return sorted(set(__all__) | submodules | {"__version__"})

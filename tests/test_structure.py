@@ -263,3 +263,13 @@ def test_every_hook_is_registered_in_capture():
         if re.search(r"\.register_\w*hook\(", line)
     ]
     assert not offenders, f"hooks registered outside capture.py: {offenders}"
+
+
+def test_dir_of_the_package_lists_its_names_not_its_helpers():
+    import captum_vit
+
+    names = dir(captum_vit)
+    assert set(captum_vit.__all__) <= set(names)
+    for helper in ("importlib", "Any", "annotations", "ModuleType"):  # tab completion noise
+        assert helper not in names
+    assert "models" in names  # a submodule already loaded by the package
