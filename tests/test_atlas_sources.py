@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from skimage import data as photos
 
+import captum_vit as cv
 from captum_vit import ImageModel, zoo
 from captum_vit.atlas import ImageFiles, build_atlas, default_layers, load_model, open_images
 from captum_vit.atlas.model_stats import pooling_table
@@ -285,3 +286,46 @@ def test_zoo_scenes_are_drawn_at_the_model_input_size():
     zoo_scenes = open_images(zoo.load_model("vit"), None, scenes=3)  # the zoo's own 64 px
     assert zoo_scenes.fingerprint == "zoo-scenes:3:1"
     assert zoo_scenes.batch([0])["image"].shape == (1, 3, 64, 64)
+
+
+# --------------------------------------------------------------------------- in-memory images
+
+
+def test_atlas_of_a_tensor_of_images_and_of_scenes_objects(tmp_path):
+    """A tensor and zoo.SyntheticScenes failed with AttributeError ('no attribute batch' /
+    'fingerprint'); a DataLoader did too."""
+    model = _tiny_timm_vit().eval()
+    images = torch.rand(5, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    source = open_images(model, images)
+    assert torch.equal(source.batch([4, 1])["image"], images[[4, 1]])
+    changed = images.clone()
+    changed[2, 0, 0, 0] += 0.1
+    assert open_images(model, changed).fingerprint != source.fingerprint
+    index = build_atlas(
+        model,
+        images,
+        tmp_path / "site",
+        layers=["blocks.1.mlp.act"],
+        units=[7],
+        k=2,
+        steps=1,
+        show_progress=False,
+    )
+    # The unit's best image, against a brute-force score: its mean over patch tokens.
+    with torch.no_grad():
+        maps = cv.PatchActivationMap(model, "blocks.1.mlp.act").attribute(images, target=7)
+    best = int(maps.flatten(1).mean(1).argmax())
+    page = (index.parent / "layers/blocks.1.mlp.act/unit_0007.html").read_text()
+    assert f"#1: image {best}<" in page
+    # Scenes given as an object are the same images as the default scenes: same fingerprint.
+    vit = zoo.load_model("vit")
+    given = open_images(vit, zoo.SyntheticScenes(4, seed=1))
+    assert given.fingerprint == open_images(vit, None, scenes=4).fingerprint
+    unbiased = open_images(vit, zoo.SyntheticScenes(4, seed=1, background_bias=0.0))
+    assert unbiased.fingerprint != given.fingerprint
+    assert unbiased.description == "4 zoo scenes, SyntheticScenes(4, seed=1, background_bias=0.0)"
+    loader = torch.utils.data.DataLoader(zoo.SyntheticScenes(4), batch_size=2)
+    with pytest.raises(TypeError, match="cannot be of type DataLoader: it reads images by index"):
+        open_images(vit, loader)
+    with pytest.raises(ValueError, match="divide 0-255 images by 255"):
+        open_images(model, images * 255)

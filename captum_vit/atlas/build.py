@@ -35,7 +35,14 @@ from .pages import write_site
 from .resume import AtlasFiles
 from .scan import LayerScan, scan_layers
 from .shard import Shard
-from .sources import ImageFiles, LoadedModel, ZooScenes, open_images, weights_fingerprint
+from .sources import (
+    ImageFiles,
+    ImageTensor,
+    LoadedModel,
+    ZooScenes,
+    open_images,
+    weights_fingerprint,
+)
 from .units import FVSettings, select_units, unit_folder, visualize_units, write_unit
 
 __all__ = ["build_atlas", "default_layers", "default_preset"]
@@ -156,7 +163,7 @@ def _chunk_seconds(model, name: str, layer_info, fv: FVSettings, fv_batch: int, 
 
 def build_atlas(
     model: nn.Module | LoadedModel,
-    images: str | Path | ImageFiles | ZooScenes | None = None,
+    images: str | Path | torch.Tensor | ImageFiles | ZooScenes | ImageTensor | None = None,
     out: str | Path = "atlas",
     *,
     layers: Sequence[str] | None = None,
@@ -180,8 +187,9 @@ def build_atlas(
             or a :class:`LoadedModel` from :func:`~captum_vit.atlas.sources.load_model`.
             For an open_clip CLIP model the atlas shows its image tower ``visual``, and
             layer paths are the tower's (``transformer.resblocks.3.mlp.gelu``).
-        images: a folder of image files (recursive), an image source, or ``None`` for
-            ``scenes`` zoo scenes.
+        images: a folder of image files (recursive), ``zoo.SyntheticScenes``, an
+            ``(N, 3, H, W)`` tensor in [0, 1], an image source, or ``None`` for ``scenes``
+            zoo scenes (see :func:`~captum_vit.atlas.sources.open_images`).
         out: the atlas folder; an existing atlas with the same settings is resumed or
             extended with new layers and units.
         layers: dotted paths; default every block's MLP hidden layer
@@ -271,8 +279,7 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
     _check_arguments(k, batch_size, fv_batch, options["steps"])
     estimate = options["show_progress"] is not False and shard.is_main
     progress = resolve_progress(options["show_progress"]) and shard.is_main
-    if images is None or isinstance(images, (str, Path)):
-        images = open_images(model, images, scenes=options["scenes"])
+    images = open_images(model, images, scenes=options["scenes"])
     layer_info = _check_layers(
         model, options["layers"] or default_layers(model), images.batch([0])["image"]
     )

@@ -4,8 +4,8 @@ Models: a bundled zoo model, a timm name (``pretrained=True`` with a network, or
 ``weights`` file), an open_clip name with a local ``weights`` file, a Hugging Face model
 directory (``save_pretrained``; needs the ``[hf]`` extra), or ``module:function`` returning
 a model. Images: a folder of image files (recursive, any format Pillow reads,
-prepared with the model's own preprocessing; an ``ImageFolder`` tree gives labels), or the
-zoo's synthetic scenes. Every image source has ``len()``, ``batch(indices)`` (a dict with
+prepared with the model's own preprocessing; an ``ImageFolder`` tree gives labels), the
+zoo's synthetic scenes, or a tensor of images. Every image source has ``len()``, ``batch(indices)`` (a dict with
 ``"image"`` in [0, 1] and ``"label"``), a ``description`` and a ``fingerprint``.
 """
 
@@ -26,10 +26,11 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from .. import zoo
-from ..models import input_config, unwrap_vision
+from ..models import check_images, input_config, unwrap_vision
 
 __all__ = [
     "ImageFiles",
+    "ImageTensor",
     "LoadedModel",
     "ZooScenes",
     "create_timm",
@@ -294,18 +295,36 @@ _SCENE_SIZE = 64
 
 class ZooScenes:
     """The zoo's synthetic scenes (labelled) as an atlas image source, ``image_size``
-    pixels square (default 64, the zoo models' size)."""
+    pixels square (default 64, the zoo models' size); :meth:`of` wraps scenes of your own
+    (``zoo.SyntheticScenes`` with any options)."""
 
     def __init__(self, count: int = 256, seed: int = 1, image_size: int = _SCENE_SIZE) -> None:
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
             raise ValueError(f"the number of scenes must be a positive int, got {count!r}")
-        self.scenes = zoo.SyntheticScenes(count, seed=seed, image_size=image_size)
-        self.class_names = list(self.scenes.class_names)
+        self._hold(zoo.SyntheticScenes(count, seed=seed, image_size=image_size))
+
+    @classmethod
+    def of(cls, scenes: zoo.SyntheticScenes) -> ZooScenes:
+        """These scenes as an image source."""
+        if len(scenes) < 1:
+            raise ValueError("the scenes are empty: pass zoo.SyntheticScenes(N) with N >= 1")
+        source = cls.__new__(cls)
+        source._hold(scenes)
+        return source
+
+    def _hold(self, scenes: zoo.SyntheticScenes) -> None:
+        self.scenes = scenes
+        self.class_names = list(scenes.class_names)
+        count, seed, image_size = len(scenes), scenes.seed, scenes.image_size
         size = f", {image_size} px" if image_size != _SCENE_SIZE else ""
         self.description = f"{count} zoo scenes (seed {seed}{size})"
         self.fingerprint = f"zoo-scenes:{count}:{seed}" + (
             f":{image_size}" if image_size != _SCENE_SIZE else ""
         )
+        plain = zoo.SyntheticScenes(count, seed=seed, image_size=image_size)
+        if repr(scenes) != repr(plain):  # other options: background bias, filter, classes
+            self.description = f"{count} zoo scenes, {repr(scenes)}"
+            self.fingerprint += f":{repr(scenes)}"
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -317,6 +336,40 @@ class ZooScenes:
 
     def name(self, index: int) -> str:
         return f"scene {index}: {self.class_names[int(self.scenes[index]['label'])]}"
+
+
+class ImageTensor:
+    """An ``(N, 3, H, W)`` tensor of RGB images in [0, 1] as an atlas image source
+    (unlabelled: Table 1 needs an ``ImageFolder`` tree or zoo scenes). The images are
+    used as they are, so they must have a size the model takes.
+
+    Raises:
+        TypeError / ValueError: not a batch of RGB images in [0, 1] (see
+            :func:`~captum_vit.models.check_images`).
+    """
+
+    def __init__(self, images: torch.Tensor) -> None:
+        check_images(images)
+        if len(images) == 0:
+            raise ValueError("the image tensor is empty")
+        self.images = images.detach().float().cpu()
+        self.class_names = None
+        self.skipped: list[str] = []
+        height, width = self.images.shape[-2:]
+        self.description = f"{len(self.images)} images ({height}x{width} px, from a tensor)"
+        digest = hashlib.sha256(str(tuple(self.images.shape)).encode())
+        digest.update(self.images.contiguous().numpy().tobytes())
+        self.fingerprint = f"tensor:{digest.hexdigest()[:16]}"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, indices: Sequence[int]) -> dict:
+        positions = torch.as_tensor(list(indices), dtype=torch.long)
+        return {"image": self.images[positions], "label": torch.full((len(positions),), -1)}
+
+    def name(self, index: int) -> str:
+        return f"image {index}"
 
 
 class ImageFiles:
@@ -426,13 +479,42 @@ def crop_fraction(model: nn.Module) -> float:
 
 
 def open_images(
-    model: nn.Module, folder: str | Path | None = None, *, scenes: int = 256
-) -> ImageFiles | ZooScenes:
-    """The atlas's images: the files under ``folder`` prepared for ``model``, or (no
-    folder) ``scenes`` zoo scenes, drawn at the model's input size when it is square (the
-    zoo models': 64 px)."""
-    size = input_config(model).size
-    if folder is None:
+    model: nn.Module, images: Any = None, *, scenes: int = 256
+) -> ImageFiles | ZooScenes | ImageTensor:
+    """The atlas's images as an image source.
+
+    Args:
+        model: the model (its input size and preprocessing prepare image files).
+        images: ``None`` (``scenes`` zoo scenes, drawn at the model's input size when it
+            is square: the zoo models' 64 px), a folder of image files (recursive;
+            prepared as the model's preprocessing does), ``zoo.SyntheticScenes``, an
+            ``(N, 3, H, W)`` tensor in [0, 1] at a size the model takes, or an image
+            source (returned as it is).
+
+    Raises:
+        TypeError: anything else, such as a ``DataLoader`` (the atlas reads images by
+            index, to show each unit's top images and to resume).
+        ValueError: an empty or missing folder, bad images.
+    """
+    if images is None:
+        size = input_config(model).size
         side = size[0] if size[0] == size[1] else _SCENE_SIZE
         return ZooScenes(scenes, image_size=max(side, 16))
-    return ImageFiles(folder, size, crop_fraction(model))
+    if isinstance(images, (str, Path)):
+        return ImageFiles(images, input_config(model).size, crop_fraction(model))
+    if isinstance(images, zoo.SyntheticScenes):
+        return ZooScenes.of(images)
+    if isinstance(images, torch.Tensor):
+        return ImageTensor(images)
+    if all(hasattr(images, name) for name in _SOURCE_ATTRIBUTES):
+        return images
+    raise TypeError(
+        f"the atlas's images cannot be of type {type(images).__name__}: it reads images by "
+        "index (to show each unit's top images, and to resume). Pass a folder of image files, "
+        "zoo.SyntheticScenes, an (N, 3, H, W) tensor in [0, 1] (for a DataLoader: "
+        "torch.cat of its image batches) or None for the zoo scenes"
+    )
+
+
+#: What an image source offers (ImageFiles, ZooScenes, ImageTensor, or one of your own).
+_SOURCE_ATTRIBUTES = ("__len__", "batch", "name", "description", "fingerprint", "skipped")
