@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .capture import LayerTap, find_module, preserved_state
-from .models import ImageModel, model_device, unwrap_vision
+from .models import ImageModel, check_batch_shape, model_device, unwrap_vision
 
 __all__ = ["TokenLayout", "resolve_layout", "resolve_layouts", "MAX_PREFIX_TOKENS"]
 
@@ -349,9 +349,8 @@ def _default_inputs(model: nn.Module) -> torch.Tensor:
 
 
 def _batch_size(inputs: Any) -> int:
-    if isinstance(inputs, torch.Tensor):
-        return inputs.shape[0]
-    raise TypeError(f"inputs must be an image tensor (B, 3, H, W), got {type(inputs).__name__}")
+    check_batch_shape(inputs, "inputs")
+    return inputs.shape[0]
 
 
 def resolve_layout(

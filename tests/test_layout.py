@@ -250,6 +250,9 @@ def test_unknown_layer_lists_close_matches(built):
         cv.resolve_layout(model, "blocks.1.mlp.fc", x)
     with pytest.raises(TypeError, match="dotted path"):
         cv.resolve_layout(model, 3, x)
+    # One image without its batch dimension was "not enough values to unpack".
+    with pytest.raises(ValueError, match=r"got \(3, 32, 32\); for one image .*images\[None\]"):
+        cv.resolve_layout(model, "blocks.1", x[0])
 
 
 # ----------------------------------------------------------------------------- open_clip
