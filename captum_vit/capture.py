@@ -346,8 +346,21 @@ def capture_layers(
 ) -> Any:
     """One forward pass that returns what the given layer(s) produced.
 
-    A single layer returns its value; a sequence of layers returns a list in the same
-    order. With ``grad=False`` the pass runs under ``torch.no_grad()``.
+    Args:
+        model: the module to run.
+        layers: a module or dotted path, or a sequence of them.
+        *inputs: the forward's arguments, passed as they are: a timm model takes
+            normalized images (wrap it in :class:`~captum_vit.models.ImageModel` to pass
+            RGB images in [0, 1]).
+        attribute_to_layer_input: record the layers' inputs instead of their outputs.
+        call: which call to keep of a module that runs several times per forward: an
+            int (0-based; negative counts from the end) or ``None`` for every call (a
+            list per layer).
+        early_exit: stop the forward once every layer has produced its value.
+        grad: keep the autograd graph (``False``: run under ``torch.no_grad()``).
+
+    Returns:
+        For a single layer its value; for a sequence of layers a list in the same order.
 
     Examples::
 
