@@ -119,9 +119,17 @@ def heatmap(
     outlier_perc: float = 2.0,
     vmax: float | None = None,
 ) -> torch.Tensor:
-    """A ``(h, w)`` map as a ``(3, h, w)`` colour image through a matplotlib colormap
-    (default ``"inferno"``, ``"bwr"`` for ``sign="all"``); scaled by
-    :func:`normalize_map`."""
+    """A ``(h, w)`` map as a colour image through a matplotlib colormap.
+
+    Args:
+        values: the ``(h, w)`` map.
+        cmap: a matplotlib colormap name (default ``"inferno"``, ``"bwr"`` for
+            ``sign="all"``).
+        sign, outlier_perc, vmax: how the map is scaled (see :func:`normalize_map`).
+
+    Returns:
+        A ``(3, h, w)`` float tensor in [0, 1].
+    """
     if values.dim() != 2:
         raise ValueError(f"a map must be 2-D (h, w), got shape {tuple(values.shape)}")
     scaled = normalize_map(values, sign=sign, outlier_perc=outlier_perc, vmax=vmax)
@@ -261,8 +269,23 @@ def image_grid(
     background: tuple[int, int, int] = (255, 255, 255),
     labels: Sequence[str] | None = None,
 ) -> Image.Image:
-    """Tile images (``(3, H, W)`` tensors or PIL images, ``(N, 3, H, W)`` batch) in rows of
-    ``ncols`` (default: all in one row), each optionally with a caption underneath."""
+    """Tile images in rows, each optionally with a caption underneath.
+
+    Args:
+        cells: ``(3, H, W)`` tensors in [0, 1] or PIL images, or an ``(N, 3, H, W)``
+            batch.
+        ncols: images per row (default: all in one row).
+        pad: pixels between the cells.
+        background: RGB colour of the padding.
+        labels: one caption per image.
+
+    Returns:
+        A PIL image (``.save("grid.png")``; a notebook shows it inline).
+
+    Examples::
+
+        >>> image_grid(viz, ncols=4, labels=[f"unit {u}" for u in units]).save("grid.png")
+    """
     pictures = [c if isinstance(c, Image.Image) else to_pil(c) for c in cells]
     if not pictures:
         raise ValueError("image_grid needs at least one image")

@@ -159,33 +159,78 @@ def _check_unit(unit: Any) -> int:
 
 
 def channel(unit: int, token: Token | None = None) -> Objective:
-    """Unit ``unit`` averaged over tokens: ``token=None``/``"patches"`` is the mean over
-    patch tokens (prefix excluded, the paper's objective); ``"all"`` includes the prefix;
-    ``"cls"``, a token index or a ``(row, col)`` position pick one token. On a non-spatial
-    layer (logits, pooled or CLIP embeddings) it is the unit itself (class visualization).
-    ``token=None`` takes the ``token`` argument of ``FeatureVisualization.attribute``."""
+    """Unit ``unit`` of the layer, averaged over tokens (the paper's objective).
+
+    Args:
+        unit: the channel index.
+        token: ``"patches"`` (the mean over patch tokens, prefix excluded), ``"all"``
+            (prefix included), ``"cls"``, a token index or a ``(row, col)`` patch
+            position; ``None`` takes the ``token`` argument of
+            ``FeatureVisualization.attribute``. On a non-spatial layer (logits, pooled or
+            CLIP embeddings) the objective is the unit itself (class visualization).
+
+    Returns:
+        An :class:`Objective`; objectives add, subtract and scale (``channel(5) -
+        0.5 * channel(3)``).
+
+    Examples::
+
+        >>> fv.attribute(target=[channel(5), channel(5, "cls"), channel(5, (3, 4))])
+    """
     return _Channel(_check_unit(unit), None, _check_token(token))
 
 
 def neuron(unit: int, position: tuple[int, int] | int) -> Objective:
-    """Unit ``unit`` at one patch position ``(row, col)`` or one token index."""
+    """Unit ``unit`` at one place of the layer.
+
+    Args:
+        unit: the channel index.
+        position: a patch position ``(row, col)`` of the grid, or a token index.
+
+    Returns:
+        An :class:`Objective`.
+    """
     if position is None or isinstance(position, str):
         raise ValueError(f"neuron needs a (row, col) position or a token index, got {position!r}")
     return _Channel(_check_unit(unit), None, _check_token(position))
 
 
 def cls(unit: int) -> Objective:
-    """Unit ``unit`` of the cls token."""
+    """Unit ``unit`` of the cls token.
+
+    Args:
+        unit: the channel index.
+
+    Returns:
+        An :class:`Objective`; on a layer without a cls token it raises when compiled.
+    """
     return _Channel(_check_unit(unit), None, "cls")
 
 
 def direction(
     vector: Tensor | Sequence[float], token: Token | None = None, *, cosine: bool = False
 ) -> Objective:
-    """A direction in channel space: ``features . vector`` (``cosine=True``: cosine
-    similarity), features pooled over tokens as in :func:`channel`. On a non-spatial layer
-    it applies to the layer's vector directly, e.g. a CLIP text embedding as the direction
-    of the CLIP image embedding."""
+    """A direction in channel space: ``features . vector``.
+
+    Args:
+        vector: one weight per channel of the layer (finite).
+        token: where the features are read, as in :func:`channel`. On a non-spatial layer
+            the direction applies to the layer's vector itself, e.g. a CLIP text
+            embedding as a direction of the CLIP image embedding.
+        cosine: the cosine similarity instead of the dot product.
+
+    Returns:
+        An :class:`Objective`.
+
+    Raises:
+        ValueError: an empty or non-finite vector (its length is checked against the
+            layer's channels when compiled).
+
+    Examples::
+
+        >>> text = clip.encode_text(tokenizer(["a photo of a dog"]))[0]
+        >>> FeatureVisualization(clip, clip.visual).attribute(target=direction(text, cosine=True))
+    """
     vector = torch.as_tensor(vector, dtype=torch.float32).detach().reshape(-1)
     if vector.numel() == 0 or not torch.isfinite(vector).all():
         raise ValueError("direction vector must be non-empty and finite")
