@@ -72,3 +72,17 @@ def test_no_reference_to_files_outside_the_repository():
     }
     hits = {path: found for path, found in hits.items() if found}
     assert not hits, f"user-facing files refer outside the repository: {hits}"
+
+
+def test_the_readme_tour_runs_as_written():
+    """The README's ten-line tour is the first code a user copies: run it verbatim."""
+    readme = (ROOT / "README.md").read_text()
+    tour = re.search(r"## A ten-line tour\n\n```python\n(.*?)```", readme, re.S)
+    assert tour, "the README has no ten-line tour"
+    names: dict = {}
+    exec(compile(tour.group(1), "README.md (tour)", "exec"), names)
+    assert names["viz"].shape == (2, 3, 64, 64)
+    assert names["maps"].shape == (8, 8, 8)
+    assert names["top"].num_images == 1024 and names["top"].scores.shape == (256, 6)
+    assert names["report"].locality.shape == (6,)
+    assert names["pooling"].natural.top1 > 90  # the zoo ViT knows its scenes
