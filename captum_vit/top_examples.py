@@ -114,9 +114,15 @@ class ExampleSet:
         Raises:
             ValueError: the file is not a saved ExampleSet.
         """
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        not_saved = f"{path} is not an ExampleSet saved by ExampleSet.save"
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as error:  # not a torch file, a truncated one, a pickle of objects
+            raise ValueError(f"{not_saved} ({type(error).__name__})") from error
         if not isinstance(data, dict) or data.get("format") != "captum_vit.ExampleSet/1":
-            raise ValueError(f"{path} is not an ExampleSet saved by ExampleSet.save")
+            raise ValueError(not_saved)
         data.pop("format")
         return cls(**data)
 

@@ -260,6 +260,11 @@ def test_save_and_load_round_trip(tmp_path):
     torch.save({"a": 1}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not an ExampleSet"):
         ExampleSet.load(tmp_path / "other.pt")
+    (tmp_path / "notes.txt").write_text("not a torch file")  # was an UnpicklingError
+    with pytest.raises(ValueError, match=r"notes.txt is not an ExampleSet saved by .*\(Unpick"):
+        ExampleSet.load(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError):
+        ExampleSet.load(tmp_path / "missing.pt")
 
 
 # --------------------------------------------------------------------------- distributed
