@@ -25,6 +25,7 @@ __all__ = [
     "InputConfig",
     "check_batch_shape",
     "check_images",
+    "check_size",
     "check_value_range",
     "class_aliases",
     "class_names",
@@ -40,7 +41,16 @@ __all__ = [
 
 def unwrap_vision(model: nn.Module) -> nn.Module:
     """The image tower of a model: ``model.visual`` for open_clip CLIP / CoCa models, the
-    wrapped model for an :class:`ImageModel`, the model itself otherwise."""
+    wrapped model for an :class:`ImageModel`, the model itself otherwise.
+
+    Raises:
+        TypeError: ``model`` is not a ``torch.nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module, got {type(model).__name__}; create one first, "
+            "e.g. timm.create_model(name) or captum_vit.zoo.load_model('vit')"
+        )
     if isinstance(model, ImageModel):
         return model.model
     if type(model).__module__.startswith("transformers."):
@@ -219,6 +229,22 @@ def _pair(value: int | Sequence[int]) -> tuple[int, int]:
     return value[-2:] if len(value) >= 2 else (value[0], value[0])
 
 
+def check_size(image_size: Any, name: str = "image_size") -> int | Sequence[int]:
+    """``image_size`` if it is a positive int or an ``(H, W)`` pair of them.
+
+    Raises:
+        TypeError: neither (a float, a string: ``"64"`` would read as ``(6, 4)``).
+        ValueError: a size below 1.
+    """
+    values = image_size if isinstance(image_size, Sequence) else [image_size]
+    integral = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
+    if not integral or len(values) not in (1, 2) or isinstance(image_size, str):
+        raise TypeError(f"{name} must be an int or an (H, W) pair of ints, got {image_size!r}")
+    if min(int(v) for v in values) < 1:
+        raise ValueError(f"{name} must be at least 1 pixel, got {image_size!r}")
+    return image_size
+
+
 def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
     if isinstance(value, (int, float)):
         return (float(value),) * 3
@@ -301,7 +327,7 @@ def input_config(
     if std is None:
         std = declared.get("std") or (_OPENAI_STD if _is_open_clip(vision) else (1.0,) * 3)
     if image_size is not None:
-        size = _pair(image_size)
+        size = _pair(check_size(image_size))
     else:
         size = _current_size(vision) or (_pair(declared["size"]) if "size" in declared else None)
     if size is None:

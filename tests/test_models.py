@@ -127,3 +127,19 @@ def test_full_clip_text_tower_names_are_refused_with_the_vision_path():
         is (clip.visual.transformer.resblocks[1])
     )
     assert cv.PatchActivationMap(clip, clip.visual.conv1).layer_name == "conv1"
+
+
+def test_a_model_that_is_no_module_and_odd_sizes_are_refused():
+    from captum_vit import zoo
+
+    for method in (cv.FeatureVisualization, cv.PatchActivationMap, cv.TopActivatingExamples):
+        with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+            method("vit_tiny_patch16_224", "blocks.1")  # was AttributeError: named_modules
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module, got str"):
+        cv.SpatialLocalityProbe("vit")
+    vit = zoo.load_model("vit")
+    with pytest.raises(TypeError, match="got '64'"):  # a string read as the size (6, 4)
+        ImageModel(vit, image_size="64")
+    with pytest.raises(ValueError, match="at least 1 pixel, got 0"):
+        ImageModel(vit, image_size=0)
+    assert ImageModel(vit, image_size=(32, 48)).config.size == (32, 48)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import numbers
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +33,7 @@ from .._base import _LayerMethod
 from .._progress import resolve_progress
 from ..capture import LayerTap, preserved_state
 from ..layout import TokenLayout
-from ..models import _is_open_clip, _pair, check_images, model_dtype
+from ..models import _is_open_clip, _pair, check_images, check_size, model_dtype
 from .objectives import (
     BatchScorer,
     Objective,
@@ -298,7 +297,7 @@ class FeatureVisualization(_LayerMethod):
         self, inputs: Tensor | None, image_size: int | Sequence[int] | None
     ) -> tuple[int, int]:
         if image_size is not None:
-            size = _pair(_check_size(image_size))
+            size = _pair(check_size(image_size))
             if inputs is not None and tuple(inputs.shape[-2:]) != size:
                 raise ValueError(
                     f"inputs are {inputs.shape[-2]}x{inputs.shape[-1]} but image_size is "
@@ -360,15 +359,6 @@ def _check_finite(images: Tensor, trace: Tensor) -> None:
         f"hold NaN or inf; the objective was first not finite {when} of {len(trace)}. A float16 "
         "model can overflow: try float32 or bfloat16; otherwise lower lr or objective_scale"
     )
-
-
-def _check_size(image_size: Any) -> int | Sequence[int]:
-    """``image_size`` if it is an int or an ``(H, W)`` pair of ints."""
-    values = image_size if isinstance(image_size, Sequence) else [image_size]
-    integral = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in values)
-    if not integral or len(values) not in (1, 2) or isinstance(image_size, str):
-        raise TypeError(f"image_size must be an int or an (H, W) pair of ints, got {image_size!r}")
-    return image_size
 
 
 def _as_objectives(target: Any, token: Token) -> list[Objective]:
