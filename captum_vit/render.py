@@ -350,6 +350,8 @@ def unit_grid(
         with ``originals``).
     """
     _check_unit_row(images, maps, scores)
+    if cell_size is not None and (isinstance(cell_size, bool) or cell_size < 1):
+        raise ValueError(f"cell_size must be a positive number of pixels, got {cell_size!r}")
     size = cell_size or int(images.shape[-2])
     vmax = _shared_vmax(maps, sign, outlier_perc) if shared_scale else None
     options = dict(alpha=alpha, cmap=cmap, sign=sign, outlier_perc=outlier_perc, vmax=vmax)
@@ -441,6 +443,11 @@ def example_grid(
 
 
 def _image_at(dataset: Any, index: int) -> torch.Tensor:
+    if hasattr(dataset, "__len__") and index >= len(dataset):
+        raise IndexError(
+            f"the examples point at image {index}, but the dataset holds {len(dataset)}: pass "
+            "the images the ExampleSet was built from (the whole stream, in order)"
+        )
     item = dataset[index]
     if isinstance(item, Mapping):
         item = item["image"]

@@ -123,6 +123,19 @@ def test_unit_grid_layout_and_png(tmp_path):
     assert Image.open(tmp_path / "grid.png").size == with_scores.size
     with pytest.raises(ValueError, match="one per image"):
         render.unit_grid(images, maps[:2])
+    with pytest.raises(ValueError, match="cell_size must be a positive number"):
+        render.unit_grid(images, maps, cell_size=0)  # was the default size, silently
+
+
+def test_example_grid_says_when_the_dataset_is_not_the_scanned_one():
+    model = TIMM_ARCHS["vit"][0]()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    examples = cv.TopActivatingExamples(model, "blocks.1.mlp.act", k=2).attribute([images])
+    unit = int(examples.channels[0])
+    assert render.example_grid(examples, unit, images).size[1] > 0
+    last = int(examples.unit(unit)[1].max())  # two distinct images: at least index 1
+    with pytest.raises(IndexError, match=f"point at image {last}, but the dataset holds 1"):
+        render.example_grid(examples, unit, images[:1])
 
 
 def planted_blue_detector():

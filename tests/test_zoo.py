@@ -363,6 +363,12 @@ def test_foreground_background_accepts_tuples_and_rejects_bad_data(models):
         foreground_background(model, [batch], region="outline")
     with pytest.raises(ValueError, match="do not match"):
         foreground_background(model, [(batch["image"], batch["label"], batch["mask"][:3])])
+    # A bare tensor was read as a stream of single images, and the error said to pass
+    # the tensor itself.
+    with pytest.raises(TypeError, match="needs labels and foreground masks, which a tensor"):
+        foreground_background(model, batch["image"])
+    with pytest.raises(TypeError, match=r"needs labels, which a tensor .* \(images, labels\)$"):
+        frequency_sensitivity(model, batch["image"])
 
 
 def test_frequency_sensitivity_matches_oracle_on_both_models(models):

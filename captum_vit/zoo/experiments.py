@@ -91,6 +91,13 @@ def _ratio(part: float, whole: float) -> float:
 
 def _batches(data, batch_size: int, need_mask: bool) -> Iterator[tuple]:
     """Yield ``(images, labels, masks or None)`` batches from the supported data forms."""
+    if isinstance(data, torch.Tensor):
+        needs = "labels and foreground masks" if need_mask else "labels"
+        raise TypeError(
+            f"this experiment needs {needs}, which a tensor of images does not carry: pass "
+            "zoo.SyntheticScenes, a dataset of dict items or batches of (images, labels"
+            + (", masks)" if need_mask else ")")
+        )
     if hasattr(data, "batches") and callable(data.batches):
         source: Iterable = data.batches(batch_size)
     elif isinstance(data, Dataset) and not isinstance(data, DataLoader):
