@@ -329,3 +329,5 @@ def test_atlas_of_a_tensor_of_images_and_of_scenes_objects(tmp_path):
         open_images(vit, loader)
     with pytest.raises(ValueError, match="divide 0-255 images by 255"):
         open_images(model, images * 255)
+    with pytest.raises(ValueError, match="takes 32x32 images only, got 16x16"):  # not timm's
+        open_images(model, images[..., :16, :16])  # AssertionError in the first forward

@@ -26,7 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from torch import nn
 
 from .. import zoo
-from ..models import check_images, input_config, unwrap_vision
+from ..models import check_images, fixed_input_size, input_config, unwrap_vision
 
 __all__ = [
     "ImageFiles",
@@ -505,6 +505,7 @@ def open_images(
     if isinstance(images, zoo.SyntheticScenes):
         return ZooScenes.of(images)
     if isinstance(images, torch.Tensor):
+        check_images(images, size=fixed_input_size(model))  # a fixed-size model's size
         return ImageTensor(images)
     if all(hasattr(images, name) for name in _SOURCE_ATTRIBUTES):
         return images
