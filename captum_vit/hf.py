@@ -28,6 +28,7 @@ which Captum cannot index), use :func:`vision_tower`::
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any
 
@@ -96,6 +97,12 @@ class HFVisionModel(nn.Module):
         super().__init__()
         if not is_hf_model(model):
             raise TypeError(f"expected a transformers model, got {type(model).__name__}")
+        if "pixel_values" not in inspect.signature(model.forward).parameters:
+            raise TypeError(
+                f"{type(model).__name__} is not an image model (its forward takes no "
+                "pixel_values): captum_vit's methods take vision models such as ViT, DeiT, "
+                "DINOv2, Swin or CLIP"
+            )
         self._clip_pair = hasattr(model, "get_image_features") and hasattr(model, "text_model")
         if self._clip_pair:
             # The image tower only: the same modules, under the same paths as in CLIPModel.

@@ -247,3 +247,12 @@ def build_zoo():
     from captum_vit import zoo
 
     return zoo.load_model("vit")
+
+
+def test_a_text_model_is_refused_as_not_an_image_model():
+    """BertModel was told its config had no image_size and to pass image_size=(H, W)."""
+    config = transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16
+    )
+    with pytest.raises(TypeError, match="BertModel is not an image model"):
+        cv.PatchActivationMap(transformers.BertModel(config), "encoder.layer.0")
