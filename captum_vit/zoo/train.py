@@ -490,7 +490,8 @@ def _output_file(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     if out.is_dir():
         raise ValueError(
-            f"--out {out} is a folder: name the weights file, e.g. {out / 'vit.safetensors'}"
+            f"--out {out} is a folder: name the weights file, e.g. "
+            f"{out / (args.model + '.safetensors')}"
         )
     for parent in out.parents:
         if parent.exists():
