@@ -47,6 +47,8 @@ def test_robust_activation_is_the_mean_over_shifted_colour_shifted_views():
         direct = hooked(model, layer, (x - 0.5) / 0.5)[:, 1:, 8].mean(1)
     torch.testing.assert_close(plain, direct, atol=1e-5, rtol=1e-5)
     assert hooks_left(model) == 0
+    with pytest.raises(ValueError, match="views must be a positive int, got 2.5"):
+        cv.robust_activation(model, layer, x, 3, views=2.5)  # was a bare range() TypeError
 
 
 def test_robust_activation_rewards_shift_invariant_images():
@@ -81,3 +83,5 @@ def test_transfer_score_counts_top1_of_the_judge():
     assert judge.training  # left as found
     with pytest.raises(ValueError, match="labels"):
         cv.transfer_score(images, [0, 1], judge)
+    with pytest.raises(ValueError, match="at least one image"):  # was nan
+        cv.transfer_score(images[:0], [], judge)

@@ -86,8 +86,8 @@ def robust_activation(
     from .feature_viz import FeatureVisualization, _as_objectives
 
     check_images(images)
-    if views < 1:
-        raise ValueError(f"views must be at least 1, got {views}")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise ValueError(f"views must be a positive int, got {views!r}")
     fv = FeatureVisualization(model, layer)
     objectives = _as_objectives(target, token)
     n = images.shape[0]
@@ -135,6 +135,10 @@ def transfer_score(
         >>> cv.transfer_score(images, list(range(8)), cnn)
     """
     check_images(images)
+    if len(images) == 0:
+        raise ValueError(
+            "transfer_score needs at least one image (an accuracy of none is undefined)"
+        )
     labels = torch.as_tensor(labels).reshape(-1).long()
     if labels.numel() != images.shape[0]:
         raise ValueError(f"got {labels.numel()} labels for {images.shape[0]} images")
