@@ -244,3 +244,30 @@ def test_models_named_as_module_function():
         load_model("test_atlas:nope")
     with pytest.raises(ValueError, match="cannot import"):
         load_model("no_such_module_xyz:build")
+
+
+@pytest.mark.parametrize(
+    "arch,left_out", [("cait", "blocks_token_only.0.mlp.act"), ("vit_map", "attn_pool.mlp.act")]
+)
+def test_default_layers_without_a_patch_grid_are_left_out_not_fatal(
+    tmp_path, capsys, arch, left_out
+):
+    """The default atlas of CaiT (class-attention blocks) and of a ViT with an
+    attention-pool head (SigLIP-style) failed on that one non-spatial default layer."""
+    from archs import TIMM_ARCHS
+
+    factory, size = TIMM_ARCHS[arch]
+    model = factory()
+    assert left_out in default_layers(model)
+    images = torch.rand(3, 3, *size, generator=torch.Generator().manual_seed(0))
+    index = build_atlas(
+        model, images, tmp_path / "site", units=1, k=1, steps=1, show_progress=False
+    )
+    layers = list(json.loads((index.parent / "atlas.json").read_text())["layers"])
+    assert layers == ["blocks.0.mlp.act", "blocks.1.mlp.act"]
+    assert f"left out 1 default layer(s) without a patch grid (no map to show): {left_out}" in (
+        capsys.readouterr().out
+    )
+    # A layer the user names is still an error: they asked for it.
+    with pytest.raises(ValueError, match=f"layer {left_out} cannot be shown in an atlas"):
+        build_atlas(model, images, tmp_path / "other", layers=[left_out], show_progress=False)

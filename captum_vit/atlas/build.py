@@ -57,7 +57,9 @@ MLP_HIDDEN_SUFFIXES = ("mlp.act", "mlp.activation_fn", "mlp.gelu")
 def default_layers(model: nn.Module) -> list[str]:
     """Every block's MLP hidden layer (a name ending in one of
     :data:`MLP_HIDDEN_SUFFIXES`: timm ``mlp.act``, Hugging Face ``mlp.activation_fn``,
-    open_clip ``mlp.gelu``; the paper's layer), else every block.
+    open_clip ``mlp.gelu``; the paper's layer), else every block. The names come from the
+    module tree alone; the atlas leaves out those that turn out to have no patch grid
+    (CaiT's class-attention blocks, the MLP of an attention-pool head).
 
     Raises:
         ValueError: the model has neither.
@@ -79,19 +81,31 @@ def default_preset(device: torch.device) -> str:
     return "ghiasi2023" if device.type == "cuda" else "fast"
 
 
-def _check_layers(model: nn.Module, layers: Sequence[str], image: torch.Tensor) -> dict:
-    """Each layer's grid and width; a clear error for a missing or non-spatial layer."""
+def _check_layers(
+    model: nn.Module, layers: Sequence[str], image: torch.Tensor, *, defaults: bool = False
+) -> tuple[dict, list[str]]:
+    """Each layer's grid and width, and the layers left out. A missing or non-spatial layer
+    the user named is a clear error; one of the ``defaults`` without a patch grid (CaiT's
+    class-attention blocks, an attention-pool head's MLP) is left out instead."""
     vision = unwrap_vision(model)
     probe = ImageModel(vision).normalize(image.to(model_device(vision)))
-    found = {}
+    found, left_out = {}, []
     for layer in layers:
         name, _ = find_module(vision, layer)
         try:
             layout = resolve_layout(vision, name, probe)
         except ValueError as error:
+            if defaults:
+                left_out.append(name)
+                continue
             raise ValueError(f"layer {name} cannot be shown in an atlas: {error}") from error
         found[name] = {"grid": list(layout.grid), "channels": layout.num_channels}
-    return found
+    if not found:
+        raise ValueError(
+            f"none of the default layers of {type(vision).__name__} has a patch grid "
+            f"({', '.join(left_out)}); name spatial layers to show (--layers)"
+        )
+    return found, left_out
 
 
 def _say(shard: Shard, text: str) -> None:
@@ -280,9 +294,16 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
     estimate = options["show_progress"] is not False and shard.is_main
     progress = resolve_progress(options["show_progress"]) and shard.is_main
     images = open_images(model, images, scenes=options["scenes"])
-    layer_info = _check_layers(
-        model, options["layers"] or default_layers(model), images.batch([0])["image"]
+    named = options["layers"]
+    layer_info, left_out = _check_layers(
+        model, named or default_layers(model), images.batch([0])["image"], defaults=not named
     )
+    if left_out:
+        _say(
+            shard,
+            f"left out {len(left_out)} default layer(s) without a patch grid (no map to show): "
+            + ", ".join(left_out),
+        )
     _check_units(options["units"], layer_info)
     device = model_device(model)
     fv = FVSettings(options["preset"] or default_preset(device), options["steps"], options["seed"])
