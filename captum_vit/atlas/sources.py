@@ -341,15 +341,16 @@ class ZooScenes:
 class ImageTensor:
     """An ``(N, 3, H, W)`` tensor of RGB images in [0, 1] as an atlas image source
     (unlabelled: Table 1 needs an ``ImageFolder`` tree or zoo scenes). The images are
-    used as they are, so they must have a size the model takes.
+    used as they are, so they must have a size the model takes: ``size``, the only size
+    of a fixed-size model, is checked when given.
 
     Raises:
-        TypeError / ValueError: not a batch of RGB images in [0, 1] (see
+        TypeError / ValueError: not a batch of RGB images in [0, 1] of that size (see
             :func:`~captum_vit.models.check_images`).
     """
 
-    def __init__(self, images: torch.Tensor) -> None:
-        check_images(images)
+    def __init__(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> None:
+        check_images(images, size=size)
         if len(images) == 0:
             raise ValueError("the image tensor is empty")
         self.images = images.detach().float().cpu()
@@ -505,8 +506,7 @@ def open_images(
     if isinstance(images, zoo.SyntheticScenes):
         return ZooScenes.of(images)
     if isinstance(images, torch.Tensor):
-        check_images(images, size=fixed_input_size(model))  # a fixed-size model's size
-        return ImageTensor(images)
+        return ImageTensor(images, fixed_input_size(model))
     if all(hasattr(images, name) for name in _SOURCE_ATTRIBUTES):
         return images
     raise TypeError(
