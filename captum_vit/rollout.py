@@ -37,7 +37,12 @@ _POOLED = {
     "ClassAttn",
     "MultiheadAttentionPoolingHead",
 }
-_ATTENTION_NAME = re.compile(r"(Attention|Attn)$")
+_ATTENTION_NAME = re.compile(r"Attention|Attn|^(GPSA|MHSA)$")
+#: Modules defining timm's plain ``Attention`` (``vision_transformer`` in older timm).
+#: Other timm modules define classes of the same name with a different computation
+#: (BEiT's relative position bias, SAM's decomposed relative positions), so the name alone
+#: does not tell.
+_TIMM_PLAIN_ATTENTION = ("timm.layers.attention", "timm.models.vision_transformer")
 
 
 def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -46,9 +51,15 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
 
 
-def _probabilities(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
-    """Softmax attention probabilities ``(B, heads, N, N)`` from ``(B, heads, N, d)``."""
-    return torch.softmax((q.float() * scale) @ k.float().transpose(-2, -1), dim=-1)
+def _probabilities(
+    q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Softmax attention probabilities ``(B, heads, N, N)`` from ``(B, heads, N, d)``, with
+    an additive bias on the logits (relative position bias) if given."""
+    logits = (q.float() * scale) @ k.float().transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias.float()
+    return torch.softmax(logits, dim=-1)
 
 
 def _refuse_mask(name: str, kwargs: dict, args: tuple, position: int) -> None:
@@ -91,6 +102,53 @@ def _eva_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> t
         half = getattr(module, "rotate_half", False)
         q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
         k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
+    return _probabilities(q, k, module.scale)
+
+
+def _beit_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """timm BEiT ``Attention``: q / k biases, its own relative position bias and the one
+    its model shares across blocks (``use_shared_rel_pos_bias``), both added to the
+    logits."""
+    x = args[0]
+    width = module.qkv.weight.shape[0] // 3
+    bias = None if module.q_bias is None else torch.cat((module.q_bias, module.k_bias))
+    qk = F.linear(x, module.qkv.weight[: 2 * width], bias)
+    q, k = (_split_heads(t, module.num_heads) for t in qk.split(width, dim=-1))
+    logit_bias = None
+    if module.relative_position_bias_table is not None:
+        logit_bias = module._get_rel_pos_bias()
+    shared = kwargs.get("shared_rel_pos_bias", args[1] if len(args) > 1 else None)
+    if shared is not None:
+        logit_bias = shared if logit_bias is None else logit_bias + shared
+    return _probabilities(q, k, module.scale, logit_bias)
+
+
+def _convit_gpsa(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """timm ConViT ``GPSA``: per head, a learned gate mixes content attention with
+    attention over relative positions; rows renormalized (``GPSA.get_attention`` without
+    its dropout)."""
+    x = args[0]
+    batch, tokens, width = x.shape
+    heads = module.num_heads
+    q, k = (_split_heads(t, heads) for t in module.qk(x).split(width, dim=-1))
+    content = _probabilities(q, k, module.scale)
+    relative = module.rel_indices
+    if relative.shape[1] != tokens:  # GPSA computes them in its own forward, after this
+        relative = module.get_rel_indices(tokens)
+    positional = module.pos_proj(relative.expand(batch, -1, -1, -1)).permute(0, 3, 1, 2)
+    gate = torch.sigmoid(module.gating_param.float()).view(1, -1, 1, 1)
+    mixed = (1.0 - gate) * content + gate * torch.softmax(positional.float(), dim=-1)
+    return mixed / mixed.sum(dim=-1, keepdim=True)
+
+
+def _convit_mhsa(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """timm ConViT ``MHSA``: plain self-attention from a fused ``qkv`` projection."""
+    x = args[0]
+    width = x.shape[-1]
+    qkv = module.qkv
+    bias = None if qkv.bias is None else qkv.bias[: 2 * width]
+    qk = F.linear(x, qkv.weight[: 2 * width], bias)
+    q, k = (_split_heads(t, module.num_heads) for t in qk.split(width, dim=-1))
     return _probabilities(q, k, module.scale)
 
 
@@ -154,9 +212,13 @@ def _reader(module: nn.Module) -> Callable[..., torch.Tensor] | None:
     kind = type(module)
     if isinstance(module, nn.MultiheadAttention):
         return _torch_multihead
-    if kind.__module__.startswith("timm.") and kind.__name__ == "Attention":
-        if hasattr(module, "qkv") and hasattr(module, "q_norm") and "beit" not in kind.__module__:
+    if kind.__module__ in _TIMM_PLAIN_ATTENTION and kind.__name__ == "Attention":
+        if hasattr(module, "qkv") and hasattr(module, "q_norm"):
             return _timm_attention
+    if kind.__module__ == "timm.models.beit" and kind.__name__ == "Attention":
+        return _beit_attention
+    if kind.__module__ == "timm.models.convit":
+        return {"GPSA": _convit_gpsa, "MHSA": _convit_mhsa}.get(kind.__name__)
     if kind.__name__ == "EvaAttention":
         return _eva_attention
     if kind.__module__.startswith("transformers.") and all(
@@ -213,9 +275,10 @@ def _refusal(name: str, module: nn.Module) -> str | None:
         )
     if _reader(module) is None:
         return (
-            f"{name!r} ({kind}) is an attention type AttentionRollout cannot read "
-            "(supported: timm Attention / EvaAttention, nn.MultiheadAttention as in open_clip, "
-            "Hugging Face ViT / DeiT / DINOv2 / CLIP self-attention)"
+            f"{name!r} ({type(module).__module__}.{kind}) is an attention type AttentionRollout cannot read "
+            "(supported: timm Attention (ViT, DeiT, DINOv2), EvaAttention, BEiT's Attention, "
+            "ConViT's GPSA / MHSA, nn.MultiheadAttention as in open_clip, Hugging Face "
+            "ViT / DeiT / DINOv2 / CLIP self-attention)"
         )
     return None
 
@@ -234,8 +297,10 @@ class AttentionRollout(Attribution):
     Attention probabilities are computed from each block's own queries and keys (read
     from the attention module's input, with its own projections, norms and rotary
     embedding), so it works under timm's fused attention without touching ``fused_attn``.
-    Supported: timm ViT / DeiT / DINOv2 (registers) / EVA, open_clip towers, Hugging Face
-    ViT / DeiT / DINOv2 / CLIP. Windowed attention (Swin), pooling attention (attention
+    Supported: timm ViT / DeiT / DINOv2 (registers) / EVA / BEiT (relative position bias
+    included) / ConViT (gated positional attention; the cls token, which joins after the
+    GPSA blocks, passes through them unchanged), open_clip towers, Hugging Face ViT / DeiT /
+    DINOv2 / CLIP. Windowed attention (Swin), pooling attention (attention
     pool, CaiT class attention) and unknown attention types raise a ``ValueError``.
 
     Args:
@@ -305,12 +370,13 @@ class AttentionRollout(Attribution):
         return [(name, module, _reader(module)) for name, module in usable]
 
     def layout_for(self, images: torch.Tensor) -> TokenLayout:
-        """Token layout at the first rolled-out attention's input, for this image size."""
+        """Token layout at the last rolled-out attention's input, for this image size: the
+        token sequence the maps are read from."""
         size = (int(images.shape[-2]), int(images.shape[-1]))
         if size not in self._layouts:
             probe = self.wrapped.normalize(images[:2].detach())
             self._layouts[size] = resolve_layout(
-                self.vision, self.layers[0][0], probe, attribute_to_layer_input=True
+                self.vision, self.layers[-1][0], probe, attribute_to_layer_input=True
             )
         return self._layouts[size]
 
@@ -353,6 +419,7 @@ class AttentionRollout(Attribution):
         images = inputs.to(model_device(self.vision))
         layout = self.layout_for(images)
         steps = self._steps(self.wrapped.normalize(images), fusion, discard)
+        steps = _on_one_sequence(steps, [name for name, _, _ in self.layers], layout)
         weights = _row_weights(row, layout, steps[0])
         h, w = layout.grid
         maps = _read_rollout(steps, weights)[:, layout.num_prefix_tokens :].reshape(-1, h, w)
@@ -369,14 +436,7 @@ class AttentionRollout(Attribution):
 
         def collector(name: str):
             def on_probs(probs: torch.Tensor) -> None:
-                step = _residual_step(_fuse(probs, fusion), discard)
-                if steps and steps[-1].shape != step.shape:
-                    raise ValueError(
-                        f"attention {name!r} works on {step.shape[-1]} tokens but the blocks "
-                        f"before it on {steps[-1].shape[-1]}: rollout needs one token sequence "
-                        "through all rolled-out blocks (no pooling between them)"
-                    )
-                steps.append(step)
+                steps.append(_residual_step(_fuse(probs, fusion), discard))
                 if len(steps) > last:
                     raise _StopForward
 
@@ -394,6 +454,46 @@ class AttentionRollout(Attribution):
                 f"only {len(steps)} of {len(self.layers)} attention modules ran in the forward"
             )
         return steps
+
+
+def _on_one_sequence(
+    steps: list[torch.Tensor], names: list[str], layout: TokenLayout
+) -> list[torch.Tensor]:
+    """The steps over the token sequence of the last rolled-out block (``layout``).
+
+    A block that ran before the model added its prefix tokens (ConViT concatenates its
+    cls token after the GPSA blocks) attends over the patch tokens only: in the product
+    the prefix tokens pass through it unchanged. Any other change of token count between
+    blocks is pooling, which rollout cannot follow.
+    """
+    tokens = steps[-1].shape[-1]
+    prefix = layout.num_prefix_tokens
+    patches_only = True
+    aligned = []
+    for name, step in zip(names, steps, strict=True):
+        count = step.shape[-1]
+        if count == tokens:
+            patches_only = False
+            aligned.append(step)
+        elif patches_only and prefix and count == tokens - prefix:
+            aligned.append(_pass_prefix_through(step, prefix))
+        else:
+            raise ValueError(
+                f"attention {name!r} works on {count} tokens but {names[-1]!r} on {tokens}: "
+                "rollout needs one token sequence through all rolled-out blocks (no pooling "
+                "between them); roll out the blocks of one stage with layers=[...]"
+            )
+    return aligned
+
+
+def _pass_prefix_through(step: torch.Tensor, prefix: int) -> torch.Tensor:
+    """``(B, n, n)`` -> ``(B, prefix + n, prefix + n)``: identity on the new first
+    ``prefix`` tokens, ``step`` on the rest."""
+    batch, count, _ = step.shape
+    full = step.new_zeros(batch, prefix + count, prefix + count)
+    full[:, :prefix, :prefix] = torch.eye(prefix, dtype=step.dtype, device=step.device)
+    full[:, prefix:, prefix:] = step
+    return full
 
 
 def _read_rollout(steps: list[torch.Tensor], row: torch.Tensor) -> torch.Tensor:

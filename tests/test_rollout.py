@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from archs import TIMM_ARCHS, hooks_left, open_clip_tower
+from archs import _VIT, TIMM_ARCHS, hooks_left, open_clip_tower, timm_model
 
 import captum_vit as cv
 
@@ -54,7 +54,10 @@ def open_clip_probabilities(tower, x):
 
 
 def hand_rollout(probabilities, prefix, grid, row="cls", fusion="mean", discard=0.0):
+    """Blocks that ran on fewer tokens than the last (ConViT's GPSA blocks, before its cls
+    token joins) get an identity on the missing prefix tokens."""
     result = None
+    final = probabilities[-1].shape[-1]
     for probs in probabilities:
         fused = {"mean": probs.mean(1), "max": probs.amax(1), "min": probs.amin(1)}[fusion]
         tokens = fused.shape[-1]
@@ -66,6 +69,9 @@ def hand_rollout(probabilities, prefix, grid, row="cls", fusion="mean", discard=
                     fused[b, i, order[: int(tokens * discard)]] = 0
         step = 0.5 * fused + 0.5 * torch.eye(tokens)
         step = step / step.sum(-1, keepdim=True)
+        if tokens < final:
+            missing = torch.eye(final - tokens)
+            step = torch.stack([torch.block_diag(missing, s) for s in step])
         result = step if result is None else step @ result
     read = result[:, 0] if row == "cls" else result.mean(1)
     return read[:, prefix:].reshape(-1, *grid)
@@ -97,6 +103,78 @@ def test_rollout_equals_hand_computation_from_explicit_probabilities(arch):
     assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused
     assert hooks_left(model) == 0
     assert all(p.requires_grad for p in model.parameters())
+
+
+def random_relative_bias(model):
+    """BEiT initializes its relative position bias tables to zero; random tables make a
+    rollout that ignores them wrong."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                param.copy_(torch.randn(param.shape, generator=generator) * 2)
+    return model
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"use_rel_pos_bias": False, "use_shared_rel_pos_bias": True}],
+    ids=["per_block_bias", "shared_bias"],
+)
+def test_beit_rollout_includes_its_relative_position_bias(options):
+    model = random_relative_bias(timm_model("beit_base_patch16_224", **options, **_VIT))
+    x = unit_images((32, 32))
+    maps = cv.AttentionRollout(model).attribute(x)
+    probs = timm_probabilities(model, cv.ImageModel(model).normalize(x))
+    assert torch.allclose(maps, hand_rollout(probs, 1, (4, 4)), atol=1e-5)
+    assert hooks_left(model) == 0
+
+
+def convit_probabilities(model, x):
+    """Per block, the attention ConViT's own GPSA / MHSA computed (read at attn_drop)."""
+    store = []
+    handles = [
+        block.attn.attn_drop.register_forward_hook(lambda m, a, o: store.append(o))
+        for block in model.blocks
+    ]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return store
+
+
+def test_convit_rollout_passes_the_late_cls_token_through_the_gpsa_blocks():
+    factory, size = TIMM_ARCHS["convit"]
+    model = factory()
+    with torch.no_grad():  # gates away from their init, so both attentions count
+        for block in model.blocks[: model.local_up_to_layer]:
+            block.attn.gating_param.copy_(torch.tensor([-1.0, 0.5]))
+    x = unit_images(size)
+    maps = cv.AttentionRollout(model).attribute(x)
+    probs = convit_probabilities(model, cv.ImageModel(model).normalize(x))
+    assert [p.shape[-1] for p in probs] == [16, 16, 17]
+    assert torch.allclose(maps, hand_rollout(probs, 1, (4, 4)), atol=1e-5)
+    gpsa_only = cv.AttentionRollout(model, layers=["blocks.0.attn", "blocks.1.attn"])
+    assert torch.allclose(gpsa_only.attribute(x), hand_rollout(probs[:2], 0, (4, 4), "mean"))
+
+
+def test_attention_of_the_same_name_but_another_computation_is_refused():
+    """SAM's ViT names its attention ``Attention`` too, but adds decomposed relative
+    positions: reading it as timm's plain attention would be a silent wrong map."""
+    model = timm_model(
+        "samvit_base_patch16",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        global_attn_indexes=(1,),
+        window_size=2,
+        num_classes=0,
+    )
+    with pytest.raises(ValueError, match="vision_transformer_sam.Attention.*cannot read"):
+        cv.AttentionRollout(model, layers=["blocks.1.attn"])
 
 
 @pytest.mark.parametrize("fusion,discard", [("max", 0.0), ("min", 0.0), ("mean", 0.5)])
@@ -146,6 +224,18 @@ def test_windowed_and_pooled_attention_raise_clear_errors():
     cait = TIMM_ARCHS["cait"][0]()
     with pytest.raises(ValueError, match="cannot roll out"):
         cv.AttentionRollout(cait)
+    coat = TIMM_ARCHS["coat_lite"][0]()
+    with pytest.raises(ValueError, match="FactorAttnConvRelPosEnc.*cannot read"):
+        cv.AttentionRollout(coat)
+    pit = TIMM_ARCHS["pit"][0]()
+    with pytest.raises(ValueError, match="one stage with layers="):
+        cv.AttentionRollout(pit).attribute(unit_images((64, 64)))
+    stage = [f"transformers.1.blocks.{i}.attn" for i in range(2)]
+    assert cv.AttentionRollout(pit, layers=stage).attribute(unit_images((64, 64))).shape == (
+        2,
+        4,
+        4,
+    )
 
 
 def test_bad_arguments_raise():
