@@ -16,6 +16,7 @@ Order of work, each step skipped where its files exist (resume / incremental):
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,8 @@ def _check_layers(
     return found, left_out
 
 
-def _say(shard: Shard, text: str) -> None:
-    if shard.is_main:
+def _say(talk: bool, text: str) -> None:
+    if talk:
         print(text, flush=True)
 
 
@@ -215,7 +216,9 @@ def build_atlas(
             ``"ghiasi2023"`` on GPU; default steps: the preset's).
         batch_size: images per forward of the scan. fv_batch: units optimized together.
         show_progress: progress bars (``None``: when stderr is a terminal); unless
-            ``False``, the first process also prints the estimated cost before the work.
+            ``False``, the first process also prints the images and layers, the estimated
+            cost before the work and where the atlas was written. ``False`` prints
+            nothing (default layers left out are then reported as a warning).
 
     Returns:
         The path of ``index.html``.
@@ -291,7 +294,7 @@ def _check_units(units: str | int | Sequence[int], layer_info: dict) -> None:
 def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Path:
     k, batch_size, fv_batch = options["k"], options["batch_size"], options["fv_batch"]
     _check_arguments(k, batch_size, fv_batch, options["steps"])
-    estimate = options["show_progress"] is not False and shard.is_main
+    talk = options["show_progress"] is not False and shard.is_main  # False: a quiet call
     progress = resolve_progress(options["show_progress"]) and shard.is_main
     images = open_images(model, images, scenes=options["scenes"])
     named = options["layers"]
@@ -299,11 +302,13 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
         model, named or default_layers(model), images.batch([0])["image"], defaults=not named
     )
     if left_out:
-        _say(
-            shard,
+        note = (
             f"left out {len(left_out)} default layer(s) without a patch grid (no map to show): "
-            + ", ".join(left_out),
+            + ", ".join(left_out)
         )
+        _say(talk, note)
+        if not talk and shard.is_main:
+            warnings.warn(note, stacklevel=3)
     _check_units(options["units"], layer_info)
     device = model_device(model)
     fv = FVSettings(options["preset"] or default_preset(device), options["steps"], options["seed"])
@@ -340,8 +345,8 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
         if done:
             scans[name] = LayerScan.from_file(files.out / _scan_file(name))
 
-    _say(shard, f"{images.description}; {len(layer_info)} layer(s)")
-    if estimate:
+    _say(talk, f"{images.description}; {len(layer_info)} layer(s)")
+    if talk:
         line = _estimate(
             model, images, layer_info, pending_scans, options["units"], fv, options, files, shard
         )
@@ -378,7 +383,7 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
         files.write_manifest(settings, layers_record)
         index = write_site(files, {"settings": settings, "layers": layers_record}, overview)
         files.discard_work()
-        _say(shard, f"atlas written: {index}")
+        _say(talk, f"atlas written: {index}")
     shard.barrier()
     return files.out / "index.html"
 
