@@ -20,6 +20,7 @@ the methods compute their scores and maps in float32 and return float32.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,12 +166,13 @@ def forward_args(additional_forward_args: Any) -> tuple:
 
 
 def check_count(value: Any, name: str, meaning: str) -> int:
-    """A positive int argument: TypeError for another type, ValueError below 1."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """A positive int argument (numpy integers too): TypeError for another type,
+    ValueError below 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be a positive int ({meaning}), got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{name} must be a positive int ({meaning}), got {value}")
-    return value
+    return int(value)
 
 
 def as_unit_tensor(

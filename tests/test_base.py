@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import pydoc
 
+import numpy as np
 import pytest
 import torch
 from archs import TIMM_ARCHS, open_clip_model
@@ -73,6 +74,8 @@ def test_types_and_values_are_refused_consistently():
         cv.TopActivatingExamples(model, "blocks.0", k=2.0)
     with pytest.raises(ValueError, match="k must be a positive int"):
         cv.TopActivatingExamples(model, "blocks.0", k=0)
+    top = cv.TopActivatingExamples(model, "blocks.0", k=np.int64(3))  # e.g. from an array
+    assert type(top.k) is int and top.k == 3
     with pytest.raises(TypeError, match="attribute_to_layer_input"):
         cv.PatchActivationMap(model, "blocks.0", attribute_to_layer_input=1)
     with pytest.raises(TypeError, match="call"):

@@ -47,8 +47,10 @@ def test_robust_activation_is_the_mean_over_shifted_colour_shifted_views():
         direct = hooked(model, layer, (x - 0.5) / 0.5)[:, 1:, 8].mean(1)
     torch.testing.assert_close(plain, direct, atol=1e-5, rtol=1e-5)
     assert hooks_left(model) == 0
-    with pytest.raises(ValueError, match="views must be a positive int, got 2.5"):
+    with pytest.raises(TypeError, match=r"views must be a positive int \(random views"):
         cv.robust_activation(model, layer, x, 3, views=2.5)  # was a bare range() TypeError
+    with pytest.raises(ValueError, match=r"views must be a positive int .*got 0"):
+        cv.robust_activation(model, layer, x, 3, views=0)
 
 
 def test_robust_activation_rewards_shift_invariant_images():

@@ -77,8 +77,9 @@ def test_scenes_refuse_indices_and_sizes_they_cannot_honour():
         data[1:3]
     with pytest.raises(TypeError, match="an index must be an int, got float"):
         data[1.0]
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match=r"batch_size must be a positive int \(.*\), got 0"):
         next(data.batches(0))
+    assert len(list(data.batches(np.int64(4)))) == 2  # numpy integers count too
     with pytest.raises(TypeError, match="length must be an int, got 2.5"):
         SyntheticScenes(2.5)
     assert repr(data) == "SyntheticScenes(8, seed=1)"
@@ -218,8 +219,8 @@ def test_training_script_quick_mode_gives_a_loadable_model(tmp_path):
     "flags,message",
     [
         (["--seed", "1"], "held-out images would be training images"),
-        (["--steps", "0"], "steps must be a positive int, got 0"),
-        (["--batch-size", "0"], "batch_size must be a positive int, got 0"),
+        (["--steps", "0"], r"steps must be a positive int \(optimizer steps\), got 0"),
+        (["--batch-size", "0"], r"batch_size must be a positive int \(scenes per step\), got 0"),
         (["--lr", "-1"], "lr must be a positive number, got -1.0"),
         (["--patch-drop", "1"], r"patch_drop must be in \[0, 1\), got 1.0"),
         (["--out", "{file}/x.safetensors"], "is a file, not a folder"),

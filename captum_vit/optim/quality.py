@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._accuracy import TopKCounter
+from .._base import check_count
 from ..capture import preserved_state
 from ..models import ImageModel, check_images, model_device
 from .objectives import Objective, Token, compile_objectives
@@ -86,8 +87,7 @@ def robust_activation(
     from .feature_viz import FeatureVisualization, _as_objectives
 
     check_images(images)
-    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
-        raise ValueError(f"views must be a positive int, got {views!r}")
+    views = check_count(views, "views", "random views of each image")
     fv = FeatureVisualization(model, layer)
     objectives = _as_objectives(target, token)
     n = images.shape[0]

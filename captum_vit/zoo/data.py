@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .._base import check_count
+
 __all__ = [
     "BACKGROUNDS",
     "CLASSES",
@@ -191,12 +193,7 @@ class SyntheticScenes(Dataset):
     def batches(self, batch_size: int):
         """Iterate over the dataset in order, ``batch_size`` items at a time (dicts of
         stacked tensors, as :meth:`batch`)."""
-        if (
-            isinstance(batch_size, bool)
-            or not isinstance(batch_size, numbers.Integral)
-            or batch_size < 1
-        ):
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        batch_size = check_count(batch_size, "batch_size", "scenes per batch")
         for start in range(0, self.length, batch_size):
             yield self.batch(range(start, min(start + batch_size, self.length)))
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .._base import check_count
 from ..models import ImageModel
 from .data import SyntheticScenes
 from .registry import MODEL_NAMES, WEIGHTS_DIR, build_model, load_model, save_model
@@ -34,6 +35,14 @@ from .registry import MODEL_NAMES, WEIGHTS_DIR, build_model, load_model, save_mo
 __all__ = ["TrainConfig", "evaluate", "main", "train"]
 
 Log = Callable[[str], None]
+
+#: The settings that count something, and what.
+_COUNTS = {
+    "steps": "optimizer steps",
+    "batch_size": "scenes per step",
+    "eval_images": "held-out scenes",
+    "log_every": "steps between log lines",
+}
 
 
 @dataclass
@@ -75,10 +84,8 @@ class TrainConfig:
                 "images would be training images. Pick another --seed or --eval-seed "
                 "(TrainConfig.seed / eval_seed)"
             )
-        for name in ("steps", "batch_size", "eval_images", "log_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name, meaning in _COUNTS.items():
+            check_count(getattr(self, name), name, meaning)
         if self.warmup < 0:
             raise ValueError(f"warmup must be >= 0 steps, got {self.warmup}")
         if not (math.isfinite(self.lr) and self.lr > 0):
