@@ -11,7 +11,8 @@ Subcommands:
   layouts               resolve token layouts of a set of timm / open_clip architectures
                         (random weights, small configurations, no network) and show the
                         early-exit capture
-  layout MODEL LAYER    print the token layout of one layer of a timm model
+  layout MODEL [LAYER]  print the token layout of one layer of a timm model, or a table
+                        of the layouts of all its blocks
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ import torch
 
 from ._memory import keep_freed_memory
 from .capture import capture_layers
-from .layout import resolve_layout
+from .layout import TokenLayout, resolve_layout, resolve_layouts
+from .locality.probe import find_blocks
+from .models import ImageModel
 
 _LAYOUT_MODELS = [
     ("vit_tiny_patch16_224", "blocks.1.mlp.fc1", {}),
@@ -58,16 +61,42 @@ def _small(name: str, kwargs: dict) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **base).eval()
 
 
+def _layout_header(first: str, width: int) -> str:
+    return f"{first:{width}s} {'layer':26s} {'kind':5s} {'grid':>7s} {'channels':>8s}  prefix"
+
+
+def _layout_row(first: str, width: int, layer: str, layout: TokenLayout) -> str:
+    grid = f"{layout.grid[0]}x{layout.grid[1]}"
+    prefix = ", ".join(layout.prefix_names) or "-"
+    tag = " (input)" if layout.attribute_to_layer_input else ""
+    return (
+        f"{first:{width}s} {layer + tag:26s} {layout.kind:5s} {grid:>7s} "
+        f"{layout.num_channels:8d}  {prefix}"
+    )
+
+
+def _block_layouts(model: torch.nn.Module, blocks: list[str]) -> list[TokenLayout | None]:
+    """The layout of each block's output (one forward), ``None`` for a block without a
+    patch grid (CaiT's class-attention blocks read the cls token only)."""
+    try:
+        return resolve_layouts(model, blocks)
+    except ValueError:
+        found = []
+        for block in blocks:
+            try:
+                found.append(resolve_layout(model, block))
+            except ValueError:
+                found.append(None)
+        return found
+
+
 def layouts() -> int:
     print("captum_vit layouts: token layouts measured in one forward pass (random weights)\n")
-    print(f"{'model':34s} {'layer':26s} {'kind':5s} {'grid':>7s}  prefix")
+    print(_layout_header("model", 34))
     for name, layer, kwargs in _LAYOUT_MODELS:
         model = _small(name, kwargs)
         layout = resolve_layout(model, layer, attribute_to_layer_input=layer.endswith("fc2"))
-        grid = f"{layout.grid[0]}x{layout.grid[1]}"
-        prefix = ", ".join(layout.prefix_names) or "-"
-        input_tag = " (input)" if layer.endswith("fc2") else ""
-        print(f"{name:34s} {layer + input_tag:26s} {layout.kind:5s} {grid:>7s}  {prefix}")
+        print(_layout_row(name, 34, layer, layout))
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
     images = torch.rand(8, 3, 224, 224)
     with torch.no_grad():
@@ -90,8 +119,25 @@ def layout_command(args: argparse.Namespace) -> int:
 
     kwargs = {"img_size": args.img_size} if args.img_size else {}
     model = create_timm(args.model, args.pretrained, **kwargs).eval()
-    layout = resolve_layout(model, args.layer)
-    print(layout)
+    if args.layer is not None:
+        print(resolve_layout(model, args.layer))
+        return 0
+    blocks = find_blocks(model)
+    if not blocks:
+        raise ValueError(
+            f"found no blocks in {args.model}: name a layer (captum-vit layout MODEL LAYER)"
+        )
+    height, width = ImageModel(model).image_size
+    print(f"{args.model}: the output of every block, at {height}x{width}\n")
+    print(_layout_header("block", 6))
+    found = _block_layouts(model, blocks)
+    for index, (block, layout) in enumerate(zip(blocks, found, strict=True)):
+        if layout is None:
+            print(f"{index:<6d} {block:26s} no patch grid (name it as the layer to see why)")
+        else:
+            print(_layout_row(str(index), 6, block, layout))
+    spatial = [block for block, layout in zip(blocks, found, strict=True) if layout] or blocks
+    print(f"\nA layer's full layout: captum-vit layout {args.model} {spatial[-1]}")
     return 0
 
 
@@ -247,16 +293,29 @@ def main(argv: list[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_atlas_parser(sub)
-    sub.add_parser("layouts", help="token layouts of many architectures, early-exit capture")
+    sub.add_parser(
+        "layouts",
+        help="token layouts of many architectures, early-exit capture",
+        description="Resolve the token layout of one layer of each of a set of timm "
+        "architectures (random weights, small configurations, no network): the kind of "
+        "output, the patch grid and the prefix tokens; then time the early-exit capture of "
+        "a middle block against a full forward.",
+    )
     layout = sub.add_parser(
         "layout",
-        help="token layout of one layer of a timm model",
+        help="token layout of one layer of a timm model (all its blocks without a layer)",
         description="Print the token layout of one layer of a timm model, measured in one "
         "forward pass: how its output is laid out (tokens or a feature map), the patch grid, "
-        "the prefix tokens (cls, distillation, registers) and the number of channels.",
+        "the prefix tokens (cls, distillation, registers) and the number of channels. "
+        "Without a layer, a table of the layouts of all its blocks.",
     )
     layout.add_argument("model", help="timm model name, e.g. vit_tiny_patch16_224")
-    layout.add_argument("layer", help="dotted path of the layer, e.g. blocks.3.mlp.act")
+    layout.add_argument(
+        "layer",
+        nargs="?",
+        default=None,
+        help="dotted path of the layer, e.g. blocks.3.mlp.act (default: every block's output)",
+    )
     layout.add_argument(
         "--img-size", type=int, default=None, help="input size (default: the model's own)"
     )

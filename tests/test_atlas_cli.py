@@ -175,6 +175,25 @@ def test_cli_layouts_and_layout_errors(capsys):
     assert "Closest names: vit_tiny_patch16_384, vit_tiny_patch16_224" in capsys.readouterr().err
 
 
+def test_cli_layout_without_a_layer_tables_every_block(capsys):
+    """A user who does not know the layer names yet gets every block's layout."""
+    import timm
+
+    assert main(["layout", "deit_tiny_distilled_patch16_224", "--img-size", "64"]) == 0
+    out = capsys.readouterr().out
+    model = timm.create_model("deit_tiny_distilled_patch16_224", img_size=64)
+    grid = "x".join(map(str, model.patch_embed.grid_size))
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [row[1] for row in rows] == [f"blocks.{i}" for i in range(len(model.blocks))]
+    assert all(row[2:] == ["BNC", grid, str(model.embed_dim), "cls,", "dist"] for row in rows)
+    assert "captum-vit layout deit_tiny_distilled_patch16_224 blocks.11" in out
+    # CaiT's class-attention blocks read the cls token only: a row says so, no error.
+    assert main(["layout", "cait_xxs24_224", "--img-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks_token_only.1        no patch grid" in out
+    assert "captum-vit layout cait_xxs24_224 blocks.23" in out
+
+
 def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback():
     """``captum-vit layouts | head -1``: the reader closes the pipe after one line."""
     command = [sys.executable, "-m", "captum_vit", "layouts"]
