@@ -43,6 +43,29 @@ __all__ = [
 #: Prefixes tried when a dotted path does not resolve as given: the vision tower of an
 #: open_clip CLIP model is ``visual`` and a timm trunk inside open_clip is ``trunk``.
 _PATH_PREFIXES = ("visual.", "trunk.", "visual.trunk.", "model.")
+#: Path prefixes of the wrappers :func:`peel_wrappers` removes (``torch.compile``,
+#: ``DataParallel`` / ``DistributedDataParallel``): names copied from the wrapped model's
+#: ``named_modules()`` work without them too.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def peel_wrappers(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s ``OptimizedModule`` and ``DataParallel`` /
+    ``DistributedDataParallel`` wrappers (nested ones too), or ``model`` itself.
+
+    Hooks and layer names apply to the inner module, and the package runs it eagerly: a
+    compiled forward would recompile for every new set of hooks, and a data-parallel
+    wrapper runs replicas whose hooks are not the ones registered.
+    """
+    while True:
+        if type(model).__name__ == "OptimizedModule" and isinstance(
+            getattr(model, "_orig_mod", None), nn.Module
+        ):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 class _StopForward(BaseException):
@@ -125,11 +148,14 @@ def _refuse_ambiguous(model: nn.Module, layer: str, others: list[str]) -> None:
 
 
 def _path_candidates(path: str) -> list[str]:
-    candidates = [path]
-    for prefix in _PATH_PREFIXES:
-        candidates.append(prefix + path)
-        if path.startswith(prefix):
-            candidates.append(path[len(prefix) :])
+    bases = [path] + [path[len(w) :] for w in _WRAPPER_PREFIXES if path.startswith(w)]
+    candidates = []
+    for base in bases:
+        candidates.append(base)
+        for prefix in _PATH_PREFIXES:
+            candidates.append(prefix + base)
+            if base.startswith(prefix):
+                candidates.append(base[len(prefix) :])
     return candidates
 
 
@@ -193,7 +219,7 @@ class LayerTap:
             raise TypeError(f"call must be an int or None, got {type(call).__name__}")
         if on_record is not None and (call is None or call < 0):
             raise ValueError("on_record needs call >= 0 (a call known when it happens)")
-        self.model = model
+        self.model = model = peel_wrappers(model)
         resolved = [find_module(model, layer) for layer in layers]
         self.names = [name for name, _ in resolved]
         self.modules = [module for _, module in resolved]

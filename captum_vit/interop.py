@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import HookSet, find_module
+from .capture import HookSet, find_module, peel_wrappers
 from .layout import TokenLayout, resolve_layout
 from .models import check_batch_shape, unwrap_vision
 
@@ -268,6 +268,7 @@ def patch_feature_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         ...     strides=mask.strides)
     """
     check_batch_shape(inputs, "inputs")
+    model = peel_wrappers(model)
     name, conv = _patch_embedding(model)
     layout = resolve_layout(model, name, inputs[:2])
     grid_h, grid_w = layout.grid

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import LayerTap, find_module, preserved_state
+from .capture import LayerTap, find_module, peel_wrappers, preserved_state
 from .models import ImageModel, check_batch_shape, model_device, unwrap_vision
 
 __all__ = ["TokenLayout", "resolve_layout", "resolve_layouts", "MAX_PREFIX_TOKENS"]
@@ -423,6 +423,7 @@ def resolve_layouts(
     Raises:
         ValueError: as :func:`resolve_layout`, for the first layer that fails.
     """
+    model = peel_wrappers(model)  # torch.compile / DataParallel: the module inside
     vision = unwrap_vision(model)
     if getattr(vision, "image_prefix", None) is not None:
         model = vision  # Hugging Face: run the image tower (CLIPModel needs no text)

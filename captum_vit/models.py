@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import find_module, module_name
+from .capture import find_module, module_name, peel_wrappers
 
 __all__ = [
     "ImageModel",
@@ -41,7 +41,9 @@ __all__ = [
 
 def unwrap_vision(model: nn.Module) -> nn.Module:
     """The image tower of a model: ``model.visual`` for open_clip CLIP / CoCa models, the
-    wrapped model for an :class:`ImageModel`, the model itself otherwise.
+    wrapped model for an :class:`ImageModel`, the model itself otherwise; inside
+    ``torch.compile`` / ``DataParallel`` wrappers (see
+    :func:`~captum_vit.capture.peel_wrappers`).
 
     Raises:
         TypeError: ``model`` is not a ``torch.nn.Module``.
@@ -51,6 +53,7 @@ def unwrap_vision(model: nn.Module) -> nn.Module:
             f"model must be a torch.nn.Module, got {type(model).__name__}; create one first, "
             "e.g. timm.create_model(name) or captum_vit.zoo.load_model('vit')"
         )
+    model = peel_wrappers(model)
     if isinstance(model, ImageModel):
         return model.model
     if type(model).__module__.startswith("transformers."):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from archs import TIMM_ARCHS, hooks_left, images
+from archs import TIMM_ARCHS, hooked, hooks_left, images
 
 import captum_vit as cv
 from captum_vit.capture import HookSet, LayerTap, capture_layers, preserved_state
@@ -312,3 +312,32 @@ def test_hook_set_removes_every_hook_also_after_an_error():
         hooks.forward(model[0], lambda module, args, output: None)
         hooks.forward(None, lambda module, args, output: None)
     assert hooks_left(model) == 0
+
+
+@pytest.mark.parametrize("wrapper", ["compile", "data_parallel"])
+def test_compiled_and_data_parallel_models_are_read_through_their_wrapper(wrapper):
+    """``torch.compile(model)`` and ``nn.DataParallel(model)`` prefix every name
+    (``_orig_mod.`` / ``module.``): "blocks.1" was an unknown layer, and the rollout of a
+    compiled model failed with "ran 0 time(s)". Both spellings work and give the unwrapped
+    model's results; the compiled forward itself never runs (no compilation)."""
+    factory, size = TIMM_ARCHS["vit"]
+    model = factory()
+    wrapped = torch.compile(model) if wrapper == "compile" else torch.nn.DataParallel(model)
+    prefix = "_orig_mod." if wrapper == "compile" else "module."
+    batch = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    normalized = cv.ImageModel(model).normalize(batch)
+    expected = hooked(model, "blocks.1", normalized)
+    for layer in ("blocks.1", prefix + "blocks.1"):
+        torch.testing.assert_close(cv.capture_layers(wrapped, layer, normalized), expected)
+        assert cv.resolve_layout(wrapped, layer).grid == (4, 4)
+        maps = cv.PatchActivationMap(wrapped, layer).attribute(batch, target=3)
+        torch.testing.assert_close(maps, expected[:, 1:, 3].reshape(2, 4, 4))
+    top = cv.TopActivatingExamples(wrapped, "blocks.1", k=1).attribute(batch, target=[3])
+    assert top.scores.item() == pytest.approx(expected[:, 1:, 3].mean(1).max().item(), abs=1e-5)
+    torch.testing.assert_close(
+        cv.AttentionRollout(wrapped).attribute(batch), cv.AttentionRollout(model).attribute(batch)
+    )
+    mask = cv.patch_feature_mask(wrapped, batch)
+    torch.testing.assert_close(mask, cv.patch_feature_mask(model, batch))
+    assert hooks_left(model) == 0
+    assert all(p.requires_grad for p in model.parameters())
