@@ -24,6 +24,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from captum.attr import LayerAttribution
 from torch import nn
@@ -175,15 +176,29 @@ def check_count(value: Any, name: str, meaning: str) -> int:
     return int(value)
 
 
+def from_numpy(target: Any) -> Any:
+    """Units as numpy gives them (``np.argsort(...)[-5:]``, ``np.int64(3)``, a list of
+    numpy ints) as a tensor / Python ints; anything else unchanged."""
+    if isinstance(target, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(target))
+    if isinstance(target, np.integer):
+        return int(target)
+    if isinstance(target, (list, tuple)) and any(isinstance(u, np.integer) for u in target):
+        return [int(u) if isinstance(u, np.integer) else u for u in target]
+    return target
+
+
 def as_unit_tensor(
     target: int | Sequence[int] | torch.Tensor, num_channels: int, *, name: str = "target"
 ) -> torch.Tensor:
     """Units as a 1-D long tensor, checked against the layer width.
 
     Raises:
-        TypeError: not an int, a sequence of ints or an integer tensor.
+        TypeError: not an int, a sequence of ints or an integer tensor (numpy integers
+            and integer arrays count as ints and tensors).
         IndexError: a unit is outside ``[0, num_channels)``.
     """
+    target = from_numpy(target)
     if isinstance(target, bool):
         raise TypeError(f"{name} must be an int, a list of ints or a 1-D tensor, got bool")
     if isinstance(target, int):

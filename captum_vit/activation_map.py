@@ -9,7 +9,7 @@ import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
-from ._base import _LayerMethod, as_unit_tensor
+from ._base import _LayerMethod, as_unit_tensor, from_numpy
 from .layout import TokenLayout
 
 __all__ = ["PatchActivationMap", "unit_maps"]
@@ -170,6 +170,7 @@ def _target_selector(target: Target | None, layout: TokenLayout, batch: int):
     (``target=None``: every channel, unchanged)."""
     if target is None:
         return lambda spatial: spatial
+    target = from_numpy(target)
     channels = layout.num_channels
     if isinstance(target, torch.Tensor) and target.is_floating_point():
         return _direction_selector(target, channels, batch)

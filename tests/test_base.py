@@ -91,3 +91,28 @@ def test_types_and_values_are_refused_consistently():
         pam.attribute(torch.zeros(1, 3, *size, dtype=torch.uint8), target=0)
     with pytest.raises(ValueError, match="255"):
         pam.attribute(torch.full((1, 3, *size), 128.0), target=0)
+
+
+def test_units_from_numpy_are_accepted_everywhere():
+    """Units often come from numpy (``np.argsort(scores)[-2:]``); they were refused as
+    'got ndarray' / 'got int64' by FeatureVisualization and made PatchActivationMap ask
+    for one unit per image."""
+    model = TIMM_ARCHS["vit"][0]()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    layer = "blocks.1.mlp.act"
+    pam = cv.PatchActivationMap(model, layer)
+    torch.testing.assert_close(pam.attribute(x, target=np.int64(5)), pam.attribute(x, target=5))
+    torch.testing.assert_close(
+        pam.attribute(x, target=np.array([5, 7])), pam.attribute(x, target=[5, 7])
+    )
+    direction = np.random.default_rng(0).standard_normal(128).astype(np.float32)
+    torch.testing.assert_close(
+        pam.attribute(x, target=direction), pam.attribute(x, target=torch.from_numpy(direction))
+    )
+    top = cv.TopActivatingExamples(model, layer, k=1)
+    assert top.attribute(x, target=np.array([3, 4])).channels.tolist() == [3, 4]
+    fv = cv.FeatureVisualization(model, layer)
+    expected = fv.attribute(target=[1, 2], steps=2, preset="fast")
+    for units in (np.array([1, 2]), [np.int64(1), np.int64(2)]):
+        torch.testing.assert_close(fv.attribute(target=units, steps=2, preset="fast"), expected)
+    assert cv.objectives.channel(np.int64(3)).terms()[0][1].unit == 3

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .._base import _LayerMethod
+from .._base import _LayerMethod, from_numpy
 from .._progress import resolve_progress
 from ..capture import LayerTap, preserved_state
 from ..layout import TokenLayout
@@ -362,6 +362,7 @@ def _check_finite(images: Tensor, trace: Tensor) -> None:
 
 
 def _as_objectives(target: Any, token: Token) -> list[Objective]:
+    target = from_numpy(target)
     if isinstance(target, Objective) or (isinstance(target, int) and not isinstance(target, bool)):
         return [as_objective(target, token)]
     if isinstance(target, Tensor):

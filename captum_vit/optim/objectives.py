@@ -29,6 +29,7 @@ matrix and a channel-weight matrix, so N targets cost one ``einsum``, not N Pyth
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +152,8 @@ def _check_token(token: Any) -> Token | None:
 
 
 def _check_unit(unit: Any) -> int:
+    if isinstance(unit, numbers.Integral) and not isinstance(unit, bool):
+        return int(unit)  # numpy integers too
     if isinstance(unit, bool) or not isinstance(unit, int):
         if isinstance(unit, Tensor) and unit.numel() == 1 and not unit.is_floating_point():
             return int(unit)
