@@ -343,8 +343,23 @@ class LayerTap:
             raise RuntimeError(
                 f"layer {name!r} ran {len(calls)} time(s) in the forward pass, "
                 f"so call={self.call} does not exist"
+                + (self._why_not_run(name) if not calls else "")
             )
         return calls[self.call]
+
+    def _why_not_run(self, name: str) -> str:
+        """A hint for a module that exists but never ran."""
+        parent_name, _, child = name.rpartition(".")
+        parent = dict(self.model.named_modules()).get(parent_name)
+        if child == "attn_drop" and getattr(parent, "fused_attn", False):
+            return (
+                f". {type(parent).__name__} computes attention with "
+                "F.scaled_dot_product_attention (fused_attn=True), which never calls "
+                "attn_drop: the attention probabilities are no module's output (read them "
+                "with AttentionRollout, or set fused_attn=False on the model's attention "
+                "modules)"
+            )
+        return ": the model's forward does not use it (for this input)"
 
 
 def _clone(value: Any) -> Any:

@@ -266,6 +266,7 @@ class _Witnesses:
         self.batch = batch
         self.image_size = image_size
         self.grids: list[tuple[int, str, tuple[int, int]]] = []
+        self.sequences: list[tuple[int, int]] = []  # (call, token count) of token tensors
         self.calls = 0
         self._chains = _ancestor_chains(model)
 
@@ -273,17 +274,36 @@ class _Witnesses:
         """Grids seen in the first ``mark`` module calls, as (module name, grid)."""
         return [(name, grid) for index, name, grid in self.grids if index <= mark]
 
+    def token_counts_before(self, mark: int) -> set[int]:
+        """Token counts of the token tensors seen in the first ``mark`` module calls."""
+        return {count for index, count in self.sequences if index <= mark}
+
     def __call__(self, name: str, module: nn.Module, output: Any) -> None:
         self.calls += 1
         items = output if isinstance(output, (tuple, list)) else (output,)
         for item in items:
-            if isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
+            if isinstance(item, torch.Tensor) and item.dim() == 3:
+                self.sequences += [
+                    (self.calls, item.shape[1 - axis])
+                    for axis in (0, 1)
+                    if item.shape[axis] == self.batch
+                ]
+            elif isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
                 kind = _orient_4d(item.shape, self.image_size, self._chains[name])
-                if kind is not None:
+                counts = self.token_counts_before(self.calls)
+                if kind is not None and _attention_size(item.shape, kind, counts) is None:
                     grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
                     self.grids.append((self.calls, name, grid))
             elif _is_size_pair(item):
                 self.grids.append((self.calls, name, (int(item[0]), int(item[1]))))
+
+
+def _attention_size(shape: torch.Size, kind: str, token_counts: set[int]) -> int | None:
+    """``N`` when a 4-D tensor is a token-to-token matrix ``(B, heads, N, N)`` over ``N``
+    tokens seen before it (attention probabilities, relative position biases): its
+    "grid" is tokens by tokens, not the image."""
+    h, w = (shape[2], shape[3]) if kind == "BCHW" else (shape[1], shape[2])
+    return h if h == w and h in token_counts else None
 
 
 def _is_size_pair(item: Any) -> bool:
@@ -449,6 +469,7 @@ def resolve_layouts(
     ):
         values = tap.run(inputs, *additional_forward_args)
         seen = [witnesses.before(marks[call]) for marks in tap.marks]
+        counts = [witnesses.token_counts_before(marks[call]) for marks in tap.marks]
     return [
         _layout_from_value(
             value,
@@ -456,13 +477,16 @@ def resolve_layouts(
             chain=chains[name],
             vision=vision,
             seen=layer_seen,
+            token_counts=layer_counts,
             batch=batch,
             image_size=image_size,
             element=element,
             call=call,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-        for (name, _), value, layer_seen in zip(found, values, seen, strict=True)
+        for (name, _), value, layer_seen, layer_counts in zip(
+            found, values, seen, counts, strict=True
+        )
     ]
 
 
@@ -484,6 +508,7 @@ def _layout_from_value(
     chain: Sequence[nn.Module],
     vision: nn.Module,
     seen: list[tuple[str, tuple[int, int]]],
+    token_counts: set[int],
     batch: int,
     image_size: tuple[int, int],
     element: int | None,
@@ -500,7 +525,15 @@ def _layout_from_value(
                 continue
             try:
                 layout = _layout_of_tensor(
-                    value[index], name, chain, vision, seen, batch, image_size, **common
+                    value[index],
+                    name,
+                    chain,
+                    vision,
+                    seen,
+                    batch,
+                    image_size,
+                    token_counts=token_counts,
+                    **common,
                 )
             except ValueError as error:
                 errors.append(f"element {index}: {error}")
@@ -512,7 +545,9 @@ def _layout_from_value(
         )
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"layer {name!r} returns {type(value).__name__}, not a tensor")
-    return _layout_of_tensor(value, name, chain, vision, seen, batch, image_size, **common)
+    return _layout_of_tensor(
+        value, name, chain, vision, seen, batch, image_size, token_counts=token_counts, **common
+    )
 
 
 def _with_tuple_prefix(
@@ -548,6 +583,7 @@ def _layout_of_tensor(
     seen: list[tuple[str, tuple[int, int]]],
     batch: int,
     image_size: tuple[int, int],
+    token_counts: set[int] = frozenset(),
     **common: Any,
 ) -> TokenLayout:
     grids = [grid for _, grid in seen]
@@ -558,6 +594,13 @@ def _layout_of_tensor(
                 f"({batch}); it is not a per-image feature map"
             )
         kind = _orient_4d(x.shape, image_size, chain, grids)
+        tokens = None if kind is None else _attention_size(x.shape, kind, token_counts)
+        if tokens is not None:
+            raise ValueError(
+                f"layer {name!r} outputs {tuple(x.shape)}: a token-to-token matrix over the "
+                f"{tokens} tokens (attention probabilities), not a feature map of the image. "
+                "Read attention with AttentionRollout, or pick a layer of the tokens"
+            )
         if kind is None:
             raise ValueError(
                 f"layer {name!r} outputs a 4-D tensor {tuple(x.shape)} whose channel axis "

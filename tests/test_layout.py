@@ -340,3 +340,28 @@ def test_several_layers_in_one_forward_equal_each_alone(built, arch):
     assert len(calls) == 1  # one forward for all layers
     for path, layout in zip(paths[::-1], together, strict=True):
         assert layout == cv.resolve_layout(model, path, x), path
+
+
+def test_attention_matrices_are_not_read_as_feature_maps():
+    """With explicit attention, ``attn_drop`` outputs ``(B, heads, N, N)``: it was read as
+    a BCHW map of N x N "patches" with one channel per head (a silent wrong layout), and
+    CaiT's talking-heads matrices were listed as grids seen."""
+    model = TIMM_ARCHS["vit"][0]()
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"token-to-token matrix over the 17 tokens"):
+        cv.resolve_layout(model, "blocks.1.attn.attn_drop", x)
+    with pytest.raises(ValueError, match="token-to-token matrix"):
+        cv.PatchActivationMap(model, "blocks.1.attn.attn_drop").attribute(x, target=0)
+    assert cv.resolve_layout(model, "blocks.1.attn", x).grid == (4, 4)
+    cait = TIMM_ARCHS["cait"][0]()
+    with pytest.raises(ValueError, match=r"last grids seen: 4x4 \(patch_embed.proj\);"):
+        cv.resolve_layout(cait, "blocks_token_only.0", x)
+
+
+def test_a_layer_that_never_runs_says_why_for_fused_attention():
+    model = TIMM_ARCHS["vit"][0]()
+    with pytest.raises(RuntimeError, match=r"fused_attn=True\), which never calls attn_drop"):
+        cv.capture_layers(model, "blocks.1.attn.attn_drop", torch.rand(2, 3, 32, 32))
