@@ -2,14 +2,17 @@
 
 Supported: ``ViTModel`` / ``ViTForImageClassification``, DeiT (also
 ``DeiTForImageClassificationWithTeacher``: cls + distillation token), DINOv2 (also with
-registers), ``CLIPVisionModel`` / ``CLIPModel`` (its image tower) and Swin. Every public
-class of captum_vit takes these models directly; internally they are seen through
+registers), ``CLIPVisionModel`` / ``CLIPModel`` (its image tower) and Swin; BEiT,
+SigLIP's vision model and ViT-MAE (with ``config.mask_ratio = 0.0``) as well. Every
+public class of captum_vit takes these models directly; internally they are seen through
 :class:`HFVisionModel`, which
 
 * returns a tensor instead of a ``ModelOutput``: ``logits`` for classifiers, the projected
   image embedding for ``CLIPModel``, ``pooler_output`` (else the first token of
   ``last_hidden_state``) for backbones;
 * runs only the image tower of ``CLIPModel`` (``get_image_features``);
+* keeps ViT-MAE's patch tokens in image order (it shuffles them with random noise in
+  every forward, also with ``mask_ratio=0``: the wrapper passes increasing noise);
 * declares the input size from the model's config and the normalization of the model
   family's image processor (``config.image_mean`` / ``image_std`` when the config has
   them; ViT 0.5 / 0.5, CLIP OpenAI mean / std, the others ImageNet mean / std). Pass
@@ -124,14 +127,27 @@ class HFVisionModel(nn.Module):
         self.image_prefix = "vision_model." if self._clip_pair else "model."
         # The user's paths: CLIPModel's are this wrapper's; a wrapped model's lack "model.".
         self.wrapped_prefix = "" if self._clip_pair else "model."
+        self._shuffles = "noise" in inspect.signature(model.forward).parameters
+        self._patch_size = _pair(getattr(config, "patch_size", 1))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self._clip_pair:  # as CLIPModel.get_image_features
             pooled = self.vision_model(pixel_values=pixel_values).pooler_output
             return self.visual_projection(pooled)
+        if self._shuffles:
+            output = self.model(pixel_values=pixel_values, noise=self._in_order(pixel_values))
         else:
             output = self.model(pixel_values=pixel_values)
         return model_output_tensor(output)
+
+    def _in_order(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """ViT-MAE orders the patch tokens by ``argsort(noise)``, random when no noise is
+        given, even with ``mask_ratio=0``: increasing noise keeps them in image order (and
+        keeps the first ones if it masks)."""
+        rows = pixel_values.shape[-2] // self._patch_size[0]
+        cols = pixel_values.shape[-1] // self._patch_size[1]
+        order = torch.arange(rows * cols, device=pixel_values.device, dtype=torch.float32)
+        return order.expand(pixel_values.shape[0], -1)
 
 
 def vision_tower(model: nn.Module) -> HFVisionModel:

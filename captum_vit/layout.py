@@ -632,7 +632,22 @@ def _layout_of_tensor(
         f"a spatial layer has h*w patch tokens plus at most {MAX_PREFIX_TOKENS} prefix "
         "tokens). It is not spatial: pooled, class-attention or query tokens "
         "(e.g. CaiT blocks_token_only, attention-pool latents) have no patch map"
+        + _masking_hint(vision)
     )
+
+
+def _masking_hint(vision: nn.Module) -> str:
+    """Hugging Face ViT-MAE drops a random share of the patches in every forward, in eval
+    mode too: its token layers then fit no grid."""
+    for module in vision.modules():
+        ratio = getattr(getattr(module, "config", None), "mask_ratio", 0) or 0
+        if ratio > 0:
+            return (
+                f". This model drops {ratio:.0%} of the patch tokens in every forward "
+                "(config.mask_ratio, in eval mode too; ViT-MAE): set "
+                "model.config.mask_ratio = 0.0 to keep every patch"
+            )
+    return ""
 
 
 def _sequence_axis(x: torch.Tensor, batch: int, chain: Sequence[nn.Module], name: str) -> str:

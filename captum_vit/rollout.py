@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from captum.attr import Attribution, LayerAttribution
 from torch import nn
 
-from .capture import HookSet, _StopForward, find_module, preserved_state
+from .capture import HookSet, _as_the_user_sees, _StopForward, find_module, preserved_state
 from .layout import TokenLayout, resolve_layout
 from .models import ImageModel, check_images, fixed_input_size, model_device
 
@@ -170,19 +170,26 @@ def _torch_multihead(module: nn.Module, name: str, args: tuple, kwargs: dict) ->
 
 
 def _hf_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Hugging Face self-attention with ``q_proj`` / ``k_proj`` (ViT, DeiT, DINOv2, CLIP)."""
+    """Hugging Face self-attention with ``q_proj`` / ``k_proj`` (ViT, DeiT, DINOv2, CLIP,
+    SigLIP, BEiT). Its ``attention_mask`` is an additive bias on the logits, as the
+    models' own attention functions add it (BEiT passes its relative position bias
+    there)."""
     x = args[0] if args else kwargs["hidden_states"]
-    if kwargs.get("attention_mask", args[1] if len(args) > 1 else None) is not None:
+    bias = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if bias is not None and not (isinstance(bias, torch.Tensor) and bias.is_floating_point()):
         raise ValueError(
-            f"attention {name!r} runs with an attention mask: rollout needs plain self-attention"
+            f"attention {name!r} runs with a {type(bias).__name__} attention mask, not an "
+            "additive bias: rollout needs every token to attend to every token"
         )
+    if bias is not None:
+        bias = bias[..., : x.shape[-2]]  # as the attention functions slice it to the keys
     head_dim = module.head_dim
     q, k = module.q_proj, module.k_proj
     heads = q.weight.shape[0] // head_dim
     q = _split_heads(F.linear(x, q.weight, q.bias), heads)
     k = _split_heads(F.linear(x, k.weight, k.bias), heads)
     scale = getattr(module, "scaling", getattr(module, "scale", head_dim**-0.5))
-    return _probabilities(q, k, scale)
+    return _probabilities(q, k, scale, bias)
 
 
 def _register(
@@ -252,7 +259,9 @@ def _attention_modules(vision: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _pooled(name: str, module: nn.Module) -> bool:
-    return type(module).__name__ in _POOLED or "pool" in name.rsplit(".", 1)[-1].lower()
+    kind = type(module).__name__
+    # "pool" in the class name: SigLIP's SiglipMultiheadAttentionPoolingHead and the like
+    return kind in _POOLED or "pool" in kind.lower() or "pool" in name.rsplit(".", 1)[-1].lower()
 
 
 def _pooled_or_windowed(name: str, module: nn.Module) -> bool:
@@ -354,7 +363,7 @@ class AttentionRollout(Attribution):
             ]
             if blocking or not usable:
                 raise ValueError(
-                    f"cannot roll out the attention of {type(self.vision).__name__}: "
+                    f"cannot roll out the attention of {_as_the_user_sees(self.vision)[0]}: "
                     + ("; ".join(blocking) if blocking else "no self-attention modules found")
                 )
         else:

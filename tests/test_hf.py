@@ -256,3 +256,57 @@ def test_a_text_model_is_refused_as_not_an_image_model():
     )
     with pytest.raises(TypeError, match="BertModel is not an image model"):
         cv.PatchActivationMap(transformers.BertModel(config), "encoder.layer.0")
+
+
+def output_attentions(model, x):
+    with torch.no_grad():
+        return list(model(pixel_values=x, output_attentions=True).attentions)
+
+
+def test_rollout_of_beit_and_siglip_equals_the_models_own_attentions():
+    """BEiT passes its relative position bias as the attention mask (refused before as
+    "an attention mask"); SigLIP's attention-pooling head was rolled out as a block and
+    failed. Oracle: the models' own ``output_attentions`` (eager attention)."""
+    from test_rollout import hand_rollout
+
+    torch.manual_seed(0)
+    T = transformers
+    beit = T.BeitForImageClassification(
+        T.BeitConfig(**SMALL, image_size=32, num_labels=5, attn_implementation="eager")
+    ).eval()
+    with torch.no_grad():  # zero at init: random tables make a rollout without them wrong
+        for name, param in beit.named_parameters():
+            if "relative_position_bias_table" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)))
+    siglip = T.SiglipVisionModel(
+        T.SiglipVisionConfig(**SMALL, image_size=32, attn_implementation="eager")
+    ).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for model, prefix, row in ((beit, 1, "cls"), (siglip, 0, "mean")):
+        maps = cv.AttentionRollout(model).attribute(x)
+        assert hooks_left(model) == 0  # before the oracle: transformers leaves its recorders
+        probs = output_attentions(model, cv.ImageModel(model).normalize(x))
+        torch.testing.assert_close(
+            maps, hand_rollout(probs, prefix, (4, 4), row), atol=1e-6, rtol=0
+        )
+
+
+def test_vit_mae_patches_stay_in_image_order():
+    """ViT-MAE shuffles its patch tokens by argsort of random noise in every forward, even
+    with mask_ratio=0 (how its encoder is used for features): the maps came out scrambled.
+    Oracle: the model's own patch-embedding convolution plus position embeddings, which
+    are in image order."""
+    torch.manual_seed(0)
+    model = transformers.ViTMAEModel(
+        transformers.ViTMAEConfig(**SMALL, image_size=32, mask_ratio=0.0)
+    ).eval()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    normalized = cv.ImageModel(model).normalize(x)
+    with torch.no_grad():
+        conv = model.embeddings.patch_embeddings.projection(normalized)  # (B, C, 4, 4)
+        pos = model.embeddings.position_embeddings[0, 1:].T.reshape(1, -1, 4, 4)
+    maps = cv.PatchActivationMap(model, "embeddings").attribute(x, target=None)
+    torch.testing.assert_close(maps, conv + pos, atol=1e-5, rtol=1e-5)
+    masking = transformers.ViTMAEModel(transformers.ViTMAEConfig(**SMALL, image_size=32)).eval()
+    with pytest.raises(ValueError, match=r"drops 75% of the patch tokens.*mask_ratio = 0.0"):
+        cv.PatchActivationMap(masking, "layers.1").attribute(x, target=0)
