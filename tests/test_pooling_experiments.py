@@ -189,6 +189,27 @@ def test_undefined_architectures_raise(name):
         cv.pooling_experiments(model, [])
 
 
+def test_open_clip_attention_pooler_is_refused_with_the_reason():
+    """A CoCa-style tower has pool_type 'tok' and an attention pooler: the message said
+    it "pools with 'tok'" and needs "'tok' pooling"."""
+    import open_clip
+
+    torch.manual_seed(0)
+    tower = open_clip.transformer.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        width=32,
+        layers=2,
+        heads=2,
+        mlp_ratio=4.0,
+        output_dim=16,
+        attentional_pool=True,
+        attn_pooler_queries=4,
+    ).eval()
+    with pytest.raises(ValueError, match="pools through an attention pooler"):
+        cv.pooling_experiments(tower, [], head=lambda e: e)
+
+
 def test_bad_arguments_and_hygiene():
     # Heavy dropout and drop-path: in train mode every run would differ.
     model = small_vit(drop_rate=0.5, proj_drop_rate=0.5, drop_path_rate=0.5).train()

@@ -119,14 +119,16 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
         _check_timm(vision)
         return _TimmViT(vision, head)
     if type(vision).__module__.startswith("open_clip") and hasattr(vision, "transformer"):
-        if (
-            getattr(vision, "attn_pool", None) is not None
-            or getattr(vision, "pool_type", "") != "tok"
-        ):
+        if getattr(vision, "attn_pool", None) is not None:
             raise ValueError(
-                f"the open_clip tower pools with {getattr(vision, 'pool_type', '?')!r}"
-                f"{' and an attention pooler' if getattr(vision, 'attn_pool', None) else ''}: "
-                "the cls/patch experiments need 'tok' (cls token) pooling"
+                "the open_clip tower pools through an attention pooler (learned queries "
+                "over all tokens, as CoCa does): the cls/patch experiments need a head that "
+                "reads the cls token alone (pool_type 'tok', no attentional pool)"
+            )
+        if getattr(vision, "pool_type", "") != "tok":
+            raise ValueError(
+                f"the open_clip tower pools with {getattr(vision, 'pool_type', '?')!r}: the "
+                "cls/patch experiments need 'tok' (cls token) pooling"
             )
         if not (hasattr(vision, "_embeds") and hasattr(vision, "_pool")):
             raise ValueError(
