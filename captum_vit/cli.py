@@ -11,8 +11,8 @@ Subcommands:
   layouts               resolve token layouts of a set of timm / open_clip architectures
                         (random weights, small configurations, no network) and show the
                         early-exit capture
-  layout MODEL [LAYER]  print the token layout of one layer of a timm model, or a table
-                        of the layouts of all its blocks
+  layout MODEL [LAYER]  print the token layout of one layer of a timm or open_clip model,
+                        or a table of the layouts of all its blocks
 """
 
 from __future__ import annotations
@@ -114,11 +114,31 @@ def layouts() -> int:
     return 0
 
 
-def layout_command(args: argparse.Namespace) -> int:
+def _layout_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    """The model to resolve layouts on (an open_clip model's image tower) and a note on
+    its layer paths."""
+    import open_clip
+
     from .atlas.sources import create_timm
 
+    if not timm.is_model(args.model) and args.model in open_clip.list_models():
+        if args.pretrained:
+            raise ValueError(
+                f"--pretrained downloads timm weights; {args.model} is an open_clip model, "
+                "built here with random weights (its layouts are the same): drop --pretrained"
+            )
+        size = {"force_image_size": args.img_size} if args.img_size else {}
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            clip = open_clip.create_model(args.model, pretrained=None, **size)
+        note = "its image tower (on the full model in code, a layer takes the prefix visual.)"
+        return clip.visual.eval(), note
     kwargs = {"img_size": args.img_size} if args.img_size else {}
-    model = create_timm(args.model, args.pretrained, **kwargs).eval()
+    return create_timm(args.model, args.pretrained, **kwargs).eval(), "the model"
+
+
+def layout_command(args: argparse.Namespace) -> int:
+    model, note = _layout_model(args)
     if args.layer is not None:
         print(resolve_layout(model, args.layer))
         return 0
@@ -128,7 +148,7 @@ def layout_command(args: argparse.Namespace) -> int:
             f"found no blocks in {args.model}: name a layer (captum-vit layout MODEL LAYER)"
         )
     height, width = ImageModel(model).image_size
-    print(f"{args.model}: the output of every block, at {height}x{width}\n")
+    print(f"{args.model}: the output of every block of {note}, at {height}x{width}\n")
     print(_layout_header("block", 6))
     found = _block_layouts(model, blocks)
     for index, (block, layout) in enumerate(zip(blocks, found, strict=True)):
@@ -303,13 +323,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     layout = sub.add_parser(
         "layout",
-        help="token layout of one layer of a timm model (all its blocks without a layer)",
-        description="Print the token layout of one layer of a timm model, measured in one "
+        help="token layout of one layer of a timm or open_clip model (all its blocks without "
+        "a layer)",
+        description="Print the token layout of one layer of a timm or open_clip model "
+        "(random weights unless --pretrained), measured in one "
         "forward pass: how its output is laid out (tokens or a feature map), the patch grid, "
         "the prefix tokens (cls, distillation, registers) and the number of channels. "
         "Without a layer, a table of the layouts of all its blocks.",
     )
-    layout.add_argument("model", help="timm model name, e.g. vit_tiny_patch16_224")
+    layout.add_argument(
+        "model",
+        help="timm model name, e.g. vit_tiny_patch16_224, or open_clip model name, e.g. "
+        "ViT-B-32 (its image tower)",
+    )
     layout.add_argument(
         "layer",
         nargs="?",

@@ -194,6 +194,21 @@ def test_cli_layout_without_a_layer_tables_every_block(capsys):
     assert "captum-vit layout cait_xxs24_224 blocks.23" in out
 
 
+def test_cli_layout_of_an_open_clip_name_reads_its_image_tower(capsys):
+    """An open_clip name was "unknown timm model 'ViT-S-32'. Closest names: ViT-S-32"."""
+    assert main(["layout", "ViT-S-32", "--img-size", "64"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert [row[1] for row in rows] == [f"transformer.resblocks.{i}" for i in range(12)]
+    assert all(row[2:] == ["BNC", "2x2", "384", "cls"] for row in rows)
+    assert "prefix visual." in out
+    layer = "visual.transformer.resblocks.3.mlp.gelu"
+    assert main(["layout", "ViT-S-32", layer, "--img-size", "64"]) == 0
+    assert "num_channels=1536" in capsys.readouterr().out
+    assert main(["layout", "ViT-S-32", "--pretrained"]) == 2
+    assert "drop --pretrained" in capsys.readouterr().err
+
+
 def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback():
     """``captum-vit layouts | head -1``: the reader closes the pipe after one line."""
     command = [sys.executable, "-m", "captum_vit", "layouts"]

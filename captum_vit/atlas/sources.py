@@ -194,6 +194,10 @@ def create_timm(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module
     import timm
 
     if not timm.is_model(name):
+        import open_clip
+
+        if name in open_clip.list_models():
+            raise ValueError(f"{name!r} is an open_clip model name, not a timm one")
         raise ValueError(f"unknown timm model {name!r}.{_close_names(name)}")
     if not pretrained:
         with torch.random.fork_rng(devices=[]):
