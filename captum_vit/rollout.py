@@ -51,6 +51,22 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
 
 
+def _fused_qk(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, heads: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k ``(B, heads, N, d)`` from the first two thirds of a fused qkv projection
+    (``bias``: of the whole projection, or of q and k only)."""
+    width = weight.shape[0] // 3
+    qk = F.linear(x, weight[: 2 * width], None if bias is None else bias[: 2 * width])
+    q, k = (_split_heads(t, heads) for t in qk.split(width, dim=-1))
+    return q, k
+
+
+def _q_k_biases(module: nn.Module) -> torch.Tensor | None:
+    """BEiT / EVA keep q and k biases apart from their bias-free ``qkv`` (k's is zero)."""
+    return None if module.q_bias is None else torch.cat((module.q_bias, module.k_bias))
+
+
 def _probabilities(
     q: torch.Tensor, k: torch.Tensor, scale: float, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -86,12 +102,7 @@ def _eva_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> t
     x = args[0]
     heads = module.num_heads
     if module.qkv is not None:
-        width = module.qkv.weight.shape[0] // 3
-        bias = None
-        if module.q_bias is not None:
-            bias = torch.cat((module.q_bias, module.k_bias))
-        qk = F.linear(x, module.qkv.weight[: 2 * width], bias)
-        q, k = (_split_heads(t, heads) for t in qk.split(width, dim=-1))
+        q, k = _fused_qk(x, module.qkv.weight, _q_k_biases(module), heads)
     else:
         q = _split_heads(module.q_proj(x), heads)
         k = _split_heads(module.k_proj(x), heads)
@@ -109,11 +120,7 @@ def _beit_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> 
     """timm BEiT ``Attention``: q / k biases, its own relative position bias and the one
     its model shares across blocks (``use_shared_rel_pos_bias``), both added to the
     logits."""
-    x = args[0]
-    width = module.qkv.weight.shape[0] // 3
-    bias = None if module.q_bias is None else torch.cat((module.q_bias, module.k_bias))
-    qk = F.linear(x, module.qkv.weight[: 2 * width], bias)
-    q, k = (_split_heads(t, module.num_heads) for t in qk.split(width, dim=-1))
+    q, k = _fused_qk(args[0], module.qkv.weight, _q_k_biases(module), module.num_heads)
     logit_bias = None
     if module.relative_position_bias_table is not None:
         logit_bias = module._get_rel_pos_bias()
@@ -143,12 +150,7 @@ def _convit_gpsa(module: nn.Module, name: str, args: tuple, kwargs: dict) -> tor
 
 def _convit_mhsa(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     """timm ConViT ``MHSA``: plain self-attention from a fused ``qkv`` projection."""
-    x = args[0]
-    width = x.shape[-1]
-    qkv = module.qkv
-    bias = None if qkv.bias is None else qkv.bias[: 2 * width]
-    qk = F.linear(x, qkv.weight[: 2 * width], bias)
-    q, k = (_split_heads(t, module.num_heads) for t in qk.split(width, dim=-1))
+    q, k = _fused_qk(args[0], module.qkv.weight, module.qkv.bias, module.num_heads)
     return _probabilities(q, k, module.scale)
 
 
@@ -160,12 +162,7 @@ def _torch_multihead(module: nn.Module, name: str, args: tuple, kwargs: dict) ->
     if key is not query:
         raise ValueError(f"attention {name!r} is cross-attention: rollout needs self-attention")
     x = query if module.batch_first else query.transpose(0, 1)
-    width = module.embed_dim
-    bias = module.in_proj_bias
-    qk = F.linear(
-        x, module.in_proj_weight[: 2 * width], None if bias is None else bias[: 2 * width]
-    )
-    q, k = (_split_heads(t, module.num_heads) for t in qk.split(width, dim=-1))
+    q, k = _fused_qk(x, module.in_proj_weight, module.in_proj_bias, module.num_heads)
     return _probabilities(q, k, module.head_dim**-0.5)
 
 
