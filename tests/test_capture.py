@@ -122,6 +122,12 @@ def test_tap_reuse_and_outside_use():
     assert hooks_left(model) == 0
 
 
+def test_an_empty_layer_path_says_what_to_give():
+    """ "" was "unknown layer ''" with no close names."""
+    with pytest.raises(ValueError, match="empty path.*'head'"):
+        cv.PatchActivationMap(vit12(), "")
+
+
 def test_layer_that_does_not_run_is_reported():
     model = vit12()
     with pytest.raises(RuntimeError, match="ran 1 time"):
