@@ -11,6 +11,8 @@ public class of captum_vit takes these models directly; internally they are seen
   image embedding for ``CLIPModel``, ``pooler_output`` (else the first token of
   ``last_hidden_state``) for backbones;
 * runs only the image tower of ``CLIPModel`` (``get_image_features``);
+* takes images of other sizes than the config's where the model can interpolate its
+  position embeddings (``interpolate_pos_encoding``, as DINOv2 does by itself);
 * keeps ViT-MAE's patch tokens in image order (it shuffles them with random noise in
   every forward, also with ``mask_ratio=0``: the wrapper passes increasing noise);
 * declares the input size from the model's config and the normalization of the model
@@ -127,18 +129,24 @@ class HFVisionModel(nn.Module):
         self.image_prefix = "vision_model." if self._clip_pair else "model."
         # The user's paths: CLIPModel's are this wrapper's; a wrapped model's lack "model.".
         self.wrapped_prefix = "" if self._clip_pair else "model."
-        self._shuffles = "noise" in inspect.signature(model.forward).parameters
+        called = self.vision_model if self._clip_pair else model
+        parameters = inspect.signature(called.forward).parameters
+        self._shuffles = "noise" in parameters
+        self._interpolates = "interpolate_pos_encoding" in parameters
         self._patch_size = _pair(getattr(config, "patch_size", 1))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        if self._interpolates and tuple(pixel_values.shape[-2:]) != self.image_size:
+            # ViT / DeiT / CLIP refuse another size unless asked to interpolate their
+            # position embeddings, as DINOv2 always does and timm's dynamic_img_size does.
+            kwargs["interpolate_pos_encoding"] = True
         if self._clip_pair:  # as CLIPModel.get_image_features
-            pooled = self.vision_model(pixel_values=pixel_values).pooler_output
+            pooled = self.vision_model(pixel_values=pixel_values, **kwargs).pooler_output
             return self.visual_projection(pooled)
         if self._shuffles:
-            output = self.model(pixel_values=pixel_values, noise=self._in_order(pixel_values))
-        else:
-            output = self.model(pixel_values=pixel_values)
-        return model_output_tensor(output)
+            kwargs["noise"] = self._in_order(pixel_values)
+        return model_output_tensor(self.model(pixel_values=pixel_values, **kwargs))
 
     def _in_order(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ViT-MAE orders the patch tokens by ``argsort(noise)``, random when no noise is

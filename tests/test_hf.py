@@ -310,3 +310,24 @@ def test_vit_mae_patches_stay_in_image_order():
     masking = transformers.ViTMAEModel(transformers.ViTMAEConfig(**SMALL, image_size=32)).eval()
     with pytest.raises(ValueError, match=r"drops 75% of the patch tokens.*mask_ratio = 0.0"):
         cv.PatchActivationMap(masking, "layers.1").attribute(x, target=0)
+
+
+@pytest.mark.parametrize("kind", ["vit_model", "clip"])
+def test_other_image_sizes_interpolate_the_position_embeddings(kind):
+    """ViT and CLIP refuse another size than their config's unless asked to interpolate
+    their position embeddings; the methods failed with "Input image size (48*48) doesn't
+    match model (32*32)". Oracle: the model's own hidden states with the flag."""
+    model = build(kind)
+    path, index, names, _ = LAYERS[kind]
+    x = torch.rand(2, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    maps = cv.PatchActivationMap(model, path).attribute(x, target=3)
+    assert hooks_left(model) == 0  # before the oracle: transformers leaves its recorders
+    tower = model.vision_model if kind == "clip" else model
+    with torch.no_grad():
+        hidden = tower(
+            pixel_values=cv.ImageModel(model).normalize(x),
+            output_hidden_states=True,
+            interpolate_pos_encoding=True,
+        ).hidden_states[index]
+    expected = hidden[:, len(names) :, 3].reshape(2, 6, 5)
+    torch.testing.assert_close(maps, expected)
