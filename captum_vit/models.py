@@ -348,6 +348,25 @@ def _is_open_clip(module: nn.Module) -> bool:
     return type(module).__module__.startswith("open_clip")
 
 
+def outputs_embeddings(model: nn.Module) -> bool:
+    """Whether the model's image output is an image-text embedding (open_clip models and
+    towers, Hugging Face CLIP image features), not class scores."""
+    vision = unwrap_vision(model)
+    return _is_open_clip(vision) or bool(getattr(vision, "_clip_pair", False))
+
+
+def check_embedding_head(head: Any, vision: nn.Module) -> None:
+    """Refuse a missing or non-callable ``head`` for a model that outputs embeddings."""
+    if head is None:
+        raise ValueError(
+            f"{type(vision).__name__} outputs image embeddings, not class logits: pass "
+            "head=... (a classifier or a zero-shot head mapping embeddings to logits, e.g. "
+            "lambda e: F.normalize(e, dim=-1) @ text_features.T)"
+        )
+    if not callable(head):
+        raise TypeError(f"head must be callable, got {type(head).__name__}")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """Device of the model's parameters (CPU for a model without parameters)."""
     param = next(model.parameters(), None)

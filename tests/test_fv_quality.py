@@ -87,3 +87,31 @@ def test_transfer_score_counts_top1_of_the_judge():
         cv.transfer_score(images, [0, 1], judge)
     with pytest.raises(ValueError, match="at least one image"):  # was nan
         cv.transfer_score(images[:0], [], judge)
+    # A label the judge has no score for counted as a silent miss.
+    with pytest.raises(ValueError, match=r"labels run 0..5: labels must index its classes"):
+        cv.transfer_score(images, [0, 1, 2, 5], judge)
+    # head= maps the judge's output to class scores: here it swaps red and blue.
+    swapped = cv.transfer_score(images, [2, 1, 0, 0], judge, head=lambda s: s[:, [2, 1, 0]])
+    assert swapped == 75.0
+
+
+def test_transfer_score_with_a_clip_judge_needs_a_zero_shot_head():
+    """A CLIP model outputs an embedding: its dimensions were read as class scores."""
+    from archs import open_clip_model
+
+    clip = open_clip_model()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="CLIP outputs image embeddings.*head="):
+        cv.transfer_score(images, labels, clip)
+    text = torch.nn.functional.normalize(
+        torch.randn(3, 16, generator=torch.Generator().manual_seed(1)), dim=-1
+    )
+
+    def zero_shot(embedding):
+        return torch.nn.functional.normalize(embedding, dim=-1) @ text.T
+
+    with torch.no_grad():
+        predicted = zero_shot(clip.encode_image(cv.ImageModel(clip).normalize(images)))
+    expected = 100.0 * (predicted.argmax(1) == labels).float().mean().item()
+    assert cv.transfer_score(images, labels, clip, head=zero_shot) == pytest.approx(expected)

@@ -33,7 +33,13 @@ from .._batches import as_batch_stream, unpack_batch
 from .._progress import progress, resolve_progress
 from ..capture import module_name, preserved_state
 from ..layout import TokenLayout, resolve_layout
-from ..models import ImageModel, check_images, fixed_input_size, model_device
+from ..models import (
+    ImageModel,
+    check_embedding_head,
+    check_images,
+    fixed_input_size,
+    model_device,
+)
 from .reports import Accuracy, PoolingReport
 
 __all__ = ["pooling_experiments", "token_pipeline"]
@@ -111,7 +117,7 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
 
     trunk = getattr(vision, "trunk", None)
     if isinstance(trunk, TimmVisionTransformer) and hasattr(vision, "head"):
-        _need_head(head, vision)
+        check_embedding_head(head, vision)
         tower_head = vision.head
         _check_timm(trunk)
         return _TimmViT(trunk, lambda features: head(tower_head(features)))
@@ -135,7 +141,7 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
                 "this open_clip version's VisionTransformer has no _embeds/_pool methods; "
                 "the pooling experiments need open_clip >= 2.24"
             )
-        _need_head(head, vision)
+        check_embedding_head(head, vision)
         return _OpenClipViT(vision, head)
     raise ValueError(
         f"the cls/patch pooling experiments are undefined for {type(vision).__name__}: they "
@@ -157,17 +163,6 @@ def _check_timm(model: nn.Module) -> None:
             f"this {name} pools with global_pool={model.global_pool!r}: the experiments "
             "need token (cls) pooling, global_pool='token'"
         )
-
-
-def _need_head(head: Head | None, vision: nn.Module) -> None:
-    if head is None:
-        raise ValueError(
-            f"{type(vision).__name__} outputs image embeddings, not class logits: pass "
-            "head=... (a classifier or a zero-shot head mapping embeddings to logits, e.g. "
-            "lambda e: F.normalize(e, dim=-1) @ text_features.T)"
-        )
-    if not callable(head):
-        raise TypeError(f"head must be callable, got {type(head).__name__}")
 
 
 def pooling_experiments(

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from .._accuracy import TopKCounter
 from .._base import check_count
 from ..capture import preserved_state
-from ..models import ImageModel, check_images, model_device
+from ..models import (
+    ImageModel,
+    check_embedding_head,
+    check_images,
+    model_device,
+    outputs_embeddings,
+)
 from .objectives import Objective, Token, compile_objectives
 
 __all__ = ["robust_activation", "transfer_score", "random_views"]
@@ -114,7 +120,12 @@ def robust_activation(
 
 @torch.no_grad()
 def transfer_score(
-    images: Tensor, labels: Tensor | Sequence[int], judge_model: nn.Module, *, batch_size: int = 64
+    images: Tensor,
+    labels: Tensor | Sequence[int],
+    judge_model: nn.Module,
+    *,
+    batch_size: int = 64,
+    head: Callable[[Tensor], Tensor] | None = None,
 ) -> float:
     """Top-1 accuracy (%) of ``judge_model`` on ``images`` against ``labels``: how often an
     independent classifier sees the class a visualization was made for.
@@ -125,6 +136,9 @@ def transfer_score(
         labels: ``N`` class indices.
         judge_model: a classifier (its own normalization is applied, see
             :class:`~captum_vit.ImageModel`); left as found (eval mode inside).
+        head: maps the judge's output to class scores; needed for a judge that outputs
+            image embeddings (open_clip / CLIP models: a zero-shot head such as
+            ``lambda e: F.normalize(e, dim=-1) @ text_features.T``).
 
     Returns:
         a float in [0, 100].
@@ -133,6 +147,10 @@ def transfer_score(
 
         >>> images = cv.FeatureVisualization(vit, "head").attribute(target=list(range(8)))
         >>> cv.transfer_score(images, list(range(8)), cnn)
+
+    Raises:
+        ValueError: no images, a label count that differs from the images', a judge
+            that outputs embeddings without ``head``, a label outside the judge's classes.
     """
     check_images(images)
     if len(images) == 0:
@@ -142,6 +160,8 @@ def transfer_score(
     labels = torch.as_tensor(labels).reshape(-1).long()
     if labels.numel() != images.shape[0]:
         raise ValueError(f"got {labels.numel()} labels for {images.shape[0]} images")
+    if head is not None or outputs_embeddings(judge_model):
+        check_embedding_head(head, judge_model)
     try:
         judge = ImageModel(judge_model)
     except ValueError:  # no declared input size: the images' own
@@ -154,5 +174,18 @@ def transfer_score(
             x = images[start : start + batch_size].float().to(device)
             if tuple(x.shape[-2:]) != tuple(size):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            counter.add(judge(x).float(), labels[start : start + batch_size])
+            scores = judge(x) if head is None else head(judge(x))
+            _check_labels_fit(labels, scores)
+            counter.add(scores.float(), labels[start : start + batch_size])
     return float(counter.top1_percent())
+
+
+def _check_labels_fit(labels: Tensor, scores: Tensor) -> None:
+    """A label outside the judge's classes would count as a silent miss."""
+    classes = scores.shape[-1]
+    if scores.dim() != 2 or int(labels.min()) < 0 or int(labels.max()) >= classes:
+        raise ValueError(
+            f"the judge outputs {tuple(scores.shape)} scores but the labels run "
+            f"{int(labels.min())}..{int(labels.max())}: labels must index its classes "
+            "(0..C-1 of a (B, C) output); for a model that outputs features, pass head=..."
+        )
