@@ -267,6 +267,7 @@ class _Witnesses:
         self.image_size = image_size
         self.grids: list[tuple[int, str, tuple[int, int]]] = []
         self.sequences: list[tuple[int, int]] = []  # (call, token count) of token tensors
+        self._counts_so_far: set[int] = set()
         self.calls = 0
         self._chains = _ancestor_chains(model)
 
@@ -283,14 +284,12 @@ class _Witnesses:
         items = output if isinstance(output, (tuple, list)) else (output,)
         for item in items:
             if isinstance(item, torch.Tensor) and item.dim() == 3:
-                self.sequences += [
-                    (self.calls, item.shape[1 - axis])
-                    for axis in (0, 1)
-                    if item.shape[axis] == self.batch
-                ]
+                counts = [item.shape[1 - axis] for axis in (0, 1) if item.shape[axis] == self.batch]
+                self.sequences += [(self.calls, count) for count in counts]
+                self._counts_so_far.update(counts)
             elif isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
                 kind = _orient_4d(item.shape, self.image_size, self._chains[name])
-                counts = self.token_counts_before(self.calls)
+                counts = self._counts_so_far
                 if kind is not None and _attention_size(item.shape, kind, counts) is None:
                     grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
                     self.grids.append((self.calls, name, grid))
