@@ -331,3 +331,31 @@ def test_other_image_sizes_interpolate_the_position_embeddings(kind):
         ).hidden_states[index]
     expected = hidden[:, len(names) :, 3].reshape(2, 6, 5)
     torch.testing.assert_close(maps, expected)
+
+
+def test_pooling_experiments_on_hf_classifiers_equal_timm_with_the_same_weights():
+    """Table 1 said "undefined for HFVisionModel" for a Hugging Face ViT classifier."""
+    hf = build("vit")
+    twin = timm_twin(hf)
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(12, 3, 32, 48, generator=generator)
+    labels = torch.randint(0, 5, (12,), generator=generator)
+    batches = [(images[:6], labels[:6]), (images[6:], labels[6:])]
+    ours = cv.pooling_experiments(hf, batches)
+    expected = cv.pooling_experiments(twin, batches, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert ours.natural == expected.natural and ours.natural.top1 > 0
+    assert ours.isolated_cls == expected.isolated_cls and ours.tear == expected.tear
+    assert torch.equal(ours.patch_accuracy, expected.patch_accuracy)
+    assert hooks_left(hf) == 0
+    # DeiT with a teacher head averages the cls and distillation heads: its natural
+    # accuracy is the model's own.
+    deit = build("deit")
+    x = torch.rand(8, 3, 32, 32, generator=generator)
+    y = torch.randint(0, 5, (8,), generator=generator)
+    with torch.no_grad():
+        own = deit(pixel_values=cv.ImageModel(deit).normalize(x)).logits.argmax(1)
+    report = cv.pooling_experiments(deit, [(x, y)], tear=[])
+    assert report.natural.top1 == pytest.approx(100.0 * (own == y).float().mean().item())
+    assert report.isolated_cls[0] == report.natural
+    with pytest.raises(ValueError, match="not Dinov2WithRegistersModel"):
+        cv.pooling_experiments(build("dinov2_reg"), [(x, y)])

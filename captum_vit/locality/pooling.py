@@ -24,6 +24,7 @@ need a cls token that alone feeds the head and a plain stack of blocks.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -105,6 +106,68 @@ class _OpenClipViT(_TokenPipeline):
         return self.head(pooled)
 
 
+class _HFViT(_TokenPipeline):
+    """A Hugging Face ViT / DeiT image classifier: its head reads the final layer norm's
+    cls token (and, for DeiT with a teacher head, the distillation token, averaged)."""
+
+    def __init__(self, model: nn.Module, head: Head | None) -> None:
+        self.model = model
+        self.base = getattr(model, model.base_model_prefix)
+        self.head = head
+        self.blocks = list(_hf_layers(self.base))
+        self.image_size = _hf_image_size(model.config)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        other_size = tuple(x.shape[-2:]) != self.image_size
+        return self.base.embeddings(x, interpolate_pos_encoding=other_size)
+
+    def block(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        out = self.blocks[index](x)
+        return out[0] if isinstance(out, tuple) else out  # older transformers: a tuple
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.base.layernorm(x)
+        if self.head is not None:
+            return self.head(x[:, 0])
+        if hasattr(self.model, "cls_classifier"):  # DeiTForImageClassificationWithTeacher
+            cls = self.model.cls_classifier(x[:, 0])
+            return (cls + self.model.distillation_classifier(x[:, 1])) / 2
+        return self.model.classifier(x[:, 0])
+
+
+#: Hugging Face classifiers whose head reads the cls token (and DeiT's distillation token).
+_HF_CLS_CLASSIFIERS = (
+    "ViTForImageClassification",
+    "DeiTForImageClassification",
+    "DeiTForImageClassificationWithTeacher",
+)
+
+
+def _hf_layers(base: nn.Module) -> nn.ModuleList:
+    layers = getattr(base, "layers", None)
+    return layers if layers is not None else base.encoder.layer
+
+
+def _hf_image_size(config: Any) -> tuple[int, int]:
+    size = config.image_size
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def _hf_pipeline(vision: nn.Module, head: Head | None) -> _TokenPipeline:
+    model = getattr(vision, "model", None)
+    name = type(model).__name__ if model is not None else "CLIPModel"  # its image tower
+    if name not in _HF_CLS_CLASSIFIERS:
+        raise ValueError(
+            f"the cls/patch pooling experiments support Hugging Face {', '.join(_HF_CLS_CLASSIFIERS)} "
+            f"(a head reading the cls token), not {name}: other heads pool differently "
+            "(DINOv2's reads cls and the mean patch) or output embeddings (CLIP); load the "
+            "weights into a timm VisionTransformer to run them"
+        )
+    if head is not None and not callable(head):
+        raise TypeError(f"head must be callable, got {type(head).__name__}")
+    return _HFViT(model, head)
+
+
 def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipeline:
     """The adapter for ``vision`` (an unwrapped vision model).
 
@@ -115,6 +178,8 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
     """
     from timm.models.vision_transformer import VisionTransformer as TimmVisionTransformer
 
+    if getattr(vision, "image_prefix", None) is not None:  # a Hugging Face model
+        return _hf_pipeline(vision, head)
     trunk = getattr(vision, "trunk", None)
     if isinstance(trunk, TimmVisionTransformer) and hasattr(vision, "head"):
         check_embedding_head(head, vision)
@@ -146,7 +211,8 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
     raise ValueError(
         f"the cls/patch pooling experiments are undefined for {type(vision).__name__}: they "
         "need a plain stack of blocks over [cls, patches] with the head reading cls alone "
-        "(timm VisionTransformer / DeiT with global_pool='token', open_clip ViT towers). "
+        "(timm VisionTransformer / DeiT with global_pool='token', open_clip ViT towers, "
+        "Hugging Face ViT / DeiT classifiers). "
         "Swin, PiT, CaiT, ConViT, CoaT, Twins and CNNs are not supported"
     )
 
@@ -187,8 +253,9 @@ def pooling_experiments(
 
     Args:
         model: a timm ``VisionTransformer`` / DeiT with a cls token and token pooling, an
-            open_clip ViT tower (or CLIP model) with ``'tok'`` pooling, or an
-            :class:`~captum_vit.models.ImageModel` around one.
+            open_clip ViT tower (or CLIP model) with ``'tok'`` pooling, a Hugging Face
+            ``ViTForImageClassification`` / ``DeiTForImageClassification(WithTeacher)``,
+            or an :class:`~captum_vit.models.ImageModel` around one.
         dataloader: iterable of ``(images, labels)`` batches or dicts with ``"image"`` and
             ``"label"``; images ``(B, 3, H, W)`` in ``[0, 1]`` of one size, labels ``(B,)``
             class indices.
@@ -198,7 +265,8 @@ def pooling_experiments(
             (``None``: every ``L`` in ``0..depth``; ``[]``: skip).
         head: maps the model's pooled features to logits. Needed for open_clip towers
             (a linear classifier or a zero-shot head on the image embedding); for timm
-            models it replaces the model's own head and gets the pre-logits features.
+            and Hugging Face classifiers it replaces the model's own head and gets the
+            pre-logits features (the final norm's cls token).
         mean, std, image_size: override the model's own normalization / input size.
         show_progress: a progress bar over batches; ``None`` (default): when stderr is a
             terminal.
