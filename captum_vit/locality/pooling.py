@@ -24,7 +24,6 @@ need a cls token that alone feeds the head and a plain stack of blocks.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
 
 import torch
 from torch import nn
@@ -110,12 +109,12 @@ class _HFViT(_TokenPipeline):
     """A Hugging Face ViT / DeiT image classifier: its head reads the final layer norm's
     cls token (and, for DeiT with a teacher head, the distillation token, averaged)."""
 
-    def __init__(self, model: nn.Module, head: Head | None) -> None:
+    def __init__(self, model: nn.Module, head: Head | None, image_size: tuple[int, int]) -> None:
         self.model = model
         self.base = getattr(model, model.base_model_prefix)
         self.head = head
         self.blocks = list(_hf_layers(self.base))
-        self.image_size = _hf_image_size(model.config)
+        self.image_size = image_size  # the config's: another size interpolates
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         other_size = tuple(x.shape[-2:]) != self.image_size
@@ -148,11 +147,6 @@ def _hf_layers(base: nn.Module) -> nn.ModuleList:
     return layers if layers is not None else base.encoder.layer
 
 
-def _hf_image_size(config: Any) -> tuple[int, int]:
-    size = config.image_size
-    return (size, size) if isinstance(size, int) else tuple(size)
-
-
 def _hf_pipeline(vision: nn.Module, head: Head | None) -> _TokenPipeline:
     model = getattr(vision, "model", None)
     name = type(model).__name__ if model is not None else "CLIPModel"  # its image tower
@@ -165,7 +159,7 @@ def _hf_pipeline(vision: nn.Module, head: Head | None) -> _TokenPipeline:
         )
     if head is not None and not callable(head):
         raise TypeError(f"head must be callable, got {type(head).__name__}")
-    return _HFViT(model, head)
+    return _HFViT(model, head, vision.image_size)
 
 
 def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipeline:
