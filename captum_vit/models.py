@@ -363,7 +363,12 @@ def check_embedding_head(head: Any, vision: nn.Module) -> None:
             "head=... (a classifier or a zero-shot head mapping embeddings to logits, e.g. "
             "lambda e: F.normalize(e, dim=-1) @ text_features.T)"
         )
-    if not callable(head):
+    check_head_callable(head)
+
+
+def check_head_callable(head: Any) -> None:
+    """Refuse a ``head`` that is given but cannot be called."""
+    if head is not None and not callable(head):
         raise TypeError(f"head must be callable, got {type(head).__name__}")
 
 

@@ -36,6 +36,7 @@ from ..layout import TokenLayout, resolve_layout
 from ..models import (
     ImageModel,
     check_embedding_head,
+    check_head_callable,
     check_images,
     fixed_input_size,
     model_device,
@@ -157,8 +158,7 @@ def _hf_pipeline(vision: nn.Module, head: Head | None) -> _TokenPipeline:
             "(DINOv2's reads cls and the mean patch) or output embeddings (CLIP); load the "
             "weights into a timm VisionTransformer to run them"
         )
-    if head is not None and not callable(head):
-        raise TypeError(f"head must be callable, got {type(head).__name__}")
+    check_head_callable(head)
     return _HFViT(model, head, vision.image_size)
 
 
