@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from captum.attr import LayerAttribution
 from torch import nn
 
 from ._base import _LayerMethod, as_unit_tensor, from_numpy
-from .layout import TokenLayout
+from .layout import TokenLayout, upsample_to_image
+from .models import patch_tiling
 
 __all__ = ["PatchActivationMap", "unit_maps"]
 
@@ -104,8 +104,11 @@ class PatchActivationMap(_LayerMethod):
             attribute_to_layer_input: map the layer's input (``True``) or output
                 (``False``) for this call; ``None`` keeps the constructor's choice.
             interpolate: return the maps upsampled to the input size ``(B, H, W)``
-                (Captum's :meth:`LayerAttribution.interpolate`), instead of the patch grid
-                ``(B, h, w)``.
+                (as Captum's :meth:`LayerAttribution.interpolate`), instead of the patch
+                grid ``(B, h, w)``. For an image that is not a whole number of patches,
+                the maps lie on the pixels the patches cover: the part a model pads is
+                cut off (timm ``dynamic_img_pad``), and the rest a model drops
+                (Hugging Face ViT) takes the nearest patch's values.
             interpolate_mode: mode of ``torch.nn.functional.interpolate``.
             return_prefix: also return the prefix tokens' values of the same target.
 
@@ -145,7 +148,8 @@ class PatchActivationMap(_LayerMethod):
         maps = selector(spatial.float())
         if interpolate:
             grid = maps if target is None else maps.unsqueeze(1)
-            grid = LayerAttribution.interpolate(grid, tuple(images.shape[-2:]), interpolate_mode)
+            size = tuple(images.shape[-2:])
+            grid = upsample_to_image(grid, size, patch_tiling(self.vision, size), interpolate_mode)
             maps = grid if target is None else grid.squeeze(1)
         maps = maps.to(inputs.device)
         if not return_prefix:

@@ -40,6 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import whole_patches
+
 __all__ = ["HFVisionModel", "is_hf_model", "model_output_tensor", "vision_tower"]
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -134,6 +136,8 @@ class HFVisionModel(nn.Module):
         self._shuffles = "noise" in parameters
         self._interpolates = "interpolate_pos_encoding" in parameters
         self._patch_size = _pair(getattr(config, "patch_size", 1))
+        # Swin pads the image to whole patches; the others' convolution drops the rest.
+        self._pads = "swin" in getattr(config, "model_type", "")
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         kwargs = {}
@@ -147,6 +151,12 @@ class HFVisionModel(nn.Module):
         if self._shuffles:
             kwargs["noise"] = self._in_order(pixel_values)
         return model_output_tensor(self.model(pixel_values=pixel_values, **kwargs))
+
+    def patch_tiling(
+        self, image_size: tuple[int, int]
+    ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+        """See :func:`captum_vit.models.patch_tiling`."""
+        return whole_patches(tuple(image_size), self._patch_size, pads=self._pads)
 
     def _in_order(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """ViT-MAE orders the patch tokens by ``argsort(noise)``, random when no noise is

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .capture import LayerTap, find_module, peel_wrappers, preserved_state
@@ -201,6 +202,49 @@ class TokenLayout:
             f"{self.num_prefix_tokens} prefix token(s), {self.num_channels} channels); "
             "resolve the layout again for this input size"
         )
+
+
+def upsample_to_image(
+    maps: torch.Tensor,
+    image_size: tuple[int, int],
+    tiling: tuple[tuple[int, int], tuple[int, int]] | None = None,
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Grid maps ``(B, C, h, w)`` upsampled onto the image's pixels ``(B, C, H, W)``.
+
+    With the model's :func:`~captum_vit.models.patch_tiling`, a grid that is the patch
+    grid or a downsampling of it (Swin's stages: cells of 2, 4, ... patches) is upsampled
+    onto the pixels its cells cover, from the top left: where the model padded (timm
+    ``dynamic_img_pad``, Swin's patch merging of an odd grid) the padding is cut off, and
+    pixels it dropped (a remainder under one cell) take the nearest cell's values.
+    Otherwise (no tiling, or a grid that is not made of whole patches, such as PiT's
+    overlapping patches) the grid is stretched over the image, as Captum's
+    ``LayerAttribution.interpolate`` does.
+    """
+    height, width = image_size
+    cell = _cell_size(tuple(maps.shape[-2:]), tiling)
+    extent = None if cell is None else (maps.shape[-2] * cell[0], maps.shape[-1] * cell[1])
+    if extent is None or extent == (height, width):
+        return F.interpolate(maps, size=(height, width), mode=mode)
+    covered = F.interpolate(maps, size=extent, mode=mode)[..., :height, :width]
+    missing = (0, width - covered.shape[-1], 0, height - covered.shape[-2])
+    return F.pad(covered, missing, mode="replicate") if any(missing) else covered
+
+
+def _cell_size(
+    grid: tuple[int, int], tiling: tuple[tuple[int, int], tuple[int, int]] | None
+) -> tuple[int, int] | None:
+    """Pixels per cell of a grid made of ``k x k`` patches of ``tiling`` (a partial cell
+    rounded either way), else ``None``."""
+    if tiling is None:
+        return None
+    cells = []
+    for size, patches, patch in zip(grid, *tiling, strict=True):
+        merged = max(1, round(patches / size))
+        if size not in (patches // merged, -(-patches // merged)):
+            return None
+        cells.append(merged * patch)
+    return cells[0], cells[1]
 
 
 # --------------------------------------------------------------------------- evidence

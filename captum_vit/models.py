@@ -410,6 +410,40 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def patch_tiling(
+    model: nn.Module, image_size: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    """How the model's patch embedding tiles an ``(H, W)`` image: ``((rows, cols),
+    (patch_h, patch_w))``, the patch grid covering ``rows * patch_h`` x ``cols *
+    patch_w`` pixels from the top left. On an image that is not a whole number of
+    patches that is more than the image where the model pads it to whole patches (timm
+    ``dynamic_img_pad``, Hugging Face Swin) and less where it drops the remainder
+    (Hugging Face ViT, DeiT, DINOv2, CLIP, BEiT). ``None`` where the model's patching is
+    unknown (no ``patch_embed``, a hybrid's CNN stem, open_clip's fixed size).
+    """
+    vision = unwrap_vision(model)
+    tiling = getattr(vision, "patch_tiling", None)
+    if callable(tiling):  # HFVisionModel
+        return tiling(image_size)
+    for module in (vision, getattr(vision, "trunk", None)):
+        patch_embed = getattr(module, "patch_embed", None) if module is not None else None
+        patch_size = getattr(patch_embed, "patch_size", None)
+        if patch_size is not None and not hasattr(patch_embed, "backbone"):  # not hybrid
+            pads = bool(getattr(patch_embed, "dynamic_img_pad", False))
+            return whole_patches(image_size, _pair(patch_size), pads=pads)
+    return None
+
+
+def whole_patches(
+    image_size: tuple[int, int], patch_size: tuple[int, int], *, pads: bool
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """:func:`patch_tiling` of a model that pads the image to whole patches
+    (``pads=True``) or drops the remainder."""
+    rounding = math.ceil if pads else math.floor
+    rows, cols = (int(rounding(s / p)) for s, p in zip(image_size, patch_size, strict=True))
+    return (rows, cols), patch_size
+
+
 #: How far outside [0, 1] image values may stray (float rounding of resizing, colour
 #: conversion) before :func:`check_images` refuses them.
 IMAGE_RANGE_TOLERANCE = 1e-3

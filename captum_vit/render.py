@@ -154,8 +154,10 @@ def overlay(
 
     Args:
         image: ``(3, H, W)`` RGB in [0, 1].
-        activation_map: ``(h, w)`` patch map (upsampled bilinearly to ``H x W``, as
-            ``PatchActivationMap(..., interpolate=True)`` does) or ``(H, W)``.
+        activation_map: ``(h, w)`` patch map (stretched bilinearly over ``H x W``) or
+            ``(H, W)``. For an image that is not a whole number of patches, pass the
+            ``(H, W)`` map of ``PatchActivationMap(..., interpolate=True)``, which lies
+            on the pixels the patches cover.
         alpha: weight of the heat map (0: the image only; 1: the heat map only).
         cmap, sign, outlier_perc, vmax: see :func:`heatmap` / :func:`normalize_map`.
 

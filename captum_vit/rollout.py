@@ -8,12 +8,12 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from captum.attr import Attribution, LayerAttribution
+from captum.attr import Attribution
 from torch import nn
 
 from .capture import HookSet, _as_the_user_sees, _StopForward, find_module, preserved_state
-from .layout import TokenLayout, resolve_layout
-from .models import ImageModel, check_images, fixed_input_size, model_device
+from .layout import TokenLayout, resolve_layout, upsample_to_image
+from .models import ImageModel, check_images, fixed_input_size, model_device, patch_tiling
 
 __all__ = ["AttentionRollout"]
 
@@ -405,8 +405,10 @@ class AttentionRollout(Attribution):
             row: which row of the rollout to read: ``"cls"`` (default when the model has
                 a cls token), ``"mean"`` (mean over all rows; default otherwise) or a token
                 index (``1`` is DeiT's distillation token).
-            interpolate: upsample the maps to the input size ``(B, H, W)`` with
-                ``LayerAttribution.interpolate``.
+            interpolate: upsample the maps to the input size ``(B, H, W)``, as
+                ``LayerAttribution.interpolate`` does (on an image that is not a whole
+                number of patches, onto the pixels the patches cover; see
+                :meth:`PatchActivationMap.attribute`).
             interpolate_mode: mode of ``torch.nn.functional.interpolate``.
 
         Returns:
@@ -430,9 +432,9 @@ class AttentionRollout(Attribution):
         h, w = layout.grid
         maps = _read_rollout(steps, weights)[:, layout.num_prefix_tokens :].reshape(-1, h, w)
         if interpolate:
-            maps = LayerAttribution.interpolate(
-                maps.unsqueeze(1), tuple(images.shape[-2:]), interpolate_mode
-            ).squeeze(1)
+            size = tuple(images.shape[-2:])
+            tiling = patch_tiling(self.vision, size)
+            maps = upsample_to_image(maps.unsqueeze(1), size, tiling, interpolate_mode)[:, 0]
         return maps
 
     def _steps(self, normalized: torch.Tensor, fusion: str, discard: float) -> list[torch.Tensor]:

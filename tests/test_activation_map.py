@@ -233,3 +233,59 @@ def test_whole_layer_target_none_matches_unit_maps():
     assert layer.shape == (2, 128, 4, 4) and prefix.shape == (2, 2, 128)
     torch.testing.assert_close(layer[:, 5], maps)
     torch.testing.assert_close(prefix[:, :, 5], cls)
+
+
+def nearest_cell(maps, size, cell):
+    """Oracle: pixel (y, x) shows the cell that covers it, ``(y // cell, x // cell)``;
+    pixels past the last cell (a remainder the model dropped) the last cell."""
+    rows = (torch.arange(size[0]) // cell).clamp(max=maps.shape[-2] - 1)
+    cols = (torch.arange(size[1]) // cell).clamp(max=maps.shape[-1] - 1)
+    return maps[..., rows[:, None], cols[None, :]]
+
+
+def padded_vit():
+    from archs import timm_model
+
+    return timm_model(
+        "vit_tiny_patch16_224", **dict(_VIT_SMALL, dynamic_img_size=True, dynamic_img_pad=True)
+    )
+
+
+_VIT_SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        # timm pads 36x44 to 40x48: a 5x6 grid of 8-px patches, the last ones cut short.
+        ("padded", padded_vit, "blocks.1", (36, 44), (5, 6), 8),
+        # Swin at 56x84: stage 1 merges 14x21 patches of 4 px (padded to 14x22) into 7x11
+        # cells of 8 px; the last column of cells covers 4 px of the image.
+        ("swin", lambda: TIMM_ARCHS["swin"][0](), "layers.1", (56, 84), (7, 11), 8),
+    ],
+    ids=lambda case: case[0],
+)
+def test_interpolated_maps_lie_on_the_pixels_their_patches_cover(case):
+    """Stretching a padded grid over the image put the map up to half a patch off."""
+    _, factory, layer, size, grid, cell = case
+    model = factory()
+    x = torch.rand(2, 3, *size)
+    pam = cv.PatchActivationMap(model, layer)
+    maps = pam.attribute(x, target=1)
+    assert maps.shape == (2, *grid)
+    up = pam.attribute(x, target=1, interpolate=True, interpolate_mode="nearest")
+    torch.testing.assert_close(up, nearest_cell(maps, size, cell))
+    every = pam.attribute(x, interpolate=True, interpolate_mode="nearest")
+    torch.testing.assert_close(every[:, 1], up)
+    smooth = pam.attribute(x, target=1, interpolate=True)  # bilinear: inside the cells' range
+    assert smooth.shape == (2, *size)
+    assert maps.amin() - 1e-6 <= smooth.amin() and smooth.amax() <= maps.amax() + 1e-6
+
+
+def test_rollout_interpolates_onto_the_covered_pixels():
+    x = torch.rand(1, 3, 36, 44)
+    rollout = cv.AttentionRollout(padded_vit())
+    maps = rollout.attribute(x)
+    assert maps.shape == (1, 5, 6)
+    up = rollout.attribute(x, interpolate=True, interpolate_mode="nearest")
+    torch.testing.assert_close(up, nearest_cell(maps, (36, 44), 8))

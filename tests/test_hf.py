@@ -359,3 +359,23 @@ def test_pooling_experiments_on_hf_classifiers_equal_timm_with_the_same_weights(
     assert report.isolated_cls[0] == report.natural
     with pytest.raises(ValueError, match="not Dinov2WithRegistersModel"):
         cv.pooling_experiments(build("dinov2_reg"), [(x, y)])
+
+
+@pytest.mark.parametrize("kind", ["vit_model", "swin"])
+def test_interpolated_maps_of_other_sizes_lie_on_the_covered_pixels(kind):
+    """ViT's convolution drops the pixels past the last whole patch (36x44: a 4x5 grid of
+    8-px patches); Swin pads to whole patches (9x11 of 4 px, 5x6 cells of 8 px after the
+    merge). Each pixel shows the cell that covers it, the dropped ones the nearest."""
+    from test_activation_map import nearest_cell
+
+    model = build(kind)
+    layer, grid, cell = {
+        "vit_model": ("layers.1", (4, 5), 8),
+        "swin": ("swin.encoder.layers.1", (5, 6), 8),
+    }[kind]
+    x = torch.rand(2, 3, 36, 44)
+    pam = cv.PatchActivationMap(model, layer)
+    maps = pam.attribute(x, target=0)
+    assert maps.shape == (2, *grid)
+    up = pam.attribute(x, target=0, interpolate=True, interpolate_mode="nearest")
+    torch.testing.assert_close(up, nearest_cell(maps, (36, 44), cell))
