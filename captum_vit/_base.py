@@ -20,8 +20,9 @@ the methods compute their scores and maps in float32 and return float32.
 
 from __future__ import annotations
 
+import functools
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,14 @@ from .capture import LayerTap, preserved_state
 from .layout import TokenLayout, resolve_layout, resolve_layouts
 from .models import ImageModel, check_images, fixed_input_size, model_device, vision_layer
 
-__all__ = ["_LayerMethod", "as_unit_tensor", "check_count", "forward_args", "layouts_for"]
+__all__ = [
+    "_LayerMethod",
+    "as_unit_tensor",
+    "check_count",
+    "checks_unit_range",
+    "forward_args",
+    "layouts_for",
+]
 
 
 class _LayerMethod(LayerAttribution):
@@ -83,8 +91,8 @@ class _LayerMethod(LayerAttribution):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return self.wrapped.normalize(images)
 
-    def check_images(self, images: torch.Tensor) -> None:
-        check_images(images, size=self._fixed_size)
+    def check_images(self, images: torch.Tensor, *, in_unit_range: bool = True) -> None:
+        check_images(images, size=self._fixed_size, in_unit_range=in_unit_range)
 
     def device(self) -> torch.device:
         return model_device(self.vision)
@@ -154,6 +162,21 @@ class _LayerMethod(LayerAttribution):
             tap = self.tap(attribute_to_layer_input=attribute_to_layer_input)
         with preserved_state(self.vision), torch.set_grad_enabled(grad), tap:
             return tap.run(self.normalize(images), *extra)[0]
+
+
+def checks_unit_range(attribute: Callable) -> Callable:
+    """Decorate an ``attribute(self, inputs, ...)`` whose body checks its images with
+    ``in_unit_range=False``: the decorated method checks that ``inputs`` are in [0, 1]
+    first. Captum's wrappers of an attribution method (``NoiseTunnel``) call
+    ``attribute.__wrapped__``, as for Captum's own methods, on noisy copies of the images
+    that leave [0, 1] by design."""
+
+    @functools.wraps(attribute)
+    def in_unit_range(self, inputs, *args, **kwargs):
+        check_images(inputs)
+        return attribute(self, inputs, *args, **kwargs)
+
+    return in_unit_range
 
 
 def forward_args(additional_forward_args: Any) -> tuple:

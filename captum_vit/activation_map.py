@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._base import _LayerMethod, as_unit_tensor, from_numpy
+from ._base import _LayerMethod, as_unit_tensor, checks_unit_range, from_numpy
 from .layout import TokenLayout, upsample_to_image
 from .models import patch_tiling
 
@@ -38,6 +38,7 @@ class PatchActivationMap(_LayerMethod):
         >>> up = pam.attribute(images, target=17, interpolate=True)   # (B, H, W)
         >>> maps, cls = pam.attribute(images, target=17, return_prefix=True)
         >>> layer = pam.attribute(images)                             # (B, C, h, w)
+        >>> smooth = NoiseTunnel(pam).attribute(images, nt_samples=8, stdevs=0.1, target=17)
     """
 
     def __init__(
@@ -74,6 +75,7 @@ class PatchActivationMap(_LayerMethod):
             image_size=image_size,
         )
 
+    @checks_unit_range
     def attribute(
         self,
         inputs: torch.Tensor,
@@ -130,7 +132,7 @@ class PatchActivationMap(_LayerMethod):
             IndexError: a unit outside the layer's channels.
             TypeError: images that are not a float tensor, a target of another type.
         """
-        self.check_images(inputs)
+        self.check_images(inputs, in_unit_range=False)  # checked by @checks_unit_range
         as_input = self._as_input(attribute_to_layer_input)
         images = inputs.to(self.device())
         layout = self.layout_for(

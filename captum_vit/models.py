@@ -449,17 +449,23 @@ def whole_patches(
 IMAGE_RANGE_TOLERANCE = 1e-3
 
 
-def check_images(images: torch.Tensor, *, size: tuple[int, int] | None = None) -> None:
+def check_images(
+    images: torch.Tensor, *, size: tuple[int, int] | None = None, in_unit_range: bool = True
+) -> None:
     """Raise a ValueError / TypeError naming the problem if ``images`` is not a valid
     ``(B, 3, H, W)`` float batch of RGB values in [0, 1] (finite, within
-    ``IMAGE_RANGE_TOLERANCE`` of the range, the right size for a fixed-size model)."""
+    ``IMAGE_RANGE_TOLERANCE`` of the range unless ``in_unit_range=False``, the right size
+    for a fixed-size model)."""
     check_batch_shape(images)
     if not images.is_floating_point():
         raise TypeError(
             f"images must be a float tensor in [0, 1], got dtype {images.dtype}; "
             "convert with images.float() / 255"
         )
-    check_value_range(images)
+    if in_unit_range:
+        check_value_range(images)
+    elif not bool(torch.isfinite(images.detach()).all()):
+        raise ValueError("NaN or inf values in images")
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(
             f"this model takes {size[0]}x{size[1]} images only, got "

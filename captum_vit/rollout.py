@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from captum.attr import Attribution
 from torch import nn
 
+from ._base import checks_unit_range
 from .capture import HookSet, _as_the_user_sees, _StopForward, find_module, preserved_state
 from .layout import TokenLayout, resolve_layout, upsample_to_image
 from .models import ImageModel, check_images, fixed_input_size, model_device, patch_tiling
@@ -386,6 +387,7 @@ class AttentionRollout(Attribution):
             )
         return self._layouts[size]
 
+    @checks_unit_range
     def attribute(
         self,
         inputs: torch.Tensor,
@@ -423,7 +425,7 @@ class AttentionRollout(Attribution):
         """
         fusion = _check_fusion(self.head_fusion if head_fusion is None else head_fusion)
         discard = _check_discard(self.discard_ratio if discard_ratio is None else discard_ratio)
-        check_images(inputs, size=self._fixed_size)
+        check_images(inputs, size=self._fixed_size, in_unit_range=False)  # @checks_unit_range
         images = inputs.to(model_device(self.vision))
         layout = self.layout_for(images)
         steps = self._steps(self.wrapped.normalize(images), fusion, discard)

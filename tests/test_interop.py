@@ -276,3 +276,42 @@ def test_patch_feature_mask_refuses_what_is_not_an_image_batch():
         cv.patch_feature_mask(model, x.numpy())
     with pytest.raises(TypeError, match="a model was passed where the images go"):
         cv.patch_feature_mask(x, model)
+
+
+def noisy_copies(x, samples, stdev, seed):
+    """The images NoiseTunnel draws after ``torch.manual_seed(seed)``: each image repeated
+    ``samples`` times plus N(0, stdev) noise."""
+    torch.manual_seed(seed)
+    expanded = x.repeat_interleave(samples, dim=0)
+    return expanded + torch.normal(0, torch.full(expanded.shape, stdev))
+
+
+def test_noise_tunnel_smooths_patch_activation_maps_and_rollout():
+    """Captum's NoiseTunnel calls ``attribute.__wrapped__`` on noisy images outside [0, 1];
+    the maps are the mean of the block's own activations over those images."""
+    from captum.attr import NoiseTunnel
+
+    model, size = build("vit")
+    x = images(size)
+    samples, stdev = 4, 0.2
+    noisy = noisy_copies(x, samples, stdev, seed=3)
+    assert noisy.min() < -0.1 and noisy.max() > 1.1  # the public call would refuse these
+
+    torch.manual_seed(3)
+    pam = cv.PatchActivationMap(model, "blocks.1")
+    smooth = NoiseTunnel(pam).attribute(x, nt_samples=samples, stdevs=stdev, target=5)
+    normalized = cv.ImageModel(model).normalize(noisy)
+    (blocks,) = model.forward_intermediates(normalized, indices=[1], intermediates_only=True)
+    expected = blocks[:, 5].reshape(len(x), samples, *blocks.shape[-2:]).mean(1)
+    torch.testing.assert_close(smooth, expected, atol=1e-5, rtol=1e-5)
+
+    rollout = cv.AttentionRollout(model)
+    torch.manual_seed(3)
+    smooth = NoiseTunnel(rollout).attribute(x, nt_samples=samples, stdevs=stdev)
+    each = type(rollout).attribute.__wrapped__(rollout, noisy)
+    torch.testing.assert_close(smooth, each.reshape(len(x), samples, *each.shape[1:]).mean(1))
+    assert not hooks_left(model)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):  # the user's own images still are
+        pam.attribute(noisy, target=5)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        rollout.attribute(noisy)
