@@ -6,7 +6,8 @@ Subclasses get, with ``_LayerMethod.__init__(self, model, layer, ...)``:
 
 * ``self.wrapped``: :class:`~captum_vit.models.ImageModel` (takes [0, 1] images);
 * ``self.vision``: the user's (unwrapped) vision model; layer paths are relative to it;
-* ``self.layer_name`` / ``self.layer``: dotted path and module of the layer;
+* ``self.layer_name`` / ``self.layer``: dotted path (in ``self.vision``) and module of the
+  layer; ``self.layer_path``: its path in the user's model, which results show;
 * ``self.normalize(images)``; ``self.check_images(images)``;
 * ``self.layout_for(images)``: the :class:`~captum_vit.layout.TokenLayout` for that input
   size (cached per size);
@@ -32,7 +33,14 @@ from torch import nn
 
 from .capture import LayerTap, preserved_state
 from .layout import TokenLayout, resolve_layout, resolve_layouts
-from .models import ImageModel, check_images, fixed_input_size, model_device, vision_layer
+from .models import (
+    ImageModel,
+    check_images,
+    fixed_input_size,
+    model_device,
+    user_layer_path,
+    vision_layer,
+)
 
 __all__ = [
     "_LayerMethod",
@@ -78,6 +86,8 @@ class _LayerMethod(LayerAttribution):
         self.wrapped = wrapped
         self.vision = wrapped.model
         self.layer_name, module = vision_layer(model, layer)
+        #: the layer's path in the user's model, as results name it
+        self.layer_path = user_layer_path(model, self.layer_name)
         LayerAttribution.__init__(self, wrapped, module)
         self.attribute_to_layer_input = attribute_to_layer_input
         self.call = call

@@ -104,6 +104,25 @@ def vision_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modu
     )
 
 
+def user_layer_path(model: nn.Module, name: str) -> str:
+    """The path in the user's ``model`` of an image-tower layer named as
+    :func:`vision_layer` names it: ``"visual.<name>"`` for a full open_clip CLIP / CoCa
+    model (the bare name may also name a text-tower module), the Hugging Face model's own
+    path (``"vit.layers.3"``, not the wrapper's ``"model.vit.layers.3"``), else ``name``.
+    Reports name layers this way, so their names work as ``layer=`` on the same model."""
+    inner = peel_wrappers(model)
+    if isinstance(inner, ImageModel):
+        return name
+    tower = _clip_image_tower(inner)
+    if tower is not None:
+        prefix = module_name(inner, tower)
+        return f"{prefix}.{name}" if name else prefix
+    prefix = getattr(unwrap_vision(inner), "wrapped_prefix", "")
+    if inner is not unwrap_vision(inner) and prefix and name.startswith(prefix):
+        return name[len(prefix) :]  # Hugging Face, seen through HFVisionModel
+    return name
+
+
 def class_names(model: nn.Module) -> list[str] | None:
     """The names of the model's output classes, by index, or ``None`` when the model does
     not name them.

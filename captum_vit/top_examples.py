@@ -250,7 +250,7 @@ class TopActivatingExamples(_LayerMethod):
             scores=result[0].cpu(),
             indices=result[1].cpu(),
             maps=result[2].cpu(),
-            layer=self.layer_name,
+            layer=self.layer_path,
             score=score,
             num_images=seen,
         )

@@ -161,7 +161,7 @@ def test_atlas_of_a_hugging_face_model_directory(tmp_path, capsys):
     loaded = load_model(str(tmp_path / "hf_vit"))
     assert type(loaded.model).__name__ == "ViTForImageClassification"
     assert not loaded.model.training
-    layers = ["model.vit.layers.0.mlp.activation_fn", "model.vit.layers.1.mlp.activation_fn"]
+    layers = ["vit.layers.0.mlp.activation_fn", "vit.layers.1.mlp.activation_fn"]
     assert default_layers(loaded.model) == layers
     images = _photo_classes(tmp_path / "photos", list(labels.values()))
     out = tmp_path / "site"
@@ -233,7 +233,9 @@ def test_open_clip_model_with_a_weights_file(tmp_path, tiny_clip_names):
     assert loaded.fingerprint == weights_fingerprint(saved) and not loaded.model.training
     assert loaded.description == f"{name} with weights clip.pt"
     layers = ["transformer.resblocks.0.mlp.gelu", "transformer.resblocks.1.mlp.gelu"]
-    assert default_layers(loaded.model) == layers
+    assert default_layers(loaded.model.visual) == layers
+    # On the full model, the paths it takes (the bare ones also name text-tower modules).
+    assert default_layers(loaded.model) == [f"visual.{layer}" for layer in layers]
     with pytest.raises(ValueError, match=f"does not match the architecture {other}"):
         load_model(other, weights=tmp_path / "clip.pt")
     with pytest.raises(ValueError, match="needs --weights FILE"):

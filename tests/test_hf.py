@@ -379,3 +379,14 @@ def test_interpolated_maps_of_other_sizes_lie_on_the_covered_pixels(kind):
     assert maps.shape == (2, *grid)
     up = pam.attribute(x, target=0, interpolate=True, interpolate_mode="nearest")
     torch.testing.assert_close(up, nearest_cell(maps, (36, 44), cell))
+
+
+def test_reports_name_layers_by_the_hugging_face_models_own_paths():
+    """Reports said ``model.vit.layers.0``, the path inside the package's wrapper."""
+    model = build("vit")
+    x = torch.rand(2, 3, *size_of("vit"))
+    report = cv.SpatialLocalityProbe(model).attribute(x)
+    assert report.layers == ["vit.layers.0", "vit.layers.1"]
+    assert all(name in dict(model.named_modules()) for name in report.layers)
+    examples = cv.TopActivatingExamples(model, "vit.layers.1", k=1).attribute([x])
+    assert examples.layer == "vit.layers.1"

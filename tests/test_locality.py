@@ -357,3 +357,21 @@ def test_plot(tmp_path):
     assert path.stat().st_size > 10_000
     assert len(figure.axes) == 1 + 3 + 3
     cv.locality.plot_locality(vit, fields=0)
+
+
+def test_reports_name_layers_as_the_users_model_does():
+    """A full CLIP model's probe named its blocks tower-relative
+    (``transformer.resblocks.0``), which on that model is the text transformer's block and
+    is refused as ambiguous; the report and top-k names now work as ``layer=`` again."""
+    from archs import open_clip_model
+
+    model = open_clip_model()
+    x = torch.rand(2, 3, 32, 32)
+    report = cv.SpatialLocalityProbe(model).attribute(x)
+    assert report.layers == ["visual.transformer.resblocks.0", "visual.transformer.resblocks.1"]
+    again = cv.SpatialLocalityProbe(model, layers=report.layers).attribute(x)
+    torch.testing.assert_close(again.locality, report.locality)
+    examples = cv.TopActivatingExamples(model, report.layers[1], k=1).attribute([x], target=0)
+    assert examples.layer == "visual.transformer.resblocks.1"
+    maps = cv.PatchActivationMap(model, examples.layer).attribute(x, target=0)
+    torch.testing.assert_close(examples.scores[0, 0], maps.mean((1, 2)).max())

@@ -29,7 +29,13 @@ from .._progress import resolve_progress
 from ..capture import find_module, module_name
 from ..layout import resolve_layout
 from ..locality.probe import find_blocks
-from ..models import ImageModel, _clip_image_tower, model_device, unwrap_vision
+from ..models import (
+    ImageModel,
+    _clip_image_tower,
+    model_device,
+    unwrap_vision,
+    user_layer_path,
+)
 from ..optim.presets import get_preset
 from .model_stats import layer_locality, pooling_table
 from .pages import write_site
@@ -74,7 +80,7 @@ def default_layers(model: nn.Module) -> list[str]:
             f"found no MLP hidden layers or blocks in {type(vision).__name__}; name the "
             "layers to show (--layers)"
         )
-    return names
+    return [user_layer_path(model, name) for name in names]
 
 
 def default_preset(device: torch.device) -> str:
@@ -93,14 +99,15 @@ def _check_layers(
     found, left_out = {}, []
     for layer in layers:
         name, _ = find_module(vision, layer)
+        shown = user_layer_path(model, name)  # the path the user passes for it
         try:
             layout = resolve_layout(vision, name, probe)
         except ValueError as error:
             if defaults:
-                left_out.append(name)
+                left_out.append(shown)
                 continue
-            raise ValueError(f"layer {name} cannot be shown in an atlas: {error}") from error
-        found[name] = {"grid": list(layout.grid), "channels": layout.num_channels}
+            raise ValueError(f"layer {shown} cannot be shown in an atlas: {error}") from error
+        found[shown] = {"grid": list(layout.grid), "channels": layout.num_channels}
     if not found:
         raise ValueError(
             f"none of the default layers of {type(vision).__name__} has a patch grid "

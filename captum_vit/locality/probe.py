@@ -39,7 +39,14 @@ from .._base import check_count
 from .._progress import progress, resolve_progress
 from ..capture import LayerTap, preserved_state
 from ..layout import TokenLayout, resolve_layout
-from ..models import ImageModel, check_images, fixed_input_size, model_device, vision_layer
+from ..models import (
+    ImageModel,
+    check_images,
+    fixed_input_size,
+    model_device,
+    user_layer_path,
+    vision_layer,
+)
 from .plots import plot_locality
 from .pooling import pooling_experiments
 from .reports import Accuracy, LocalityReport, PoolingReport
@@ -168,6 +175,7 @@ class SpatialLocalityProbe(LayerAttribution):
             if not names:
                 raise ValueError("layers is empty; pass None for every block")
         self.layer_names = list(dict.fromkeys(names))
+        self._user_paths = {name: user_layer_path(model, name) for name in self.layer_names}
         modules = [self.vision.get_submodule(name) for name in self.layer_names]
         LayerAttribution.__init__(self, self.wrapped, modules)
         self.seed = seed
@@ -267,7 +275,8 @@ class SpatialLocalityProbe(LayerAttribution):
                 group = [i for i, tap in enumerate(plan.taps) if tap[1] == as_input]
                 if group:
                     self._probe_group(images, plan, group, probed, totals, show)
-        return _locality_report(plan, probed, totals, images)
+        names = [self._user_paths[name] for name in plan.names]
+        return _locality_report(plan, names, probed, totals, images)
 
     def _probe_group(
         self,
@@ -314,7 +323,7 @@ class SpatialLocalityProbe(LayerAttribution):
                     )
                     if not score.requires_grad:
                         raise ValueError(
-                            f"the tokens of layer {plan.names[i]!r} do not depend on the image"
+                            f"the tokens of layer {self._user_paths[plan.names[i]]!r} do not depend on the image"
                         )
                     (grad,) = torch.autograd.grad(score.sum(), copies, retain_graph=order > 0)
                     shares = _region_shares(grad[rows.to(device)], plan.layouts[i].grid)
@@ -472,20 +481,21 @@ def _region_shares(grad: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 def _locality_report(
     plan: _Plan,
+    names: list[str],
     probed: list[torch.Tensor],
     totals: list[torch.Tensor],
     images: torch.Tensor,
 ) -> LocalityReport:
     count = images.shape[0]
     fields, locality = [], []
-    for layout, cells, total in zip(plan.layouts, probed, totals, strict=True):
+    for name, layout, cells, total in zip(names, plan.layouts, probed, totals, strict=True):
         h, w = layout.grid
         field = torch.full((h * w, h * w), math.nan)
         field[cells] = total / count
         own = field[cells, cells]
         if torch.isnan(own).any():
             warnings.warn(
-                f"some tokens of {layout.layer!r} have no gradient on the image; they are "
+                f"some tokens of {name!r} have no gradient on the image; they are "
                 "left out of its locality",
                 stacklevel=3,
             )
@@ -494,7 +504,7 @@ def _locality_report(
     grids = [layout.grid for layout in plan.layouts]
     same = len(set(grids)) == 1
     return LocalityReport(
-        layers=list(plan.names),
+        layers=names,
         locality=torch.stack(locality),
         fields=torch.stack(fields) if same else fields,
         grids=grids,
