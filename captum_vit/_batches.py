@@ -6,7 +6,9 @@ A batch is one of:
 * a tuple / list ``(images, labels[, masks])`` (what a ``DataLoader`` over a labelled
   dataset yields; only ``images`` is needed where labels are not);
 * a dict with an ``"image"`` tensor and optional ``"label"``, ``"index"`` (the images'
-  global indices) and ``"mask"`` entries (the zoo's ``SyntheticScenes`` batches).
+  global indices) and ``"mask"`` entries (the zoo's ``SyntheticScenes`` batches); Hugging
+  Face's names ``"pixel_values"`` and ``"labels"`` are read as well (the images still in
+  [0, 1]: an image processor without ``do_normalize=False`` normalizes them).
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "as_batch_stream", "unpack_batch"]
+__all__ = ["Batch", "as_batch_stream", "image_key", "unpack_batch"]
 
 _FORMATS = (
-    "(B, 3, H, W) image tensors, (images, labels) tuples or dicts with 'image' and "
-    "optional 'label' / 'index' / 'mask' keys"
+    "(B, 3, H, W) image tensors, (images, labels) tuples or dicts with 'image' (or "
+    "'pixel_values') and optional 'label' (or 'labels') / 'index' / 'mask' keys"
 )
+
+#: Dict keys read as a batch's images and labels, in order of preference.
+_IMAGE_KEYS = ("image", "pixel_values")
+_LABEL_KEYS = ("label", "labels")
 
 
 @dataclass(frozen=True)
@@ -70,17 +76,20 @@ def unpack_batch(
     if isinstance(batch, torch.Tensor):
         images = batch
     elif isinstance(batch, Mapping):
-        if "image" not in batch:
+        key = image_key(batch)
+        if key is None:
             raise ValueError(
-                f"{where} is a dict without an 'image' key (keys: {sorted(map(str, batch))}); "
-                "yield {'image': tensor, 'label': tensor, ...}"
+                f"{where} is a dict without an 'image' or 'pixel_values' key (keys: "
+                f"{sorted(map(str, batch))}); yield {{'image': tensor, 'label': tensor, ...}}"
             )
-        images = batch["image"]
-        found_labels, index, masks = batch.get("label"), batch.get("index"), batch.get("mask")
+        images = batch[key]
+        label_key = _first_key(batch, _LABEL_KEYS)
+        found_labels = None if label_key is None else batch[label_key]
+        index, masks = batch.get("index"), batch.get("mask")
         if labels and found_labels is None:
             raise ValueError(
-                f"{where} is a dict without a 'label' key (keys: {sorted(map(str, batch))}); "
-                f"{purpose or 'this method'} needs labels"
+                f"{where} is a dict without a 'label' or 'labels' key (keys: "
+                f"{sorted(map(str, batch))}); {purpose or 'this method'} needs labels"
             )
     elif isinstance(batch, (tuple, list)) and batch:
         images = batch[0]
@@ -99,6 +108,16 @@ def unpack_batch(
     if index is not None:
         index = _check_index(index, images.shape[0], where)
     return Batch(images, found_labels, index, masks)
+
+
+def image_key(batch: Mapping) -> str | None:
+    """The key of a dict batch's (or dataset item's) images: ``"image"``, else
+    ``"pixel_values"``; ``None`` if it has neither."""
+    return _first_key(batch, _IMAGE_KEYS)
+
+
+def _first_key(batch: Mapping, keys: tuple[str, ...]) -> str | None:
+    return next((key for key in keys if key in batch), None)
 
 
 def _check_images(images: Any, where: str) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from ._batches import image_key
 from .models import check_value_range
 
 __all__ = [
@@ -452,7 +453,13 @@ def _image_at(dataset: Any, index: int) -> torch.Tensor:
         )
     item = dataset[index]
     if isinstance(item, Mapping):
-        item = item["image"]
+        key = image_key(item)
+        if key is None:
+            raise ValueError(
+                f"dataset item {index} is a dict without an 'image' or 'pixel_values' key "
+                f"(keys: {sorted(map(str, item))})"
+            )
+        item = item[key]
     elif isinstance(item, (tuple, list)):
         item = item[0]
     return _check_image(item)

@@ -138,6 +138,10 @@ def test_sweep_selection_and_dict_batches():
     assert list(report.isolated_cls) == [2] and report.tear == {}
     full = cv.pooling_experiments(model, batches, isolate=2, tear=1)
     assert full.isolated_cls[2] == report.isolated_cls[2] and list(full.tear) == [1]
+    # Hugging Face's names (a data collator's batches) read the same images and labels.
+    hf = [{"pixel_values": images, "labels": labels} for images, labels in batches]
+    same = cv.pooling_experiments(model, hf, isolate=[2], tear=[])
+    assert same.natural == full.natural and same.isolated_cls == report.isolated_cls
 
 
 def test_own_head_replaces_the_classifier():

@@ -227,7 +227,7 @@ def test_bad_arguments():
         ex.attribute([images], target=[0, 128])
     with pytest.raises(ValueError, match="no images"):
         ex.attribute([])
-    with pytest.raises(ValueError, match="'image' key"):
+    with pytest.raises(ValueError, match="'image' or 'pixel_values' key"):
         ex.attribute([{"pixels": images}])
     with pytest.raises(ValueError, match="single image"):
         ex.attribute(list(images))
@@ -331,3 +331,21 @@ def test_nan_activations_raise_instead_of_leaving_the_unit_empty():
     assert not hooks_left(model)
     others = method.attribute([images[:3], images[3:]], target=[4, 6])  # unit 5 not asked
     assert bool((others.indices >= 0).all())
+
+
+def test_hugging_face_batches_and_items_by_their_key_names():
+    """{"pixel_values", "labels"} batches (a Hugging Face data collator's) were refused as
+    dicts without an 'image' key; example_grid reads such dataset items too."""
+    from captum_vit import render
+
+    model, size = vit()
+    images = stream(6, size)
+    ex = cv.TopActivatingExamples(model, LAYER, k=2)
+    plain = ex.attribute([images[:3], images[3:]], target=[0, 1])
+    hf = [{"pixel_values": b, "labels": torch.zeros(3, dtype=torch.long)} for b in images.split(3)]
+    named = ex.attribute(hf, target=[0, 1])
+    assert torch.equal(named.indices, plain.indices)
+    torch.testing.assert_close(named.scores, plain.scores)
+    items = [{"pixel_values": image} for image in images]
+    grid = render.example_grid(named, 0, items)
+    assert grid.tobytes() == render.example_grid(plain, 0, images).tobytes()
