@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import LayerTap, find_module, peel_wrappers, preserved_state
+from .capture import LayerTap, _as_the_user_sees, find_module, peel_wrappers, preserved_state
 from .models import ImageModel, check_batch_shape, model_device, unwrap_vision
 
 __all__ = ["TokenLayout", "resolve_layout", "resolve_layouts", "MAX_PREFIX_TOKENS"]
@@ -497,8 +497,10 @@ def resolve_layouts(
     image_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     witnesses = _Witnesses(model, batch, image_size)
     chains = witnesses._chains
-    for name, _ in found:
-        _refuse_windowed(name, chains[name])
+    _, wrapper_prefix = _as_the_user_sees(model)  # HFVisionModel / ImageModel: "model."
+    shown = [name.removeprefix(wrapper_prefix) for name, _ in found]  # the user's paths
+    for (name, _), path in zip(found, shown, strict=True):
+        _refuse_windowed(path, chains[name])
     with (
         preserved_state(model),
         torch.no_grad(),
@@ -516,7 +518,7 @@ def resolve_layouts(
     return [
         _layout_from_value(
             value,
-            name=name,
+            name=path,
             chain=chains[name],
             vision=vision,
             seen=layer_seen,
@@ -527,8 +529,8 @@ def resolve_layouts(
             call=call,
             attribute_to_layer_input=attribute_to_layer_input,
         )
-        for (name, _), value, layer_seen, layer_counts in zip(
-            found, values, seen, counts, strict=True
+        for (name, _), path, value, layer_seen, layer_counts in zip(
+            found, shown, values, seen, counts, strict=True
         )
     ]
 

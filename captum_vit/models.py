@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import find_module, module_name, peel_wrappers
+from .capture import _as_the_user_sees, find_module, module_name, peel_wrappers
 
 __all__ = [
     "ImageModel",
@@ -111,16 +111,12 @@ def user_layer_path(model: nn.Module, name: str) -> str:
     path (``"vit.layers.3"``, not the wrapper's ``"model.vit.layers.3"``), else ``name``.
     Reports name layers this way, so their names work as ``layer=`` on the same model."""
     inner = peel_wrappers(model)
-    if isinstance(inner, ImageModel):
-        return name
-    tower = _clip_image_tower(inner)
+    tower = None if isinstance(inner, ImageModel) else _clip_image_tower(inner)
     if tower is not None:
         prefix = module_name(inner, tower)
         return f"{prefix}.{name}" if name else prefix
-    prefix = getattr(unwrap_vision(inner), "wrapped_prefix", "")
-    if inner is not unwrap_vision(inner) and prefix and name.startswith(prefix):
-        return name[len(prefix) :]  # Hugging Face, seen through HFVisionModel
-    return name
+    _, wrapper_prefix = _as_the_user_sees(unwrap_vision(inner))  # HFVisionModel: "model."
+    return name.removeprefix(wrapper_prefix)
 
 
 def class_names(model: nn.Module) -> list[str] | None:

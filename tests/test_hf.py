@@ -390,3 +390,8 @@ def test_reports_name_layers_by_the_hugging_face_models_own_paths():
     assert all(name in dict(model.named_modules()) for name in report.layers)
     examples = cv.TopActivatingExamples(model, "vit.layers.1", k=1).attribute([x])
     assert examples.layer == "vit.layers.1"
+    assert cv.resolve_layout(model, "vit.layers.1", x).layer == "vit.layers.1"
+    with cv.patch_grid(model, "model.vit.layers.1", x) as grid:  # the wrapper's path works too
+        assert grid.layout.layer == "vit.layers.1"
+    with pytest.raises(ValueError, match="^layer 'classifier' outputs a 2-D tensor"):
+        cv.PatchActivationMap(model, "classifier").attribute(x, target=0)

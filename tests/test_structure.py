@@ -48,8 +48,8 @@ def test_unpack_batch_reads_every_format():
     ("batch", "error", "match"),
     [
         (torch.rand(3, 8, 8), ValueError, "single image"),
-        ({"label": torch.tensor([0])}, ValueError, "'image' key"),
-        ({"image": torch.rand(1, 3, 8, 8)}, ValueError, "'label' key"),
+        ({"label": torch.tensor([0])}, ValueError, "'image' or 'pixel_values' key"),
+        ({"image": torch.rand(1, 3, 8, 8)}, ValueError, "'label' or 'labels' key"),
         (torch.rand(2, 3, 8, 8), TypeError, "no labels"),
         ((torch.rand(2, 3, 8, 8), torch.tensor([0.0, 1.0])), TypeError, "integer"),
         ((torch.rand(2, 3, 8, 8), torch.tensor([0, 1, 2])), ValueError, r"shape \(2,\)"),
