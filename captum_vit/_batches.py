@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Batch", "as_batch_stream", "image_key", "unpack_batch"]
+__all__ = ["Batch", "as_batch_stream", "dict_images", "unpack_batch"]
 
 _FORMATS = (
     "(B, 3, H, W) image tensors, (images, labels) tuples or dicts with 'image' (or "
@@ -76,13 +76,7 @@ def unpack_batch(
     if isinstance(batch, torch.Tensor):
         images = batch
     elif isinstance(batch, Mapping):
-        key = image_key(batch)
-        if key is None:
-            raise ValueError(
-                f"{where} is a dict without an 'image' or 'pixel_values' key (keys: "
-                f"{sorted(map(str, batch))}); yield {{'image': tensor, 'label': tensor, ...}}"
-            )
-        images = batch[key]
+        images = dict_images(batch, where)
         label_key = _first_key(batch, _LABEL_KEYS)
         found_labels = None if label_key is None else batch[label_key]
         index, masks = batch.get("index"), batch.get("mask")
@@ -110,10 +104,16 @@ def unpack_batch(
     return Batch(images, found_labels, index, masks)
 
 
-def image_key(batch: Mapping) -> str | None:
-    """The key of a dict batch's (or dataset item's) images: ``"image"``, else
-    ``"pixel_values"``; ``None`` if it has neither."""
-    return _first_key(batch, _IMAGE_KEYS)
+def dict_images(batch: Mapping, where: str) -> Any:
+    """The images of a dict batch (or dataset item): its ``"image"``, else its
+    ``"pixel_values"``; a ValueError naming ``where`` if it has neither."""
+    key = _first_key(batch, _IMAGE_KEYS)
+    if key is None:
+        raise ValueError(
+            f"{where} is a dict without an 'image' or 'pixel_values' key (keys: "
+            f"{sorted(map(str, batch))}); use {{'image': tensor, 'label': tensor, ...}}"
+        )
+    return batch[key]
 
 
 def _first_key(batch: Mapping, keys: tuple[str, ...]) -> str | None:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from ._batches import image_key
+from ._batches import dict_images
 from .models import check_value_range
 
 __all__ = [
@@ -453,13 +453,7 @@ def _image_at(dataset: Any, index: int) -> torch.Tensor:
         )
     item = dataset[index]
     if isinstance(item, Mapping):
-        key = image_key(item)
-        if key is None:
-            raise ValueError(
-                f"dataset item {index} is a dict without an 'image' or 'pixel_values' key "
-                f"(keys: {sorted(map(str, item))})"
-            )
-        item = item[key]
+        item = dict_images(item, f"dataset item {index}")
     elif isinstance(item, (tuple, list)):
         item = item[0]
     return _check_image(item)
