@@ -13,6 +13,7 @@ over processes.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from os import PathLike
@@ -307,6 +308,7 @@ def scan_top_examples(
         call=first.call,
         on_record=merge if as_produced else None,
     )
+    unordered = _unordered_loader(inputs)
     with preserved_state(first.vision), torch.no_grad():
         for images, given_index in _batches(inputs, show_progress):
             first.check_images(images)
@@ -314,6 +316,8 @@ def scan_top_examples(
             layouts = layouts_for(methods, images)
             for position, (method, layout) in enumerate(zip(methods, layouts, strict=True)):
                 tops[position] = _checked_top(tops[position], method, layout, target, images)
+            if indexed is None and given_index is None and unordered:
+                _warn_unordered(unordered)
             indexed = _check_indexed(indexed, given_index is not None, offset)
             if given_index is None:
                 positions = torch.arange(seen, seen + images.shape[0], device=device)
@@ -597,6 +601,27 @@ def _batches(data: Any, show_progress: bool | None) -> Iterable[tuple[torch.Tens
     for position, batch in enumerate(stream):
         unpacked = unpack_batch(batch, position)
         yield unpacked.images, unpacked.index
+
+
+def _unordered_loader(data: Any) -> str | None:
+    """The name of a ``DataLoader``'s sampler when it does not read the dataset in order
+    (shuffling, ``DistributedSampler``, a random subset), else ``None``."""
+    from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
+
+    if not isinstance(data, DataLoader) or isinstance(data.dataset, IterableDataset):
+        return None
+    sampler = getattr(data.batch_sampler, "sampler", None) or data.sampler
+    return None if isinstance(sampler, SequentialSampler) else type(sampler).__name__
+
+
+def _warn_unordered(sampler: str) -> None:
+    warnings.warn(
+        f"the DataLoader reads its dataset through a {sampler}, and its batches carry no "
+        "'index': the examples' indices count images in this run's order, so dataset[i] "
+        "is not image i. Scan with shuffle=False, or yield dict batches with the images' "
+        "'index' (see TopActivatingExamples.attribute)",
+        stacklevel=4,
+    )
 
 
 def _check_indexed(indexed: bool | None, has_index: bool, offset: int | None) -> bool:

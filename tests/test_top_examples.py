@@ -349,3 +349,41 @@ def test_hugging_face_batches_and_items_by_their_key_names():
     items = [{"pixel_values": image} for image in images]
     grid = render.example_grid(named, 0, items)
     assert grid.tobytes() == render.example_grid(plain, 0, images).tobytes()
+
+
+class _Indexed(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "index": i}
+
+
+def test_a_loader_that_does_not_read_in_order_is_warned_about():
+    """Shuffled or interleaved loaders gave indices that silently pointed at other images
+    of the dataset; with each image's own 'index' the result is exact."""
+    import warnings
+
+    from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+    model, size = vit()
+    images = stream(8, size)
+    ex = cv.TopActivatingExamples(model, LAYER, k=2)
+    dataset = TensorDataset(images)
+    ordered = ex.attribute(DataLoader(dataset, batch_size=3), target=[0, 1])
+    with pytest.warns(UserWarning, match="RandomSampler.*dataset\\[i\\] is not image i"):
+        ex.attribute(DataLoader(dataset, batch_size=3, shuffle=True), target=[0, 1])
+    interleaved = DistributedSampler(dataset, num_replicas=2, rank=0, shuffle=False)
+    with pytest.warns(UserWarning, match="DistributedSampler"):
+        ex.attribute(DataLoader(dataset, batch_size=3, sampler=interleaved), target=[0, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ex.attribute(DataLoader(dataset, batch_size=3), target=[0, 1])
+        torch.manual_seed(0)
+        loader = DataLoader(_Indexed(images), batch_size=3, shuffle=True)
+        indexed = ex.attribute(loader, target=[0, 1])
+    assert torch.equal(indexed.indices, ordered.indices)
+    torch.testing.assert_close(indexed.scores, ordered.scores)
