@@ -83,7 +83,7 @@ def normalize_map(
     """
     if sign not in _SIGNS:
         raise ValueError(f"sign must be one of {_SIGNS}, got {sign!r}")
-    values = _filter_sign(values.detach().float(), sign)
+    values = _filter_sign(_as_map(values), sign)
     threshold = float(vmax) if vmax is not None else _threshold(values.abs(), outlier_perc)
     if threshold == 0 or not np.isfinite(threshold):
         return torch.zeros_like(values)
@@ -131,6 +131,7 @@ def heatmap(
     Returns:
         A ``(3, h, w)`` float tensor in [0, 1].
     """
+    values = _as_map(values)
     if values.dim() != 2:
         raise ValueError(f"a map must be 2-D (h, w), got shape {tuple(values.shape)}")
     scaled = normalize_map(values, sign=sign, outlier_perc=outlier_perc, vmax=vmax)
@@ -179,20 +180,36 @@ def overlay(
 
 
 def _resize_map(activation_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    activation_map = _as_map(activation_map)
     if activation_map.dim() != 2:
         raise ValueError(
             f"a map must be 2-D (h, w), got shape {tuple(activation_map.shape)}; "
             "pass one image's map"
         )
-    values = activation_map.detach().float().cpu()
+    values = activation_map.cpu()
     if tuple(values.shape) == size:
         return values
     return F.interpolate(values[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
 
 
+def _as_map(values: Any, name: str = "a map") -> torch.Tensor:
+    """A map as a detached float tensor (numpy arrays too, as Captum's visualization
+    takes them)."""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(np.ascontiguousarray(values))
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or numpy array, got {type(values).__name__}")
+    return values.detach().float()
+
+
 def _check_image(image: Any) -> torch.Tensor:
     if not isinstance(image, torch.Tensor):
-        raise TypeError(f"an image must be a (3, H, W) tensor, got {type(image).__name__}")
+        hint = (
+            "; convert a PIL image with torchvision.transforms.functional.to_tensor(image)"
+            if isinstance(image, Image.Image)
+            else ""
+        )
+        raise TypeError(f"an image must be a (3, H, W) tensor, got {type(image).__name__}{hint}")
     if image.dim() != 3 or image.shape[0] != 3:
         batch = "; for one image of a batch take images[i]" if image.dim() == 4 else ""
         raise ValueError(
@@ -352,6 +369,7 @@ def unit_grid(
         A PIL image: ``[visualization] | overlay_1 | ... | overlay_k`` (one row, or two
         with ``originals``).
     """
+    maps = _as_map(maps, "maps")
     _check_unit_row(images, maps, scores)
     if cell_size is not None and (isinstance(cell_size, bool) or cell_size < 1):
         raise ValueError(f"cell_size must be a positive number of pixels, got {cell_size!r}")

@@ -68,6 +68,15 @@ def test_overlay_blends_image_and_colormap():
         render.overlay(image, torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="sign"):
         render.overlay(image, activation, sign="pos")
+    # Maps as numpy arrays (as Captum's visualization takes them) draw the same.
+    torch.testing.assert_close(render.overlay(image, activation.numpy(), alpha=0.5), half)
+    torch.testing.assert_close(
+        render.heatmap(activation.numpy()[:8, 4:12]), render.heatmap(activation[:8, 4:12])
+    )
+    with pytest.raises(TypeError, match="a map must be a tensor or numpy array, got list"):
+        render.overlay(image, activation.tolist())
+    with pytest.raises(TypeError, match="to_tensor"):
+        render.overlay(render.to_pil(image), activation)
 
 
 def test_captum_arrays_work_with_captum_visualization():
