@@ -31,7 +31,7 @@ import torch
 from captum.attr import LayerAttribution
 from torch import nn
 
-from .capture import LayerTap, preserved_state
+from .capture import LayerTap, autograd, preserved_state
 from .layout import TokenLayout, resolve_layout, resolve_layouts
 from .models import (
     ImageModel,
@@ -170,7 +170,7 @@ class _LayerMethod(LayerAttribution):
             tap = self.tap()  # subclasses may tap another way (the whole tower as layer)
         else:
             tap = self.tap(attribute_to_layer_input=attribute_to_layer_input)
-        with preserved_state(self.vision), torch.set_grad_enabled(grad), tap:
+        with preserved_state(self.vision), autograd(grad), tap:
             return tap.run(self.normalize(images), *extra)[0]
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -415,7 +416,7 @@ def capture_layers(
     """
     single = isinstance(layers, (str, nn.Module))
     with (
-        torch.set_grad_enabled(grad),
+        autograd(grad),
         LayerTap(
             model,
             layers,
@@ -469,6 +470,32 @@ class HookSet:
         """Remove every hook of the set (idempotent)."""
         while self._handles:
             self._handles.pop().remove()
+
+
+def outside_inference_mode(method: Callable) -> Callable:
+    """Run ``method`` with inference mode off: a method that takes gradients creates
+    tensors (its image parameter, normalized copies) that autograd must be able to save,
+    also when it is called inside the user's ``torch.inference_mode()`` block."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.inference_mode(False):
+            return method(*args, **kwargs)
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def autograd(enabled: bool = True) -> Iterator[None]:
+    """Record the autograd graph (``enabled``) or not, whatever the caller's context: the
+    methods that take gradients (feature visualization, the locality probe) work inside
+    a user's ``torch.no_grad()`` or ``torch.inference_mode()`` block."""
+    if not enabled:
+        with torch.no_grad():
+            yield
+        return
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 @contextlib.contextmanager

@@ -582,12 +582,12 @@ class ImageModel(nn.Module):
         super().__init__()
         self.model = unwrap_vision(model)
         self.config = input_config(self.model, mean=mean, std=std, image_size=image_size)
-        self.register_buffer(
-            "mean", torch.tensor(self.config.mean).view(1, 3, 1, 1), persistent=False
-        )
-        self.register_buffer(
-            "std", torch.tensor(self.config.std).view(1, 3, 1, 1), persistent=False
-        )
+        # Not inference tensors, even when built inside torch.inference_mode(): the
+        # methods that take gradients through normalize() need autograd to save them.
+        with torch.inference_mode(False):
+            mean, std = torch.tensor(self.config.mean), torch.tensor(self.config.std)
+        self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``(images - mean) / std``: [0, 1] RGB images as the wrapped model takes them.

@@ -116,3 +116,20 @@ def test_units_from_numpy_are_accepted_everywhere():
     for units in (np.array([1, 2]), [np.int64(1), np.int64(2)]):
         torch.testing.assert_close(fv.attribute(target=units, steps=2, preset="fast"), expected)
     assert cv.objectives.channel(np.int64(3)).terms()[0][1].unit == 3
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_gradient_methods_work_inside_no_grad_and_inference_mode(context):
+    """Users wrap evaluation code in torch.no_grad() / torch.inference_mode(): the probe
+    failed there ('does not require grad', 'Inference tensors cannot be saved for
+    backward') and feature visualization under inference mode; both now give the results
+    they give outside, built and called inside the block."""
+    model = TIMM_ARCHS["vit"][0]()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    locality = cv.SpatialLocalityProbe(model).attribute(x).locality
+    images = cv.FeatureVisualization(model, "blocks.1").attribute(target=[3], steps=3)
+    with context():
+        inside = cv.SpatialLocalityProbe(model).attribute(x).locality
+        optimized = cv.FeatureVisualization(model, "blocks.1").attribute(target=[3], steps=3)
+    torch.testing.assert_close(inside, locality)
+    torch.testing.assert_close(optimized, images)

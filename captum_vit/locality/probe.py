@@ -37,7 +37,7 @@ from torch import nn
 
 from .._base import check_count
 from .._progress import progress, resolve_progress
-from ..capture import LayerTap, preserved_state
+from ..capture import LayerTap, autograd, outside_inference_mode, preserved_state
 from ..layout import TokenLayout, resolve_layout
 from ..models import (
     ImageModel,
@@ -232,6 +232,7 @@ class SpatialLocalityProbe(LayerAttribution):
 
     # ------------------------------------------------------------------ locality
 
+    @outside_inference_mode
     def attribute(
         self,
         inputs: torch.Tensor,
@@ -305,7 +306,7 @@ class SpatialLocalityProbe(LayerAttribution):
             copies = images[image_index.to(device)].clone().requires_grad_(True)
             as_input = plan.taps[active[0]][1]
             with (
-                torch.enable_grad(),
+                autograd(),
                 LayerTap(
                     self.vision,
                     [plan.taps[i][0] for i in active],
@@ -415,27 +416,27 @@ def _feeds_output(
             outputs.append(output)
 
     image = probe.clone().requires_grad_(True)
-    with (
-        torch.enable_grad(),
-        LayerTap(
-            model,
-            list(names),
-            attribute_to_layer_input=as_input,
-            early_exit=False,
-            keep_graph=True,  # the recorded tensors lie on the path to the output
-            watch=keep_root,
-        ) as tap,
-    ):
-        values = tap.run(image)
-    result = outputs[-1] if outputs else None
-    if isinstance(result, (tuple, list)):
-        result = next((r for r in result if isinstance(r, torch.Tensor)), None)
-    if not isinstance(result, torch.Tensor) or not result.requires_grad:
-        return [None] * len(names)
-    generator = torch.Generator().manual_seed(0)
-    weights = torch.randn(result.shape, generator=generator).to(result.device)
-    selected = [layout.select(value) for layout, value in zip(layouts, values, strict=True)]
-    grads = torch.autograd.grad((result.float() * weights).sum(), selected, allow_unused=True)
+    tap = LayerTap(
+        model,
+        list(names),
+        attribute_to_layer_input=as_input,
+        early_exit=False,
+        keep_graph=True,  # the recorded tensors lie on the path to the output
+        watch=keep_root,
+    )
+    with autograd():  # the forward and the projection of its output
+        with tap:
+            values = tap.run(image)
+        result = outputs[-1] if outputs else None
+        if isinstance(result, (tuple, list)):
+            result = next((r for r in result if isinstance(r, torch.Tensor)), None)
+        if not isinstance(result, torch.Tensor) or not result.requires_grad:
+            return [None] * len(names)
+        generator = torch.Generator().manual_seed(0)
+        weights = torch.randn(result.shape, generator=generator).to(result.device)
+        selected = [layout.select(value) for layout, value in zip(layouts, values, strict=True)]
+        projected = (result.float() * weights).sum()
+    grads = torch.autograd.grad(projected, selected, allow_unused=True)
     return [
         _reaches_patches(layout, value, grad)
         for layout, value, grad in zip(layouts, values, grads, strict=True)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .._base import _LayerMethod, from_numpy
 from .._progress import resolve_progress
-from ..capture import LayerTap, preserved_state
+from ..capture import LayerTap, autograd, outside_inference_mode, preserved_state
 from ..layout import TokenLayout
 from ..models import _is_open_clip, _pair, check_images, check_size, model_dtype
 from .objectives import (
@@ -89,6 +89,7 @@ class FeatureVisualization(_LayerMethod):
             call=self.call if call is None else call,
         )
 
+    @outside_inference_mode
     def attribute(
         self,
         inputs: Tensor | None = None,
@@ -226,7 +227,7 @@ class FeatureVisualization(_LayerMethod):
         bar = tqdm(
             range(recipe.steps), desc="feature visualization", disable=not show, file=sys.stderr
         )
-        with preserved_state(self.vision), torch.enable_grad(), self.tap() as tap:
+        with preserved_state(self.vision), autograd(), self.tap() as tap:
             for step in bar:
                 started = time.perf_counter()
                 loss, per_image = step_fn(tap, step)
