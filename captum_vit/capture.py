@@ -104,11 +104,8 @@ def find_module(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modul
         raise TypeError(
             f"layer must be an nn.Module or a dotted path string, got {type(layer).__name__}"
         )
-    if not layer.strip():
-        raise ValueError(
-            "layer is an empty path: name a module of the model by its dotted path, e.g. "
-            "'blocks.3.mlp.act' (for the model's output, its last module, e.g. timm's 'head')"
-        )
+    if layer == "":
+        return "", model  # the path of the model itself, as named_modules() gives it
     found = [c for c in dict.fromkeys(_path_candidates(layer)) if c and c in names]
     if found:
         if found[0] == layer:  # the same path inside a CLIP image tower is another module

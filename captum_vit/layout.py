@@ -535,11 +535,16 @@ def resolve_layouts(
     ]
 
 
+def _layer_words(name: str) -> str:
+    """How messages name a layer: ``layer 'blocks.3'``, or the whole model for ``""``."""
+    return f"layer {name!r}" if name else "the model itself (as the layer)"
+
+
 def _refuse_windowed(name: str, chain: Sequence[nn.Module]) -> None:
     for module in chain:
         if type(module).__name__ in _WINDOWED:
             raise ValueError(
-                f"layer {name!r} is inside {type(module).__name__}, which works on windows of "
+                f"{_layer_words(name)} is inside {type(module).__name__}, which works on windows of "
                 "tokens (batch * windows, window_area, C) after a cyclic shift and padding: "
                 "its tensors are not on the image grid. Use the block output, its norm1 / "
                 "norm2, or its mlp layers instead"
@@ -585,11 +590,11 @@ def _layout_from_value(
                 continue
             return _with_tuple_prefix(layout, value, index, batch, vision)
         raise ValueError(
-            f"layer {name!r} returns a {type(value).__name__} of {len(value)} and no element "
+            f"{_layer_words(name)} returns a {type(value).__name__} of {len(value)} and no element "
             f"is a spatial map: " + "; ".join(errors)
         )
     if not isinstance(value, torch.Tensor):
-        raise ValueError(f"layer {name!r} returns {type(value).__name__}, not a tensor")
+        raise ValueError(f"{_layer_words(name)} returns {type(value).__name__}, not a tensor")
     return _layout_of_tensor(
         value, name, chain, vision, seen, batch, image_size, token_counts=token_counts, **common
     )
@@ -635,20 +640,20 @@ def _layout_of_tensor(
     if x.dim() == 4:
         if x.shape[0] != batch:
             raise ValueError(
-                f"layer {name!r} outputs {tuple(x.shape)}: its first axis is not the batch "
+                f"{_layer_words(name)} outputs {tuple(x.shape)}: its first axis is not the batch "
                 f"({batch}); it is not a per-image feature map"
             )
         kind = _orient_4d(x.shape, image_size, chain, grids)
         tokens = None if kind is None else _attention_size(x.shape, kind, token_counts)
         if tokens is not None:
             raise ValueError(
-                f"layer {name!r} outputs {tuple(x.shape)}: a token-to-token matrix over the "
+                f"{_layer_words(name)} outputs {tuple(x.shape)}: a token-to-token matrix over the "
                 f"{tokens} tokens (attention probabilities), not a feature map of the image. "
                 "Read attention with AttentionRollout, or pick a layer of the tokens"
             )
         if kind is None:
             raise ValueError(
-                f"layer {name!r} outputs a 4-D tensor {tuple(x.shape)} whose channel axis "
+                f"{_layer_words(name)} outputs a 4-D tensor {tuple(x.shape)} whose channel axis "
                 f"cannot be told apart from its grid axes for a {image_size[0]}x"
                 f"{image_size[1]} input (neither or both of (B, C, h, w) and (B, h, w, C) "
                 "fit); it is not a feature map of this image"
@@ -658,7 +663,7 @@ def _layout_of_tensor(
         return TokenLayout(kind, grid, 0, (), channels, **common)
     if x.dim() != 3:
         raise ValueError(
-            f"layer {name!r} outputs a {x.dim()}-D tensor {tuple(x.shape)}: not spatial. "
+            f"{_layer_words(name)} outputs a {x.dim()}-D tensor {tuple(x.shape)}: not spatial. "
             "Spatial methods need (B, N, C) tokens, (B, h, w, C) or (B, C, h, w) maps; "
             "pooled features and logits have no patch grid"
         )
@@ -672,7 +677,7 @@ def _layout_of_tensor(
             )
     described = ", ".join(f"{h}x{w} ({src or 'model'})" for src, (h, w) in seen[-6:]) or "none"
     raise ValueError(
-        f"layer {name!r} outputs {tokens} token(s) per image {tuple(x.shape)}, which fits no "
+        f"{_layer_words(name)} outputs {tokens} token(s) per image {tuple(x.shape)}, which fits no "
         f"patch grid seen before it in this forward pass (last grids seen: {described}; "
         f"a spatial layer has h*w patch tokens plus at most {MAX_PREFIX_TOKENS} prefix "
         "tokens). It is not spatial: pooled, class-attention or query tokens "
@@ -710,10 +715,10 @@ def _sequence_axis(x: torch.Tensor, batch: int, chain: Sequence[nn.Module], name
         return "NBC"
     if x.shape[0] % batch == 0:
         raise ValueError(
-            f"layer {name!r} outputs {tuple(x.shape)}: its first axis is a multiple of the "
+            f"{_layer_words(name)} outputs {tuple(x.shape)}: its first axis is a multiple of the "
             f"batch ({batch}), as for windowed attention (batch * windows, tokens, C); "
             "its tokens are not on the image grid"
         )
     raise ValueError(
-        f"layer {name!r} outputs {tuple(x.shape)}: no axis matches the batch size {batch}"
+        f"{_layer_words(name)} outputs {tuple(x.shape)}: no axis matches the batch size {batch}"
     )

@@ -85,6 +85,11 @@ def vision_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modu
             the message names the image-tower path to use.
         TypeError: ``layer`` is neither a string nor a module.
     """
+    if isinstance(layer, str) and not layer.strip():
+        raise ValueError(
+            "layer is an empty path: name a module of the model by its dotted path, e.g. "
+            "'blocks.3.mlp.act' (for the model's output, its last module, e.g. timm's 'head')"
+        )
     vision = unwrap_vision(model)
     tower = None if isinstance(model, ImageModel) else _clip_image_tower(model)
     if tower is None:
@@ -93,6 +98,12 @@ def vision_layer(model: nn.Module, layer: nn.Module | str) -> tuple[str, nn.Modu
     prefix = module_name(model, tower) + "."
     if module is tower:
         return "", module  # the whole tower as the layer (its output: the embedding)
+    if module is peel_wrappers(model):
+        raise ValueError(
+            f"the whole {type(module).__name__} model is not a layer of its image tower "
+            f"(its forward takes text too): for the image embedding pass {prefix[:-1]!r} "
+            f"(model.{prefix[:-1]})"
+        )
     if name.startswith(prefix):
         return name[len(prefix) :], module
     blocks = [n for n, _ in tower.named_modules() if n.endswith("resblocks.0")]

@@ -386,8 +386,8 @@ def test_bad_arguments_raise():
         fv.attribute(target=1, steps=0)
     with pytest.raises(ValueError, match="empty"):
         fv.attribute(target=[], steps=1)
-    with pytest.raises(TypeError):
-        fv.attribute(target=torch.tensor([0.5]), steps=1)
+    with pytest.raises(ValueError, match="direction has 1 values but the layer has 128"):
+        fv.attribute(target=torch.tensor([0.5]), steps=1)  # a float target is a direction
     with pytest.raises(ValueError, match="outside the 4x4 grid"):
         fv.attribute(target=1, token=(4, 4), steps=1)
     with pytest.raises(ValueError, match="unknown layer"):
@@ -508,3 +508,41 @@ def test_a_diverged_optimization_raises_instead_of_returning_nan_images():
         fv.attribute(target=3, steps=1, objective_scale=float("nan"))
     with pytest.raises(ValueError, match=r"betas\[1\] must be a finite number"):
         fv.attribute(target=3, steps=1, betas=(0.9, float("inf")))
+
+
+def test_a_float_tensor_target_is_a_direction():
+    """A float target was refused ('must be 1-D integer units') while PatchActivationMap
+    reads it as a direction; a (C,) vector is one image, (N, C) one image per row."""
+    model = open_clip_model()
+    text = torch.randn(2, 16, generator=torch.Generator().manual_seed(1))
+    fv = cv.FeatureVisualization(model, "visual")
+    one = fv.attribute(target=text[0], steps=3, preset="fast")
+    torch.testing.assert_close(
+        one, fv.attribute(target=cv.objectives.direction(text[0]), steps=3, preset="fast")
+    )
+    both = fv.attribute(target=text.numpy(), steps=3, preset="fast")
+    expected = [cv.objectives.direction(row) for row in text]
+    torch.testing.assert_close(both, fv.attribute(target=expected, steps=3, preset="fast"))
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(
+        cv.robust_activation(model, "visual", images, text[1]),
+        cv.robust_activation(model, "visual", images, cv.objectives.direction(text[1])),
+    )
+    with pytest.raises(ValueError, match=r"a float target is a direction \(C,\)"):
+        fv.attribute(target=torch.zeros(1, 2, 16), steps=1)
+
+
+def test_the_whole_model_as_the_layer():
+    """A full CLIP model named itself as its image layer ('part of the text side'); a
+    spatial method on a model's own output said 'layer is an empty path'."""
+    clip = open_clip_model()
+    with pytest.raises(ValueError, match="not a layer of its image tower.*pass 'visual'"):
+        cv.FeatureVisualization(clip, clip)
+    vit = TIMM_ARCHS["vit"][0]()
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"the model itself \(as the layer\) outputs a 2-D"):
+        cv.PatchActivationMap(vit, vit).attribute(x, target=0)
+    logits = cv.FeatureVisualization(vit, vit).attribute(target=1, steps=2, preset=None)
+    assert logits.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="empty path"):
+        cv.PatchActivationMap(vit, " ")

@@ -41,6 +41,7 @@ from .objectives import (
     as_objective,
     check_diversity,
     compile_objectives,
+    direction,
     total_variation,
 )
 from .params import ImageParam, make_param
@@ -112,9 +113,12 @@ class FeatureVisualization(_LayerMethod):
             inputs: ``None`` (random start, drawn per image slot from ``seed``) or
                 ``(B, 3, H, W)`` start images in [0, 1], ``B`` = 1 (shared) or the number
                 of returned images.
-            target: a unit (int), several units (list or 1-D tensor), an
+            target: a unit (int), several units (list or 1-D integer tensor), an
                 :class:`~captum_vit.optim.objectives.Objective`, or a list mixing both. Ints
-                become ``objectives.channel(unit, token)``.
+                become ``objectives.channel(unit, token)``. A float tensor is a direction
+                in channel space, ``(C,)`` for one image or ``(N, C)`` for N:
+                ``objectives.direction(vector, token)`` (a CLIP text embedding on the
+                image tower's output, a probe's weights).
             token: where int units are read: ``"patches"`` (mean over patch tokens, prefix
                 excluded: the paper), ``"cls"``, ``"all"``, a token index or a
                 ``(row, col)`` patch position. Non-spatial layers (logits, pooled or
@@ -366,11 +370,12 @@ def _as_objectives(target: Any, token: Token) -> list[Objective]:
     target = from_numpy(target)
     if isinstance(target, Objective) or (isinstance(target, int) and not isinstance(target, bool)):
         return [as_objective(target, token)]
+    if isinstance(target, Tensor) and target.is_floating_point():
+        return _directions(target, token)
     if isinstance(target, Tensor):
-        if target.is_floating_point() or target.dim() > 1:
+        if target.dim() > 1:
             raise TypeError(
-                f"target as a tensor must be 1-D integer units, got {target.dtype} with "
-                f"shape {tuple(target.shape)}"
+                f"target as an integer tensor must be 1-D units, got shape {tuple(target.shape)}"
             )
         target = target.reshape(-1).tolist()
     if isinstance(target, Sequence) and not isinstance(target, str):
@@ -381,6 +386,17 @@ def _as_objectives(target: Any, token: Token) -> list[Objective]:
         "target must be an int, a list of ints / objectives, a 1-D tensor or an Objective, "
         f"got {type(target).__name__}"
     )
+
+
+def _directions(vectors: Tensor, token: Token) -> list[Objective]:
+    """A float ``(C,)`` target is one direction in channel space, ``(N, C)`` one per image
+    (as :class:`~captum_vit.PatchActivationMap` reads them)."""
+    if vectors.dim() not in (1, 2) or vectors.shape[-1] == 0:
+        raise ValueError(
+            f"a float target is a direction (C,) or one per image (N, C), got shape "
+            f"{tuple(vectors.shape)}"
+        )
+    return [direction(vector, token) for vector in vectors.reshape(-1, vectors.shape[-1])]
 
 
 def _make_optimizer(params: list[Tensor], recipe: Preset) -> torch.optim.Optimizer:
