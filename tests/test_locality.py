@@ -369,6 +369,9 @@ def test_reports_name_layers_as_the_users_model_does():
     x = torch.rand(2, 3, 32, 32)
     report = cv.SpatialLocalityProbe(model).attribute(x)
     assert report.layers == ["visual.transformer.resblocks.0", "visual.transformer.resblocks.1"]
+    torch.testing.assert_close(report.field("visual.transformer.resblocks.1"), report.field(1))
+    with pytest.raises(ValueError, match="not in this report; its layers: "):
+        report.field("transformer.resblocks.1")
     again = cv.SpatialLocalityProbe(model, layers=report.layers).attribute(x)
     torch.testing.assert_close(again.locality, report.locality)
     examples = cv.TopActivatingExamples(model, report.layers[1], k=1).attribute([x], target=0)

@@ -71,8 +71,13 @@ class LocalityReport:
 
     def field(self, layer: int | str) -> torch.Tensor:
         """``(h, w, h, w)`` fields of one layer, by index or dotted name."""
-        index = self.layers.index(layer) if isinstance(layer, str) else layer
-        return self.fields[index]
+        if isinstance(layer, str):
+            if layer not in self.layers:
+                raise ValueError(
+                    f"layer {layer!r} is not in this report; its layers: {self.layers}"
+                )
+            layer = self.layers.index(layer)
+        return self.fields[layer]
 
     def __str__(self) -> str:
         lines = [f"LocalityReport ({self.num_images} image(s), {self.image_size} px)"]
