@@ -445,7 +445,8 @@ def patch_tiling(
     patches that is more than the image where the model pads it to whole patches (timm
     ``dynamic_img_pad``, Hugging Face Swin) and less where it drops the remainder
     (Hugging Face ViT, DeiT, DINOv2, CLIP, BEiT). ``None`` where the model's patching is
-    unknown (no ``patch_embed``, a hybrid's CNN stem, open_clip's fixed size).
+    unknown or its patches overlap (no ``patch_embed``, PiT, a hybrid's CNN stem,
+    open_clip's fixed size).
     """
     vision = unwrap_vision(model)
     tiling = getattr(vision, "patch_tiling", None)
@@ -453,11 +454,24 @@ def patch_tiling(
         return tiling(image_size)
     for module in (vision, getattr(vision, "trunk", None)):
         patch_embed = getattr(module, "patch_embed", None) if module is not None else None
-        patch_size = getattr(patch_embed, "patch_size", None)
-        if patch_size is not None and not hasattr(patch_embed, "backbone"):  # not hybrid
+        if _tiles_in_patches(patch_embed):
             pads = bool(getattr(patch_embed, "dynamic_img_pad", False))
-            return whole_patches(image_size, _pair(patch_size), pads=pads)
+            return whole_patches(image_size, _pair(patch_embed.patch_size), pads=pads)
     return None
+
+
+def _tiles_in_patches(patch_embed: Any) -> bool:
+    """Whether a timm patch embedding cuts the image into non-overlapping patches: a
+    ``proj`` convolution whose kernel and stride are its ``patch_size`` (not PiT's
+    overlapping patches, nor a hybrid's CNN stem)."""
+    proj = getattr(patch_embed, "proj", None)
+    patch_size = getattr(patch_embed, "patch_size", None)
+    if not isinstance(proj, nn.Conv2d) or patch_size is None:
+        return False
+    if hasattr(patch_embed, "backbone"):
+        return False
+    size = _pair(patch_size)
+    return tuple(proj.kernel_size) == size and tuple(proj.stride) == size
 
 
 def whole_patches(

@@ -289,3 +289,18 @@ def test_rollout_interpolates_onto_the_covered_pixels():
     assert maps.shape == (1, 5, 6)
     up = rollout.attribute(x, interpolate=True, interpolate_mode="nearest")
     torch.testing.assert_close(up, nearest_cell(maps, (36, 44), 8))
+
+
+def test_overlapping_patches_are_stretched_as_captum_does():
+    """PiT's 16-px patches overlap (stride 8): no cell tiles the image, so the map is
+    stretched over it, as LayerAttribution.interpolate does."""
+    from captum_vit.models import patch_tiling
+
+    factory, size = TIMM_ARCHS["pit"]
+    model = factory()
+    assert patch_tiling(model, size) is None
+    x = torch.rand(1, 3, *size)
+    pam = cv.PatchActivationMap(model, "transformers.1")
+    maps = pam.attribute(x, target=0)
+    up = pam.attribute(x, target=0, interpolate=True)
+    torch.testing.assert_close(up, LayerAttribution.interpolate(maps[:, None], size)[:, 0])
