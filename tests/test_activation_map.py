@@ -303,4 +303,5 @@ def test_overlapping_patches_are_stretched_as_captum_does():
     pam = cv.PatchActivationMap(model, "transformers.1")
     maps = pam.attribute(x, target=0)
     up = pam.attribute(x, target=0, interpolate=True)
-    torch.testing.assert_close(up, LayerAttribution.interpolate(maps[:, None], size)[:, 0])
+    expected = LayerAttribution.interpolate(maps[:, None], size, "bilinear")[:, 0]
+    torch.testing.assert_close(up, expected)
