@@ -222,13 +222,22 @@ def upsample_to_image(
     ``LayerAttribution.interpolate`` does.
     """
     height, width = image_size
-    cell = _cell_size(tuple(maps.shape[-2:]), tiling)
-    extent = None if cell is None else (maps.shape[-2] * cell[0], maps.shape[-1] * cell[1])
+    extent = covered_extent(tuple(maps.shape[-2:]), tiling)
     if extent is None or extent == (height, width):
         return F.interpolate(maps, size=(height, width), mode=mode)
     covered = F.interpolate(maps, size=extent, mode=mode)[..., :height, :width]
     missing = (0, width - covered.shape[-1], 0, height - covered.shape[-2])
     return F.pad(covered, missing, mode="replicate") if any(missing) else covered
+
+
+def covered_extent(
+    grid: tuple[int, int], tiling: tuple[tuple[int, int], tuple[int, int]] | None
+) -> tuple[int, int] | None:
+    """The pixels ``(height, width)`` an ``(h, w)`` grid's cells cover from the top left,
+    for a grid of whole patches of ``tiling`` (see :func:`upsample_to_image`); ``None``
+    for any other grid."""
+    cell = _cell_size(grid, tiling)
+    return None if cell is None else (grid[0] * cell[0], grid[1] * cell[1])
 
 
 def _cell_size(

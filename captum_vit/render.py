@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from ._batches import dict_images
+from .layout import covered_extent, upsample_to_image
 from .models import check_value_range
 
 __all__ = [
@@ -442,12 +443,16 @@ def example_grid(
 ) -> Image.Image:
     """:func:`unit_grid` for one unit of an :class:`~captum_vit.ExampleSet`.
 
+    Each map is drawn on the pixels its patches covered (``examples.tiling``): on images
+    that are not a whole number of patches, a padded or cut grid is not stretched.
+
     Args:
         examples: the ``ExampleSet`` from ``TopActivatingExamples.attribute``.
         unit: the unit (channel index of the layer, one of ``examples.channels``).
         dataset: the images the set's indices point into: an ``(N, 3, H, W)`` tensor, or
             anything indexable by int giving an image tensor, an ``(image, label)``
-            tuple or a dict with an ``"image"`` key (a map-style dataset).
+            tuple or a dict with an ``"image"`` (or ``"pixel_values"``) key (a map-style
+            dataset).
         visualization: optional ``(3, H, W)`` image for the first cell.
         **options: passed on to :func:`unit_grid` (``originals``, ``cell_size``, ...).
 
@@ -460,7 +465,22 @@ def example_grid(
     if len(indices) == 0:
         raise ValueError(f"unit {unit} has no kept examples (the scan saw no images)")
     images = torch.stack([_image_at(dataset, int(i)) for i in indices])
+    size = tuple(images.shape[-2:])
+    if _stretch_misplaces(examples.tiling, tuple(maps.shape[-2:]), size):
+        # Draw each map on the pixels its patches covered (a padded or cut grid).
+        maps = upsample_to_image(maps[:, None].float(), size, examples.tiling)[:, 0]
     return unit_grid(images, maps, visualization=visualization, scores=scores, **options)
+
+
+def _stretch_misplaces(tiling: Any, grid: tuple[int, int], size: tuple[int, int]) -> bool:
+    """Whether stretching a ``grid`` map over images of ``size`` misplaces it: the grid's
+    cells cover other pixels than the image, by less than a cell (so ``tiling``, of the
+    scanned images, is that of these images too)."""
+    extent = covered_extent(grid, tiling)
+    if extent is None or extent == size:
+        return False
+    cells = (extent[0] / grid[0], extent[1] / grid[1])
+    return all(abs(e - s) < c for e, s, c in zip(extent, size, cells, strict=True))
 
 
 def _image_at(dataset: Any, index: int) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ._batches import as_batch_stream, unpack_batch
 from ._progress import progress, resolve_progress
 from .capture import LayerTap, preserved_state
 from .layout import TokenLayout
+from .models import patch_tiling
 
 __all__ = ["ExampleSet", "TopActivatingExamples", "scan_top_examples"]
 
@@ -49,6 +50,10 @@ class ExampleSet:
         layer: dotted path of the layer.
         score: ``"mean"`` or ``"max"``, how a map was reduced to a score.
         num_images: how many images were scanned (all processes together).
+        tiling: how the patch grid lay on the scanned images, ``((rows, cols),
+            (patch_h, patch_w))`` (see :func:`captum_vit.models.patch_tiling`), so that
+            a map is drawn on the pixels its patches covered; ``None`` when unknown (the
+            map is stretched over its image).
     """
 
     channels: torch.Tensor
@@ -58,6 +63,7 @@ class ExampleSet:
     layer: str = ""
     score: str = "mean"
     num_images: int = 0
+    tiling: tuple[tuple[int, int], tuple[int, int]] | None = None
 
     @property
     def k(self) -> int:
@@ -104,6 +110,7 @@ class ExampleSet:
                 "layer": self.layer,
                 "score": self.score,
                 "num_images": self.num_images,
+                "tiling": self.tiling,
             },
             path,
         )
@@ -125,7 +132,9 @@ class ExampleSet:
         if not isinstance(data, dict) or data.get("format") != "captum_vit.ExampleSet/1":
             raise ValueError(not_saved)
         data.pop("format")
-        return cls(**data)
+        tiling = data.pop("tiling", None)  # absent from sets saved before it existed
+        tiling = None if tiling is None else tuple(tuple(int(v) for v in p) for p in tiling)
+        return cls(**data, tiling=tiling)
 
 
 class TopActivatingExamples(_LayerMethod):
@@ -235,7 +244,13 @@ class TopActivatingExamples(_LayerMethod):
         return as_unit_tensor(target, layout.num_channels)
 
     def _finish(
-        self, top: _RunningTopK | None, seen: int, target: Any, score: str, offset: int | None
+        self,
+        top: _RunningTopK | None,
+        seen: int,
+        target: Any,
+        score: str,
+        offset: int | None,
+        image_sizes: set[tuple[int, int]] = frozenset(),
     ) -> ExampleSet:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if distributed:
@@ -254,6 +269,7 @@ class TopActivatingExamples(_LayerMethod):
             layer=self.layer_path,
             score=score,
             num_images=seen,
+            tiling=patch_tiling(self.vision, *image_sizes) if len(image_sizes) == 1 else None,
         )
 
 
@@ -309,6 +325,7 @@ def scan_top_examples(
         on_record=merge if as_produced else None,
     )
     unordered = _unordered_loader(inputs)
+    image_sizes: set[tuple[int, int]] = set()
     with preserved_state(first.vision), torch.no_grad():
         for images, given_index in _batches(inputs, show_progress):
             first.check_images(images)
@@ -330,10 +347,11 @@ def scan_top_examples(
                 for position, output in enumerate(outputs):
                     merge(position, output)
             seen += images.shape[0]
+            image_sizes.add((int(images.shape[-2]), int(images.shape[-1])))
     if indexed:
         offset = 0
     return [
-        method._finish(top, seen, target, score, offset)
+        method._finish(top, seen, target, score, offset, image_sizes)
         for method, top in zip(methods, tops, strict=True)
     ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -387,3 +388,38 @@ def test_a_loader_that_does_not_read_in_order_is_warned_about():
         indexed = ex.attribute(loader, target=[0, 1])
     assert torch.equal(indexed.indices, ordered.indices)
     torch.testing.assert_close(indexed.scores, ordered.scores)
+
+
+def test_example_grid_draws_maps_on_the_pixels_their_patches_covered(tmp_path):
+    """A padding ViT on 36x44 images (a 5x6 grid over 40x48): the grid's overlays were
+    stretched over the images; they now match PatchActivationMap(interpolate=True)."""
+    from archs import timm_model
+
+    from captum_vit import render
+
+    model = timm_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=32,
+        num_heads=2,
+        dynamic_img_size=True,
+        dynamic_img_pad=True,
+    )
+    images = torch.rand(6, 3, 36, 44, generator=torch.Generator().manual_seed(0))
+    result = cv.TopActivatingExamples(model, "blocks.1", k=2).attribute(images, target=[3])
+    assert result.tiling == ((5, 6), (8, 8))
+    scores, indices, _ = result.unit(3)
+    up = cv.PatchActivationMap(model, "blocks.1").attribute(
+        images[indices], target=3, interpolate=True
+    )
+    expected = np.asarray(render.unit_grid(images[indices], up, scores=scores), dtype=float)
+    drawn = np.asarray(render.example_grid(result, 3, images), dtype=float)
+    assert np.abs(drawn - expected).max() <= 1  # the scan's batch: float rounding only
+    result.save(tmp_path / "set.pt")
+    assert cv.ExampleSet.load(tmp_path / "set.pt").tiling == result.tiling
+    older = torch.load(tmp_path / "set.pt", weights_only=True)
+    del older["tiling"]  # a set saved before the field existed
+    torch.save(older, tmp_path / "older.pt")
+    assert cv.ExampleSet.load(tmp_path / "older.pt").tiling is None
