@@ -18,6 +18,15 @@ def timm_model(name: str, **kwargs) -> torch.nn.Module:
 
 _VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
+
+def padded_vit(depth: int = 2) -> torch.nn.Module:
+    """A small ViT that pads images to whole 8-px patches (timm ``dynamic_img_pad``)."""
+    return timm_model(
+        "vit_tiny_patch16_224",
+        **dict(_VIT, depth=depth, dynamic_img_size=True, dynamic_img_pad=True),
+    )
+
+
 # name -> (factory, input size (H, W))
 TIMM_ARCHS = {
     "vit": (lambda: timm_model("vit_tiny_patch16_224", **_VIT), (32, 32)),

@@ -6,7 +6,14 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from archs import TIMM_ARCHS, hooked, hooks_left, open_clip_model, open_clip_tower
+from archs import (
+    TIMM_ARCHS,
+    hooked,
+    hooks_left,
+    open_clip_model,
+    open_clip_tower,
+    padded_vit,
+)
 from captum.attr import LayerAttribution
 
 import captum_vit as cv
@@ -241,17 +248,6 @@ def nearest_cell(maps, size, cell):
     rows = (torch.arange(size[0]) // cell).clamp(max=maps.shape[-2] - 1)
     cols = (torch.arange(size[1]) // cell).clamp(max=maps.shape[-1] - 1)
     return maps[..., rows[:, None], cols[None, :]]
-
-
-def padded_vit():
-    from archs import timm_model
-
-    return timm_model(
-        "vit_tiny_patch16_224", **dict(_VIT_SMALL, dynamic_img_size=True, dynamic_img_pad=True)
-    )
-
-
-_VIT_SMALL = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 
 @pytest.mark.parametrize(

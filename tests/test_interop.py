@@ -242,18 +242,9 @@ def test_feature_ablation_with_patch_mask_equals_ablating_each_patch_by_hand():
 
 
 def test_patch_feature_mask_follows_padded_border_patches():
-    from archs import timm_model
+    from archs import padded_vit
 
-    model = timm_model(
-        "vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=8,
-        depth=1,
-        embed_dim=32,
-        num_heads=2,
-        dynamic_img_size=True,
-        dynamic_img_pad=True,
-    )
+    model = padded_vit(depth=1)
     x = images((44, 64))  # 44 = 5 * 8 + 4: timm pads a sixth row of patches
     mask = cv.patch_feature_mask(model, x)
     assert mask.grid == (6, 8)

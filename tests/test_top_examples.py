@@ -393,20 +393,11 @@ def test_a_loader_that_does_not_read_in_order_is_warned_about():
 def test_example_grid_draws_maps_on_the_pixels_their_patches_covered(tmp_path):
     """A padding ViT on 36x44 images (a 5x6 grid over 40x48): the grid's overlays were
     stretched over the images; they now match PatchActivationMap(interpolate=True)."""
-    from archs import timm_model
+    from archs import padded_vit
 
     from captum_vit import render
 
-    model = timm_model(
-        "vit_tiny_patch16_224",
-        img_size=32,
-        patch_size=8,
-        depth=2,
-        embed_dim=32,
-        num_heads=2,
-        dynamic_img_size=True,
-        dynamic_img_pad=True,
-    )
+    model = padded_vit()
     images = torch.rand(6, 3, 36, 44, generator=torch.Generator().manual_seed(0))
     result = cv.TopActivatingExamples(model, "blocks.1", k=2).attribute(images, target=[3])
     assert result.tiling == ((5, 6), (8, 8))
