@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from .capture import HookSet, find_module, peel_wrappers
-from .layout import TokenLayout, resolve_layout
-from .models import check_batch_shape, unwrap_vision
+from .layout import TokenLayout, resolve_layout, upsample_to_image
+from .models import ImageModel, check_batch_shape, patch_tiling, unwrap_vision
 
 __all__ = ["PatchGrid", "patch_grid", "patch_feature_mask"]
 
@@ -38,12 +38,47 @@ class PatchGrid(nn.Module):
     Attributes:
         layout: the :class:`~captum_vit.layout.TokenLayout` of the spliced layer.
         with_prefix: whether the prefix tokens are a second output.
+        image_size: ``(H, W)`` of the inputs the grid was resolved for.
+        tiling: how the model's patches lie on those inputs
+            (:func:`~captum_vit.models.patch_tiling`), used by :meth:`interpolate`.
     """
 
-    def __init__(self, layout: TokenLayout, with_prefix: bool = False) -> None:
+    def __init__(
+        self,
+        layout: TokenLayout,
+        with_prefix: bool = False,
+        *,
+        image_size: tuple[int, int] | None = None,
+        tiling: tuple[tuple[int, int], tuple[int, int]] | None = None,
+    ) -> None:
         super().__init__()
         self.layout = layout
         self.with_prefix = with_prefix
+        self.image_size = image_size
+        self.tiling = tiling
+
+    def interpolate(self, attributions: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+        """Upsample grid-shaped attributions ``(B, C', h, w)`` (what Captum's layer
+        methods return through this grid) to the inputs' size ``(B, C', H, W)``.
+
+        Captum's ``LayerAttribution.interpolate`` stretches the grid over the image. This
+        puts each cell on the pixels its patches covered, which differs where the image
+        is not a whole number of patches (a padded or cut grid); otherwise the two agree.
+
+        Raises:
+            ValueError: attributions that are not ``(B, C', h, w)`` on this grid.
+        """
+        if not isinstance(attributions, torch.Tensor) or attributions.dim() != 4:
+            raise ValueError("attributions must be a (B, C, h, w) tensor on the patch grid")
+        if tuple(attributions.shape[-2:]) != tuple(self.layout.grid):
+            h, w = self.layout.grid
+            raise ValueError(
+                f"attributions of shape {tuple(attributions.shape)} are not on this {h}x{w} "
+                "patch grid"
+            )
+        if self.image_size is None:
+            raise ValueError("this grid does not know its input size: build it with patch_grid")
+        return upsample_to_image(attributions, self.image_size, self.tiling, mode)
 
     def forward(
         self, patches: torch.Tensor, prefix: torch.Tensor | None = None
@@ -80,8 +115,8 @@ def patch_grid(
     Any Captum layer method given that module (``LayerActivation``, ``LayerGradCam``,
     ``LayerGradientXActivation``, ``LayerIntegratedGradients``, ``LayerConductance``,
     ``LayerDeepLift``, ``LayerFeatureAblation``, ``InternalInfluence``) then works with
-    Captum's own hooks and returns grid-shaped attributions, which
-    ``LayerAttribution.interpolate`` upsamples to the image.
+    Captum's own hooks and returns grid-shaped attributions, which ``grid.interpolate``
+    (or Captum's ``LayerAttribution.interpolate``) upsamples to the image.
 
     On exit, also after an exception, the splice hooks are removed: the model is left
     exactly as it was.
@@ -125,7 +160,7 @@ def patch_grid(
         >>> with cv.patch_grid(model, "blocks.3", images) as grid:
         ...     cam = LayerGradCam(model, grid).attribute(images, target=labels)
         >>> cam.shape                                      # (B, 1, h, w)
-        >>> up = LayerAttribution.interpolate(cam, images.shape[-2:])   # (B, 1, H, W)
+        >>> up = grid.interpolate(cam)                      # (B, 1, H, W)
     """
     layout = resolve_layout(
         model, layer, inputs, attribute_to_layer_input=attribute_to_layer_input, call=call
@@ -136,7 +171,8 @@ def patch_grid(
             "use with_prefix=False"
         )
     _, module = find_module(model, layout.layer)
-    grid = PatchGrid(layout, with_prefix)
+    size = tuple(inputs.shape[-2:]) if inputs is not None else ImageModel(model).image_size
+    grid = PatchGrid(layout, with_prefix, image_size=size, tiling=patch_tiling(model, size))
     splice = _Splice(layout, grid, call)
     with HookSet() as hooks:
         for root in _forward_roots(model):

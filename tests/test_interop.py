@@ -306,3 +306,24 @@ def test_noise_tunnel_smooths_patch_activation_maps_and_rollout():
         pam.attribute(noisy, target=5)
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
         rollout.attribute(noisy)
+
+
+def test_grid_interpolate_puts_captum_attributions_on_the_covered_pixels():
+    """Grad-CAM through the grid of a padding ViT on 36x44 images (5x6 patches over
+    40x48): grid.interpolate places each cell on its patch's pixels, which
+    LayerAttribution.interpolate's stretch does not; on whole patches the two agree."""
+    from archs import padded_vit
+    from test_activation_map import nearest_cell
+
+    model = padded_vit()
+    for size in [(36, 44), (40, 48)]:
+        x = images(size)
+        with cv.patch_grid(model, "blocks.0", x) as grid:  # the last block's is 0 (cls)
+            cam = LayerGradCam(model, grid).attribute(x, target=1).detach()
+        assert cam.shape == (len(x), 1, 5, 6) and cam.abs().amin() > 0
+        up = grid.interpolate(cam, mode="nearest")
+        torch.testing.assert_close(up, nearest_cell(cam, size, 8))
+        stretched = LayerAttribution.interpolate(cam, size, "bilinear")
+        assert torch.allclose(grid.interpolate(cam), stretched) == (size == (40, 48))
+    with pytest.raises(ValueError, match="not on this 5x6 patch grid"):
+        grid.interpolate(cam[..., :4])
