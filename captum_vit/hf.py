@@ -162,8 +162,7 @@ class HFVisionModel(nn.Module):
         """ViT-MAE orders the patch tokens by ``argsort(noise)``, random when no noise is
         given, even with ``mask_ratio=0``: increasing noise keeps them in image order (and
         keeps the first ones if it masks)."""
-        rows = pixel_values.shape[-2] // self._patch_size[0]
-        cols = pixel_values.shape[-1] // self._patch_size[1]
+        (rows, cols), _ = self.patch_tiling(tuple(pixel_values.shape[-2:]))
         order = torch.arange(rows * cols, device=pixel_values.device, dtype=torch.float32)
         return order.expand(pixel_values.shape[0], -1)
 

@@ -323,9 +323,8 @@ class SpatialLocalityProbe(LayerAttribution):
                         tokens
                     )
                     if not score.requires_grad:
-                        raise ValueError(
-                            f"the tokens of layer {self._user_paths[plan.names[i]]!r} do not depend on the image"
-                        )
+                        name = self._user_paths[plan.names[i]]
+                        raise ValueError(f"the tokens of layer {name!r} do not depend on the image")
                     (grad,) = torch.autograd.grad(score.sum(), copies, retain_graph=order > 0)
                     shares = _region_shares(grad[rows.to(device)], plan.layouts[i].grid)
                     totals[i].index_add_(0, slot[rows], shares.cpu())
