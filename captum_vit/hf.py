@@ -89,6 +89,8 @@ class HFVisionModel(nn.Module):
 
     Attributes:
         image_size: ``(H, W)`` from the model's (vision) config.
+        fixed_size: the only input size the model takes, or ``None``: ViT / DeiT / CLIP
+            interpolate their position embeddings to other sizes only from a square grid.
         declared_input_config: ``mean`` / ``std`` / ``size`` for
             :func:`captum_vit.models.input_config`.
         image_prefix: dotted path prefix of the image tower inside this wrapper
@@ -138,6 +140,12 @@ class HFVisionModel(nn.Module):
         self._patch_size = _pair(getattr(config, "patch_size", 1))
         # Swin pads the image to whole patches; the others' convolution drops the rest.
         self._pads = "swin" in getattr(config, "model_type", "")
+        # transformers interpolates position embeddings from a square grid only: a model
+        # configured for a non-square one takes that size and no other (Swin without
+        # absolute position embeddings takes any size).
+        (rows, cols), _ = self.patch_tiling(self.image_size)
+        interpolated = self._interpolates and getattr(config, "use_absolute_embeddings", True)
+        self.fixed_size = self.image_size if interpolated and rows != cols else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         kwargs = {}

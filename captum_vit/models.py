@@ -416,10 +416,13 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The only input size the model accepts, or ``None`` if it accepts several.
 
-    timm ViT-style models with ``strict_img_size`` and no dynamic size, and open_clip
-    towers (fixed positional embedding), take one size only.
+    timm ViT-style models with ``strict_img_size`` and no dynamic size, open_clip towers
+    (fixed positional embedding) and Hugging Face ViT / DeiT / CLIP configured for a
+    non-square patch grid (see :class:`~captum_vit.hf.HFVisionModel`) take one size only.
     """
     vision = unwrap_vision(model)
+    if getattr(vision, "fixed_size", None) is not None:  # HFVisionModel
+        return vision.fixed_size
     for module in (vision, getattr(vision, "trunk", None)):
         if module is None:
             continue
@@ -509,8 +512,8 @@ def check_images(
     if size is not None and tuple(images.shape[-2:]) != tuple(size):
         raise ValueError(
             f"this model takes {size[0]}x{size[1]} images only, got "
-            f"{images.shape[-2]}x{images.shape[-1]}; resize the images or build the model "
-            "with img_size / dynamic_img_size=True"
+            f"{images.shape[-2]}x{images.shape[-1]}; resize the images (or build a timm "
+            "model with img_size / dynamic_img_size=True)"
         )
 
 

@@ -395,3 +395,16 @@ def test_reports_name_layers_by_the_hugging_face_models_own_paths():
         assert grid.layout.layer == "vit.layers.1"
     with pytest.raises(ValueError, match="^layer 'classifier' outputs a 2-D tensor"):
         cv.PatchActivationMap(model, "classifier").attribute(x, target=0)
+
+
+def test_a_non_square_position_grid_takes_its_own_size_only():
+    """transformers interpolates position embeddings from a square grid only: a ViT
+    configured for 32x48 images (4x6 patches) failed on 36x44 with a bare reshape
+    RuntimeError inside transformers; it is refused up front, as for a fixed-size model."""
+    model = build("vit")
+    pam = cv.PatchActivationMap(model, "vit.layers.1")
+    assert pam.attribute(torch.rand(2, 3, 32, 48), target=0).shape == (2, 4, 6)
+    with pytest.raises(ValueError, match="takes 32x48 images only, got 36x44; resize"):
+        pam.attribute(torch.rand(2, 3, 36, 44), target=0)
+    with pytest.raises(ValueError, match="takes 32x48 images only"):
+        cv.AttentionRollout(model).attribute(torch.rand(1, 3, 40, 40))
