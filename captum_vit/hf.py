@@ -160,9 +160,7 @@ class HFVisionModel(nn.Module):
             kwargs["noise"] = self._in_order(pixel_values)
         return model_output_tensor(self.model(pixel_values=pixel_values, **kwargs))
 
-    def patch_tiling(
-        self, image_size: tuple[int, int]
-    ) -> tuple[tuple[int, int], tuple[int, int]] | None:
+    def patch_tiling(self, image_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
         """See :func:`captum_vit.models.patch_tiling`."""
         return whole_patches(tuple(image_size), self._patch_size, pads=self._pads)
 
