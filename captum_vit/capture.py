@@ -167,6 +167,34 @@ def module_name(model: nn.Module, module: nn.Module) -> str:
     return find_module(model, module)[0]
 
 
+def _refuse_container(model: nn.Module, name: str, module: nn.Module) -> None:
+    """A ``ModuleList`` / ``ModuleDict`` (any module without a ``forward``) is never called:
+    the model calls the modules inside it, so it has no output to record."""
+    if getattr(type(module), "forward", None) is not nn.Module.forward:
+        return
+    _, prefix = _as_the_user_sees(model)
+    path = name[len(prefix) :] if name.startswith(prefix) else name
+    called = [f"{path}.{child}" if path else child for child in _called_inside(module)]
+    shown = ", ".join(repr(c) for c in called[:4]) + (", ..." if len(called) > 4 else "")
+    raise ValueError(
+        f"layer {path!r} is a {type(module).__name__}, a container that is never called "
+        "itself (the model's forward calls the modules inside it), so it has no output to "
+        "record" + (f": pass one of the modules inside it, {shown}" if called else "")
+    )
+
+
+def _called_inside(container: nn.Module) -> list[str]:
+    """Relative paths of the outermost modules inside a container that have a forward
+    (through nested containers: Twins' ``blocks`` holds one ``ModuleList`` per stage)."""
+    paths = []
+    for child_name, child in container.named_children():
+        if getattr(type(child), "forward", None) is nn.Module.forward:
+            paths += [f"{child_name}.{inner}" for inner in _called_inside(child)]
+        else:
+            paths.append(child_name)
+    return paths
+
+
 class LayerTap:
     """Records the outputs (or inputs) of one or several layers during forward passes.
 
@@ -224,6 +252,8 @@ class LayerTap:
             raise ValueError("on_record needs call >= 0 (a call known when it happens)")
         self.model = model = peel_wrappers(model)
         resolved = [find_module(model, layer) for layer in layers]
+        for name, module in resolved:
+            _refuse_container(model, name, module)
         self.names = [name for name, _ in resolved]
         self.modules = [module for _, module in resolved]
         self.attribute_to_layer_input = attribute_to_layer_input

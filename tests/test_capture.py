@@ -138,6 +138,23 @@ def test_layer_that_does_not_run_is_reported():
     assert hooks_left(model) == 0
 
 
+def test_a_container_layer_names_the_modules_inside_it():
+    """A ModuleList never runs: it was "ran 0 time(s) ... the model's forward does not use
+    it", which does not say what to pass instead."""
+    model = TIMM_ARCHS["twins_svt"][0]()
+    x = torch.rand(2, 3, 64, 64)
+    with pytest.raises(ValueError, match=r"'blocks.2' is a ModuleList.*'blocks.2.0', 'blocks.2.1'"):
+        cv.PatchActivationMap(model, "blocks.2").attribute(x, target=0)
+    with pytest.raises(ValueError, match=r"'blocks' is a ModuleList.*'blocks.0.0', 'blocks.0.1',"):
+        cv.FeatureVisualization(model, model.blocks).attribute(target=0, steps=1)
+    with pytest.raises(ValueError, match=r"'blocks.1' is a ModuleList"):
+        with cv.patch_grid(cv.ImageModel(model), "blocks.1", x):
+            pass
+    assert hooks_left(model) == 0
+    maps = cv.PatchActivationMap(model, "blocks.2.1").attribute(x, target=0)
+    assert maps.shape == (2, 4, 4)
+
+
 class Boom(torch.nn.Module):
     def forward(self, x):
         raise RuntimeError("boom inside the forward")

@@ -241,6 +241,8 @@ def test_unknown_layer_names_the_users_model_and_its_own_paths():
     zoo_model = build_zoo()
     with pytest.raises(ValueError, match=r"in VisionTransformer\. Closest names: blocks\.5,"):
         cv.patch_grid(cv.ImageModel(zoo_model), "blocks.9").__enter__()
+    with pytest.raises(ValueError, match=r"'vit.layers' is a ModuleList.*'vit.layers.0', 'vit"):
+        cv.PatchActivationMap(model, "vit.layers").attribute(x, target=0)
 
 
 def build_zoo():
