@@ -172,8 +172,7 @@ def _refuse_container(model: nn.Module, name: str, module: nn.Module) -> None:
     the model calls the modules inside it, so it has no output to record."""
     if getattr(type(module), "forward", None) is not nn.Module.forward:
         return
-    _, prefix = _as_the_user_sees(model)
-    path = name[len(prefix) :] if name.startswith(prefix) else name
+    path = _user_path(model, name)
     called = [f"{path}.{child}" if path else child for child in _called_inside(module)]
     shown = ", ".join(repr(c) for c in called[:4]) + (", ..." if len(called) > 4 else "")
     raise ValueError(
@@ -181,6 +180,13 @@ def _refuse_container(model: nn.Module, name: str, module: nn.Module) -> None:
         "itself (the model's forward calls the modules inside it), so it has no output to "
         "record" + (f": pass one of the modules inside it, {shown}" if called else "")
     )
+
+
+def _user_path(model: nn.Module, name: str) -> str:
+    """``name`` (a path in ``model``) as the user names it: without the package's wrapper
+    prefix (``"model.blocks.2"`` inside ``ImageModel`` is the user's ``"blocks.2"``)."""
+    _, prefix = _as_the_user_sees(model)
+    return name[len(prefix) :] if name.startswith(prefix) else name
 
 
 def _called_inside(container: nn.Module) -> list[str]:
@@ -370,11 +376,13 @@ class LayerTap:
     def _select(self, name: str, calls: list[Any]) -> Any:
         if self.call is None:
             if not calls:
-                raise RuntimeError(f"layer {name!r} did not run during the forward pass")
+                raise RuntimeError(
+                    f"layer {_user_path(self.model, name)!r} did not run during the forward pass"
+                )
             return calls
         if not -len(calls) <= self.call < len(calls):
             raise RuntimeError(
-                f"layer {name!r} ran {len(calls)} time(s) in the forward pass, "
+                f"layer {_user_path(self.model, name)!r} ran {len(calls)} time(s) in the forward pass, "
                 f"so call={self.call} does not exist"
                 + (self._why_not_run(name) if not calls else "")
             )

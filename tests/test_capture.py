@@ -135,6 +135,12 @@ def test_layer_that_does_not_run_is_reported():
     model.unused = torch.nn.Linear(1, 1)
     with pytest.raises(RuntimeError, match="ran 0 time"):
         capture_layers(model, "unused", images((32, 32)))
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="^layer 'unused' ran 0 time"):  # not 'model.unused'
+        with cv.patch_grid(cv.ImageModel(model), "unused", x):
+            pass
+    with pytest.raises(RuntimeError, match="^layer 'unused' did not run"):
+        capture_layers(cv.ImageModel(model), "unused", x, call=None)
     assert hooks_left(model) == 0
 
 
