@@ -140,7 +140,10 @@ def _layout_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
 def layout_command(args: argparse.Namespace) -> int:
     model, note = _layout_model(args)
     if args.layer is not None:
-        print(resolve_layout(model, args.layer))
+        layout = resolve_layout(model, args.layer)
+        height, width = ImageModel(model).image_size
+        print(f"{args.model}: one layer of {note}, at {height}x{width}\n")
+        print(layout.describe())
         return 0
     blocks = find_blocks(model)
     if not blocks:

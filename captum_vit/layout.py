@@ -91,6 +91,52 @@ class TokenLayout:
         h, w = self.grid
         return h * w + (self.num_prefix_tokens if self.prefix_element is None else 0)
 
+    def describe(self) -> str:
+        """A few lines for a person: the layer, the tensor's shape and axis order, where
+        the prefix tokens and the patches are, the channels.
+
+        Examples::
+
+            >>> print(cv.resolve_layout(model, "blocks.5").describe())
+            layer     blocks.5 (its output)
+            tensor    (B, 198, 192): a token sequence, batch first (BNC)
+            tokens    2 prefix: cls at 0, dist at 1; then 14x14 patches in raster order from 2
+            channels  192
+        """
+        h, w = self.grid
+        c = self.num_channels
+        side = "input" if self.attribute_to_layer_input else "output"
+        call = f", call {self.call}" if self.call else ""
+        shape, order = {
+            "BNC": (f"(B, {self.num_tokens}, {c})", "a token sequence, batch first"),
+            "NBC": (f"({self.num_tokens}, B, {c})", "a token sequence, sequence first"),
+            "BHWC": (f"(B, {h}, {w}, {c})", "a feature map, channels last"),
+            "BCHW": (f"(B, {c}, {h}, {w})", "a feature map, channels first"),
+        }[self.kind]
+        where = "" if self.element is None else f" at position {self.element} of a tuple"
+        lines = [
+            f"layer     {self.layer or '(the model itself)'} (its {side}{call})",
+            f"tensor    {shape}{where}: {order} ({self.kind})",
+        ]
+        names = ", ".join(f"{n} at {i}" for i, n in enumerate(self.prefix_names))
+        if self.kind in ("BNC", "NBC"):
+            start = self.num_prefix_tokens
+            tokens = (
+                f"{start} prefix: {names}; then {h}x{w} patches in raster order from {start}"
+                if start
+                else f"no prefix tokens; {h}x{w} patches in raster order"
+            )
+        elif self.prefix_element is not None:
+            tokens = (
+                f"a {h}x{w} patch grid; {self.num_prefix_tokens} prefix ({', '.join(self.prefix_names)}) "
+                f"apart, (B, {self.num_prefix_tokens}, C) at position {self.prefix_element} "
+                "of the tuple"
+            )
+        else:
+            tokens = f"a {h}x{w} patch grid; no prefix tokens"
+        lines += [f"tokens    {tokens}", f"channels  {c}"]
+        return "\n".join(lines)
+
     def select(self, output: Any) -> torch.Tensor:
         """The spatial tensor of a layer output (picks the tuple element if needed)."""
         if self.element is None:

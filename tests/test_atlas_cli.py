@@ -204,7 +204,7 @@ def test_cli_layout_of_an_open_clip_name_reads_its_image_tower(capsys):
     assert "prefix visual." in out
     layer = "visual.transformer.resblocks.3.mlp.gelu"
     assert main(["layout", "ViT-S-32", layer, "--img-size", "64"]) == 0
-    assert "num_channels=1536" in capsys.readouterr().out
+    assert "channels  1536" in capsys.readouterr().out
     assert main(["layout", "ViT-S-32", "--pretrained"]) == 2
     assert "drop --pretrained" in capsys.readouterr().err
 

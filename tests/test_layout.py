@@ -365,3 +365,41 @@ def test_a_layer_that_never_runs_says_why_for_fused_attention():
     model = TIMM_ARCHS["vit"][0]()
     with pytest.raises(RuntimeError, match=r"fused_attn=True\), which never calls attn_drop"):
         cv.capture_layers(model, "blocks.1.attn.attn_drop", torch.rand(2, 3, 32, 32))
+
+
+def _described_shape(text: str, batch: int) -> tuple[int, ...]:
+    shape = text.split("tensor    (")[1].split(")")[0]
+    return tuple(batch if part == "B" else int(part) for part in shape.split(", "))
+
+
+@pytest.mark.parametrize(
+    "arch,path,tokens",
+    [
+        ("deit_distilled", "blocks.1", "2 prefix: cls at 0, dist at 1; then 4x4 patches in"),
+        ("dinov2_reg", "blocks.1.mlp.act", "5 prefix: cls at 0, reg0 at 1, reg1 at 2, reg2 at"),
+        ("vit_avg", "blocks.0", "no prefix tokens; 4x4 patches in raster order"),
+        ("swin", "layers.1", "a 7x11 patch grid; no prefix tokens"),
+        ("pit", "transformers.1", "1 prefix (cls) apart, (B, 1, C) at position 1 of the"),
+    ],
+)
+def test_describe_gives_the_captured_tensors_shape_and_token_order(built, arch, path, tokens):
+    """The ``layout MODEL LAYER`` command printed the dataclass repr; ``describe()`` is
+    what it prints now: checked against the tensor a plain hook captures."""
+    model, x = built(arch)
+    layout = cv.resolve_layout(model, path, x)
+    text = layout.describe()
+    out = hooked(model, path, x)
+    tensor = out if layout.element is None else out[layout.element]
+    assert _described_shape(text, x.shape[0]) == tuple(tensor.shape)
+    assert f"({layout.kind})" in text and f"channels  {layout.num_channels}" in text
+    assert tokens in text and text.startswith(f"layer     {path} (its output)")
+
+
+def test_describe_a_sequence_first_open_clip_layer():
+    tower = open_clip_tower(batch_first=False)
+    x = images((32, 32), batch=3)
+    layout = cv.resolve_layout(tower, "transformer.resblocks.1", x)
+    text = layout.describe()
+    out = hooked(tower, "transformer.resblocks.1", x)
+    assert _described_shape(text, 3) == tuple(out.shape) == (17, 3, 32)
+    assert "sequence first (NBC)" in text and "1 prefix: cls at 0; then 4x4 patches" in text
