@@ -32,7 +32,7 @@ from captum.attr import LayerAttribution
 from torch import nn
 
 from .capture import LayerTap, autograd, preserved_state
-from .layout import TokenLayout, resolve_layout, resolve_layouts
+from .layout import TokenLayout, resolve_layouts
 from .models import (
     ImageModel,
     check_images,
@@ -132,13 +132,14 @@ class _LayerMethod(LayerAttribution):
             extra = forward_args(additional_forward_args)
             # Extra forward arguments may be batched like the images: resolve on the batch.
             probe = self.normalize((images if extra else images[:2]).detach())
-            self._layouts[size] = resolve_layout(
+            (self._layouts[size],) = resolve_layouts(
                 self.vision,
-                self.layer_name,
+                [self.layer_name],
                 probe,
                 attribute_to_layer_input=as_input,
                 call=self.call,
                 additional_forward_args=extra,
+                shown=[self.layer_path],
             )
         return self._layouts[size]
 
@@ -277,6 +278,7 @@ def layouts_for(methods: Sequence[_LayerMethod], images: torch.Tensor) -> list[T
             probe,
             attribute_to_layer_input=first.attribute_to_layer_input,
             call=first.call,
+            shown=[method.layer_path for method in missing],
         )
         for method, layout in zip(missing, resolved, strict=True):
             method._layouts[key] = layout

@@ -534,9 +534,13 @@ def resolve_layouts(
     call: int = 0,
     element: int | None = None,
     additional_forward_args: tuple = (),
+    shown: Sequence[str] | None = None,
 ) -> list[TokenLayout]:
     """:func:`resolve_layout` for several layers of one model in one forward (stopped
-    after the deepest layer); the arguments apply to every layer.
+    after the deepest layer); the arguments apply to every layer. ``shown``: how the
+    layouts and error messages name the layers (the methods pass the paths in the user's
+    model, e.g. a full CLIP model's ``"visual.<path>"`` for a layer of its image tower);
+    by default their paths in ``model``.
 
     Raises:
         ValueError: as :func:`resolve_layout`, for the first layer that fails.
@@ -552,8 +556,9 @@ def resolve_layouts(
     image_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     witnesses = _Witnesses(model, batch, image_size)
     chains = witnesses._chains
-    _, wrapper_prefix = _as_the_user_sees(model)  # HFVisionModel / ImageModel: "model."
-    shown = [name.removeprefix(wrapper_prefix) for name, _ in found]  # the user's paths
+    if shown is None:
+        _, wrapper_prefix = _as_the_user_sees(model)  # HFVisionModel / ImageModel: "model."
+        shown = [name.removeprefix(wrapper_prefix) for name, _ in found]  # the user's paths
     for (name, _), path in zip(found, shown, strict=True):
         _refuse_windowed(path, chains[name])
     with (

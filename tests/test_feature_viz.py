@@ -546,3 +546,9 @@ def test_the_whole_model_as_the_layer():
     assert logits.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="empty path"):
         cv.PatchActivationMap(vit, " ")
+    # The image tower of a full CLIP model is the user's 'visual', not "the model itself".
+    for method in (cv.PatchActivationMap, cv.TopActivatingExamples):
+        with pytest.raises(ValueError, match=r"^layer 'visual' outputs a 2-D tensor"):
+            method(clip, "visual").attribute(x, target=0)
+    block = cv.PatchActivationMap(clip, "visual.transformer.resblocks.0")
+    assert block.layout_for(x).layer == "visual.transformer.resblocks.0"
