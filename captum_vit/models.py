@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -351,6 +354,8 @@ def input_config(
     """
     vision = unwrap_vision(model)
     declared = _declared_config(vision)
+    if mean is None and std is None and not declared and not _is_open_clip(vision):
+        _warn_inner_normalization(vision)
     if mean is None:
         mean = declared.get("mean") or (_OPENAI_MEAN if _is_open_clip(vision) else (0.0,) * 3)
     if std is None:
@@ -368,6 +373,42 @@ def input_config(
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
     return InputConfig(mean=_triple(mean), std=std, size=size)
+
+
+def _warn_inner_normalization(vision: nn.Module) -> None:
+    """A model without a normalization of its own that holds one that declares it (a
+    Lightning module or a wrapper around a timm model) gets images unnormalized: right if
+    it normalizes inside, wrong if its data pipeline normalized them. Only the user
+    knows, so say which was assumed and how to choose."""
+    for name, module in vision.named_modules():
+        inner = _declared_config(module) if name else {}
+        if inner.get("mean") is None or inner.get("std") is None:
+            continue
+        mean, std = _triple(inner["mean"]), _triple(inner["std"])
+        if mean == (0.0, 0.0, 0.0) and std == (1.0, 1.0, 1.0):
+            return
+        shown = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
+        warnings.warn(
+            f"{type(vision).__name__} declares no input normalization, but its submodule "
+            f"{name!r} ({type(module).__name__}) expects mean={shown(mean)}, "
+            f"std={shown(std)}: images are passed to the model as they are ([0, 1], "
+            "unnormalized). If the model expects normalized images (your data pipeline "
+            f"normalizes them), pass mean={shown(mean)}, std={shown(std)}; if it "
+            "normalizes inside, pass mean=(0, 0, 0), std=(1, 1, 1) to say so",
+            UserWarning,
+            stacklevel=_first_frame_outside_package(),
+        )
+        return
+
+
+def _first_frame_outside_package() -> int:
+    """The ``stacklevel`` of the user's call that led here (the first frame outside
+    this package), for a warning raised by its caller."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _is_open_clip(module: nn.Module) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import timm
@@ -25,6 +27,45 @@ def test_timm_config_and_size_precedence():
     assert input_config(cnn).size == (224, 224)  # from pretrained_cfg
     with pytest.raises(ValueError, match="std must be positive"):
         input_config(model, std=0)
+
+
+class _Backbone(torch.nn.Module):
+    """A user's wrapper around a timm model (a Lightning module, say): no config of its own."""
+
+    def __init__(self, inner: torch.nn.Module, normalize: bool = False) -> None:
+        super().__init__()
+        self.backbone = inner
+        self.normalize = normalize
+
+    def forward(self, x):
+        if self.normalize:
+            cfg = self.backbone.pretrained_cfg
+            x = (x - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[
+                :, None, None
+            ]
+        return self.backbone(x)
+
+
+def test_a_wrapper_around_a_normalizing_model_says_what_it_assumed():
+    """A wrapper without a config of its own got images unnormalized without a word,
+    though its timm backbone declares ImageNet-style mean / std."""
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
+    vit.eval()
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = vit.pretrained_cfg["mean"], vit.pretrained_cfg["std"]
+    with pytest.warns(UserWarning, match=r"'backbone' \(VisionTransformer\) expects mean=\(0\.5"):
+        cv.PatchActivationMap(_Backbone(vit), "backbone.blocks.1")
+    direct = cv.PatchActivationMap(vit, "blocks.1").attribute(x, target=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # either choice, made explicit, is silent
+        outside = cv.PatchActivationMap(_Backbone(vit), "backbone.blocks.1", mean=mean, std=std)
+        inside = cv.PatchActivationMap(
+            _Backbone(vit, normalize=True), "backbone.blocks.1", mean=(0, 0, 0), std=(1, 1, 1)
+        )
+        torch.testing.assert_close(outside.attribute(x, target=3), direct)
+        torch.testing.assert_close(inside.attribute(x, target=3), direct)
+        cv.ImageModel(vit)  # a model with its own config: nothing to say
 
 
 def test_open_clip_unwraps_and_reads_preprocess_cfg():
