@@ -394,7 +394,8 @@ def _warn_inner_normalization(vision: nn.Module) -> None:
             f"std={shown(std)}: images are passed to the model as they are ([0, 1], "
             "unnormalized). If the model expects normalized images (your data pipeline "
             f"normalizes them), pass mean={shown(mean)}, std={shown(std)}; if it "
-            "normalizes inside, pass mean=(0, 0, 0), std=(1, 1, 1) to say so",
+            "normalizes inside, pass mean=(0, 0, 0), std=(1, 1, 1) to say so (for the "
+            "command line: set model.pretrained_cfg = {'mean': ..., 'std': ...})",
             UserWarning,
             stacklevel=_first_frame_outside_package(),
         )

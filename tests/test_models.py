@@ -66,6 +66,11 @@ def test_a_wrapper_around_a_normalizing_model_says_what_it_assumed():
         torch.testing.assert_close(outside.attribute(x, target=3), direct)
         torch.testing.assert_close(inside.attribute(x, target=3), direct)
         cv.ImageModel(vit)  # a model with its own config: nothing to say
+        declared = _Backbone(vit)  # how a module:function for the command line says it
+        declared.pretrained_cfg = {"mean": mean, "std": std}
+        torch.testing.assert_close(
+            cv.PatchActivationMap(declared, "backbone.blocks.1").attribute(x, target=3), direct
+        )
 
 
 def test_open_clip_unwraps_and_reads_preprocess_cfg():
