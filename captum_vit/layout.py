@@ -432,7 +432,14 @@ def _declared_prefix_names(model: nn.Module) -> tuple[str, ...]:
     for name, param in params.items():
         leaf.setdefault(name.rpartition(".")[2], param)
     names: list[str] = []
-    cls = leaf.get("cls_token", leaf.get("class_embedding", leaf.get("cls_token1")))
+    cls = next(
+        (
+            leaf[n]
+            for n in ("cls_token", "class_embedding", "cls_token1", "class_token")
+            if n in leaf
+        ),
+        None,
+    )  # timm, open_clip, CoaT, torchvision
     if cls is not None:
         # PiT distilled keeps cls and dist in one (1, 2, C) parameter.
         count = cls.shape[1] if cls.dim() == 3 else 1

@@ -346,20 +346,23 @@ def input_config(
 
     Input size: ``image_size`` if given; then the model's own current size; then
     ``pretrained_cfg`` / ``preprocess_cfg``. Mean / std: explicit; then the declared
-    config; open_clip towers without a config get open_clip's OpenAI defaults; other
-    models without a config get mean 0, std 1 (no normalization).
+    config; open_clip towers without a config get open_clip's OpenAI defaults,
+    torchvision models ImageNet's (what torchvision's weights are trained with); other
+    models without a config get mean 0, std 1 (no normalization), with a warning when a
+    submodule declares a normalization (a user's module around a timm backbone).
 
     Raises:
         ValueError: no input size can be found and none is given.
     """
     vision = unwrap_vision(model)
     declared = _declared_config(vision)
-    if mean is None and std is None and not declared and not _is_open_clip(vision):
+    default_mean, default_std = _library_default(vision)
+    if mean is None and std is None and not declared and default_std == _NO_STD:
         _warn_inner_normalization(vision)
     if mean is None:
-        mean = declared.get("mean") or (_OPENAI_MEAN if _is_open_clip(vision) else (0.0,) * 3)
+        mean = declared.get("mean") or default_mean
     if std is None:
-        std = declared.get("std") or (_OPENAI_STD if _is_open_clip(vision) else (1.0,) * 3)
+        std = declared.get("std") or default_std
     if image_size is not None:
         size = _pair(check_size(image_size))
     else:
@@ -412,6 +415,23 @@ def _first_frame_outside_package() -> int:
     return level
 
 
+_NO_MEAN, _NO_STD = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+#: torchvision's ImageNet normalization (every torchvision classification weight uses it).
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _library_default(vision: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The normalization a model without a declared config gets: open_clip's OpenAI
+    defaults for open_clip towers, ImageNet's for torchvision models (whose weights carry
+    it in their transforms, not on the model), else none (mean 0, std 1)."""
+    if _is_open_clip(vision):
+        return _OPENAI_MEAN, _OPENAI_STD
+    if type(vision).__module__.startswith("torchvision.models"):
+        return _IMAGENET_MEAN, _IMAGENET_STD
+    return _NO_MEAN, _NO_STD
+
+
 def _is_open_clip(module: nn.Module) -> bool:
     return type(module).__module__.startswith("open_clip")
 
@@ -459,7 +479,7 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     """The only input size the model accepts, or ``None`` if it accepts several.
 
     timm ViT-style models with ``strict_img_size`` and no dynamic size, open_clip towers
-    (fixed positional embedding) and Hugging Face ViT / DeiT / CLIP configured for a
+    (fixed positional embedding), torchvision's ViT and Hugging Face ViT / DeiT / CLIP configured for a
     non-square patch grid (see :class:`~captum_vit.hf.HFVisionModel`) take one size only.
     """
     vision = unwrap_vision(model)
@@ -478,7 +498,15 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
         if _is_open_clip(module) and getattr(module, "image_size", None) is not None:
             if hasattr(module, "positional_embedding"):
                 return _pair(module.image_size)
+    if _is_torchvision_vit(vision):  # its forward asserts its own size
+        return _pair(vision.image_size)
     return None
+
+
+def _is_torchvision_vit(module: nn.Module) -> bool:
+    return type(module).__module__ == "torchvision.models.vision_transformer" and isinstance(
+        getattr(module, "image_size", None), int
+    )
 
 
 def patch_tiling(

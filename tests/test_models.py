@@ -73,6 +73,31 @@ def test_a_wrapper_around_a_normalizing_model_says_what_it_assumed():
         )
 
 
+def test_torchvision_vit_gets_imagenet_normalization_and_its_cls_token_named():
+    """torchvision models carry no config: they got no normalization (their weights expect
+    ImageNet's) and the class token was named 'prefix0'."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    ).eval()
+    config = input_config(vit)
+    assert (config.mean, config.std) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    layer = "encoder.layers.encoder_layer_1"
+    assert cv.resolve_layout(vit, layer).prefix_names == ("cls",)
+    x = torch.rand(2, 3, 32, 32)
+    normalized = (x - torch.tensor(config.mean)[:, None, None]) / torch.tensor(config.std)[
+        :, None, None
+    ]
+    tokens = cv.capture_layers(vit, layer, normalized)  # (B, 1 + 16, C): cls first
+    expected = tokens[:, 1:, 5].reshape(2, 4, 4)
+    torch.testing.assert_close(cv.PatchActivationMap(vit, layer).attribute(x, target=5), expected)
+    # Its forward asserts its own size: a bare AssertionError before.
+    assert fixed_input_size(vit) == (32, 32)
+    with pytest.raises(ValueError, match="takes 32x32 images only, got 48x48"):
+        cv.PatchActivationMap(vit, layer).attribute(torch.rand(1, 3, 48, 48), target=5)
+
+
 def test_open_clip_unwraps_and_reads_preprocess_cfg():
     model = open_clip_model()
     wrapped = ImageModel(model)
