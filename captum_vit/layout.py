@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import LayerTap, _as_the_user_sees, find_module, peel_wrappers, preserved_state
+from .capture import LayerTap, _user_path, find_module, peel_wrappers, preserved_state
 from .models import ImageModel, check_batch_shape, model_device, unwrap_vision
 
 __all__ = ["TokenLayout", "resolve_layout", "resolve_layouts", "MAX_PREFIX_TOKENS"]
@@ -564,8 +564,7 @@ def resolve_layouts(
     witnesses = _Witnesses(model, batch, image_size)
     chains = witnesses._chains
     if shown is None:
-        _, wrapper_prefix = _as_the_user_sees(model)  # HFVisionModel / ImageModel: "model."
-        shown = [name.removeprefix(wrapper_prefix) for name, _ in found]  # the user's paths
+        shown = [_user_path(model, name) for name, _ in found]
     for (name, _), path in zip(found, shown, strict=True):
         _refuse_windowed(path, chains[name])
     with (

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import _as_the_user_sees, find_module, module_name, peel_wrappers
+from .capture import _user_path, find_module, module_name, peel_wrappers
 
 __all__ = [
     "ImageModel",
@@ -129,8 +129,7 @@ def user_layer_path(model: nn.Module, name: str) -> str:
     if tower is not None:
         prefix = module_name(inner, tower)
         return f"{prefix}.{name}" if name else prefix
-    _, wrapper_prefix = _as_the_user_sees(unwrap_vision(inner))  # HFVisionModel: "model."
-    return name.removeprefix(wrapper_prefix)
+    return _user_path(unwrap_vision(inner), name)  # HFVisionModel: without its "model."
 
 
 def class_names(model: nn.Module) -> list[str] | None:
@@ -388,21 +387,24 @@ def _warn_inner_normalization(vision: nn.Module) -> None:
         if inner.get("mean") is None or inner.get("std") is None:
             continue
         mean, std = _triple(inner["mean"]), _triple(inner["std"])
-        if mean == (0.0, 0.0, 0.0) and std == (1.0, 1.0, 1.0):
+        if (mean, std) == (_NO_MEAN, _NO_STD):
             return
-        shown = lambda values: "(" + ", ".join(f"{v:.4g}" for v in values) + ")"  # noqa: E731
+        expects = f"mean={_short(mean)}, std={_short(std)}"
         warnings.warn(
             f"{type(vision).__name__} declares no input normalization, but its submodule "
-            f"{name!r} ({type(module).__name__}) expects mean={shown(mean)}, "
-            f"std={shown(std)}: images are passed to the model as they are ([0, 1], "
-            "unnormalized). If the model expects normalized images (your data pipeline "
-            f"normalizes them), pass mean={shown(mean)}, std={shown(std)}; if it "
+            f"{name!r} ({type(module).__name__}) expects {expects}: images are passed to "
+            "the model as they are ([0, 1], unnormalized). If the model expects normalized "
+            f"images (your data pipeline normalizes them), pass {expects}; if it "
             "normalizes inside, pass mean=(0, 0, 0), std=(1, 1, 1) to say so (for the "
             "command line: set model.pretrained_cfg = {'mean': ..., 'std': ...})",
             UserWarning,
             stacklevel=_first_frame_outside_package(),
         )
         return
+
+
+def _short(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def _first_frame_outside_package() -> int:
