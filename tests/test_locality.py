@@ -374,6 +374,8 @@ def test_reports_name_layers_as_the_users_model_does():
         report.field("transformer.resblocks.1")
     again = cv.SpatialLocalityProbe(model, layers=report.layers).attribute(x)
     torch.testing.assert_close(again.locality, report.locality)
+    with pytest.raises(ValueError, match=r"^layer 'visual' outputs a 2-D tensor"):
+        cv.SpatialLocalityProbe(model, layers=["visual"]).attribute(x)  # not "the model itself"
     examples = cv.TopActivatingExamples(model, report.layers[1], k=1).attribute([x], target=0)
     assert examples.layer == "visual.transformer.resblocks.1"
     maps = cv.PatchActivationMap(model, examples.layer).attribute(x, target=0)

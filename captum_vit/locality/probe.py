@@ -38,7 +38,7 @@ from torch import nn
 from .._base import check_count
 from .._progress import progress, resolve_progress
 from ..capture import LayerTap, autograd, outside_inference_mode, preserved_state
-from ..layout import TokenLayout, resolve_layout
+from ..layout import TokenLayout, resolve_layouts
 from ..models import (
     ImageModel,
     check_images,
@@ -212,7 +212,13 @@ class SpatialLocalityProbe(LayerAttribution):
         layouts, kept, taps = [], [], []
         for name in names:
             try:
-                layout = resolve_layout(self.vision, name, probe, attribute_to_layer_input=as_input)
+                (layout,) = resolve_layouts(
+                    self.vision,
+                    [name],
+                    probe,
+                    attribute_to_layer_input=as_input,
+                    shown=[self._user_paths[name]],
+                )
             except ValueError:
                 if self.default_layers:
                     continue  # blocks without a patch grid (CaiT class attention)
