@@ -14,7 +14,14 @@ from torch import nn
 from ._base import checks_unit_range
 from .capture import HookSet, _as_the_user_sees, _StopForward, find_module, preserved_state
 from .layout import TokenLayout, resolve_layout, upsample_to_image
-from .models import ImageModel, check_images, fixed_input_size, model_device, patch_tiling
+from .models import (
+    ImageModel,
+    check_images,
+    fixed_input_size,
+    model_device,
+    patch_tiling,
+    user_layer_path,
+)
 
 __all__ = ["AttentionRollout"]
 
@@ -234,16 +241,17 @@ def _reader(module: nn.Module) -> Callable[..., torch.Tensor] | None:
     return None
 
 
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or bool(
+        _ATTENTION_NAME.search(type(module).__name__)
+    )
+
+
 def _attention_modules(vision: nn.Module) -> list[tuple[str, nn.Module]]:
     """Attention modules in definition order: the innermost ones, except that a pooling or
     windowed attention stands for everything inside it (open_clip's attention pooler wraps
     an ``nn.MultiheadAttention``)."""
-    found = [
-        (name, module)
-        for name, module in vision.named_modules()
-        if isinstance(module, nn.MultiheadAttention)
-        or _ATTENTION_NAME.search(type(module).__name__)
-    ]
+    found = [(name, module) for name, module in vision.named_modules() if _is_attention(module)]
     kept = []
     for name, module in found:
         inside = [other for other, _ in found if name.startswith(other + ".")]
@@ -267,7 +275,8 @@ def _pooled_or_windowed(name: str, module: nn.Module) -> bool:
 
 
 def _refusal(name: str, module: nn.Module) -> str | None:
-    """Why this attention module cannot be rolled out (None if it can)."""
+    """Why this attention module cannot be rolled out (None if it can); ``name`` is the
+    module's path as the user names it."""
     kind = type(module).__name__
     if kind in _WINDOWED:
         return (
@@ -281,11 +290,25 @@ def _refusal(name: str, module: nn.Module) -> str | None:
             "tokens, not the token sequence: it has no token-to-token matrix to roll out"
         )
     if _reader(module) is None:
+        inside = [
+            f"{name}.{inner}" if name else inner
+            for inner, attention in _attention_modules(module)
+            if inner and _reader(attention) is not None
+        ]
+        if inside:
+            return f"{name!r} ({kind}) is not an attention module but holds one: pass " + ", ".join(
+                repr(path) for path in inside
+            )
+        if not _is_attention(module):
+            return (
+                f"{name!r} ({kind}) is not an attention module: pass the blocks' attention "
+                "modules (layers=None rolls out all of them)"
+            )
         return (
-            f"{name!r} ({type(module).__module__}.{kind}) is an attention type AttentionRollout cannot read "
-            "(supported: timm Attention (ViT, DeiT, DINOv2), EvaAttention, BEiT's Attention, "
-            "ConViT's GPSA / MHSA, nn.MultiheadAttention as in open_clip, Hugging Face "
-            "ViT / DeiT / DINOv2 / CLIP self-attention)"
+            f"{name!r} ({type(module).__module__}.{kind}) is an attention type "
+            "AttentionRollout cannot read (supported: timm Attention (ViT, DeiT, DINOv2), "
+            "EvaAttention, BEiT's Attention, ConViT's GPSA / MHSA, nn.MultiheadAttention as "
+            "in open_clip, Hugging Face ViT / DeiT / DINOv2 / CLIP self-attention)"
         )
     return None
 
@@ -341,6 +364,7 @@ class AttentionRollout(Attribution):
         self.wrapped = ImageModel(model, mean=mean, std=std, image_size=image_size)
         Attribution.__init__(self, self.wrapped)
         self.vision = self.wrapped.model
+        self._given = model
         self.head_fusion = _check_fusion(head_fusion)
         self.discard_ratio = _check_discard(discard_ratio)
         self.layers = self._select_layers(layers)
@@ -355,10 +379,9 @@ class AttentionRollout(Attribution):
             candidates = [
                 (n, m) for n, m in _attention_modules(self.vision) if n.startswith(prefix)
             ]
-            usable = [(n, m) for n, m in candidates if _refusal(n, m) is None]
-            blocking = [
-                _refusal(n, m) for n, m in candidates if _refusal(n, m) and not _pooled(n, m)
-            ]
+            refusals = {n: _refusal(self._user_path(n), m) for n, m in candidates}
+            usable = [(n, m) for n, m in candidates if refusals[n] is None]
+            blocking = [refusals[n] for n, m in candidates if refusals[n] and not _pooled(n, m)]
             if blocking or not usable:
                 raise ValueError(
                     f"cannot roll out the attention of {_as_the_user_sees(self.vision)[0]}: "
@@ -369,12 +392,16 @@ class AttentionRollout(Attribution):
                 layers = [layers]
             usable = [find_module(self.vision, layer) for layer in layers]
             for name, module in usable:
-                problem = _refusal(name, module)
+                problem = _refusal(self._user_path(name), module)
                 if problem:
-                    raise ValueError(f"cannot roll out {problem}")
+                    raise ValueError(f"cannot roll out the given layers: {problem}")
             if not usable:
                 raise ValueError("layers is empty: give at least one attention module")
         return [(name, module, _reader(module)) for name, module in usable]
+
+    def _user_path(self, name: str) -> str:
+        """A path in ``self.vision`` as the user names it in the model they passed."""
+        return user_layer_path(self._given, name)
 
     def layout_for(self, images: torch.Tensor) -> TokenLayout:
         """Token layout at the last rolled-out attention's input, for this image size: the

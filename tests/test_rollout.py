@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from archs import _VIT, TIMM_ARCHS, hooks_left, open_clip_tower, timm_model
+from archs import _VIT, TIMM_ARCHS, hooks_left, open_clip_model, open_clip_tower, timm_model
 
 import captum_vit as cv
 
@@ -210,6 +210,25 @@ def test_exactly_uniform_attention_gives_a_uniform_map():
     assert torch.allclose(maps, maps.flatten()[0].expand_as(maps), atol=1e-7)
     # cls row of 0.5^L I + (1 - 0.5^L) U over 17 tokens, two blocks
     assert torch.allclose(maps, torch.full_like(maps, (1 - 0.25) / 17), atol=1e-6)
+
+
+def test_a_block_or_another_module_as_layer_says_which_attention_to_pass():
+    vit = timm_model("vit_tiny_patch16_224", **_VIT)
+    with pytest.raises(ValueError, match=r"'blocks.1' \(Block\) .*holds one: pass 'blocks.1.attn'"):
+        cv.AttentionRollout(vit, layers=["blocks.0.attn", "blocks.1"])
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp' \(Mlp\) is not an attention module"):
+        cv.AttentionRollout(vit, layers=["blocks.0.mlp"])
+    # a full CLIP model: its image tower's paths as the user gives them
+    clip = open_clip_model()
+    block = "visual.transformer.resblocks.0"
+    with pytest.raises(ValueError, match=rf"'{block}' .*holds one: pass '{block}.attn'"):
+        cv.AttentionRollout(clip, layers=[block])
+    x = unit_images((32, 32))
+    given = cv.AttentionRollout(clip, layers=[f"{block}.attn"]).attribute(x)
+    assert torch.equal(
+        given,
+        cv.AttentionRollout(clip.visual, layers=["transformer.resblocks.0.attn"]).attribute(x),
+    )
 
 
 def test_windowed_and_pooled_attention_raise_clear_errors():
