@@ -287,3 +287,89 @@ def test_the_last_block_layout_defines_the_prefix():
     )
     assert report.tear[1] == pytest.approx(accuracy(torn_logits(model, x, 1), labels), abs=1e-9)
     assert report.patch_accuracy.shape == (4, 4)
+
+
+def timm_twin_of_torchvision(tv) -> torch.nn.Module:
+    """A timm VisionTransformer holding a torchvision ViT's weights (same computation)."""
+    twin = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=tv.image_size,
+        patch_size=tv.patch_size,
+        depth=len(tv.encoder.layers),
+        embed_dim=tv.hidden_dim,
+        num_heads=tv.encoder.layers[0].num_heads,
+        mlp_ratio=tv.mlp_dim / tv.hidden_dim,
+        num_classes=tv.num_classes,
+    ).eval()
+    state = {
+        "cls_token": tv.class_token,
+        "pos_embed": tv.encoder.pos_embedding,
+        "patch_embed.proj.weight": tv.conv_proj.weight,
+        "patch_embed.proj.bias": tv.conv_proj.bias,
+        "norm.weight": tv.encoder.ln.weight,
+        "norm.bias": tv.encoder.ln.bias,
+        "head.weight": tv.heads.head.weight,
+        "head.bias": tv.heads.head.bias,
+    }
+    for i, layer in enumerate(tv.encoder.layers):
+        attn = layer.self_attention
+        for ours, theirs in [
+            ("norm1", layer.ln_1),
+            ("norm2", layer.ln_2),
+            ("mlp.fc1", layer.mlp[0]),
+            ("mlp.fc2", layer.mlp[3]),
+            ("attn.proj", attn.out_proj),
+        ]:
+            state[f"blocks.{i}.{ours}.weight"] = theirs.weight
+            state[f"blocks.{i}.{ours}.bias"] = theirs.bias
+        state[f"blocks.{i}.attn.qkv.weight"] = attn.in_proj_weight
+        state[f"blocks.{i}.attn.qkv.bias"] = attn.in_proj_bias
+    twin.load_state_dict(state)
+    return twin
+
+
+def test_torchvision_vit_gives_the_report_of_its_timm_twin():
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    tv = VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        num_layers=DEPTH,
+        num_heads=2,
+        hidden_dim=32,
+        mlp_dim=64,
+        num_classes=10,
+    ).eval()
+    with torch.no_grad():  # torchvision starts the head and the class token at zero
+        torch.nn.init.normal_(tv.heads.head.weight, std=0.5)
+        torch.nn.init.normal_(tv.class_token, std=0.5)
+    twin = timm_twin_of_torchvision(tv)
+    imagenet = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    wrapped = cv.ImageModel(twin, **imagenet)
+    batches = labelled(lambda x: wrapped(x))
+    x, _ = concat(batches)
+    with torch.no_grad():  # the twin computes what torchvision does
+        torch.testing.assert_close(twin(wrapped.normalize(x)), tv(wrapped.normalize(x)))
+    report = cv.pooling_experiments(tv, batches)  # ImageNet normalization by default
+    expected = cv.pooling_experiments(twin, batches, **imagenet)
+    assert 0 < report.natural.top1 < 100
+    assert report.natural == expected.natural
+    for sweep in ("isolated_cls", "tear"):
+        ours, theirs = getattr(report, sweep), getattr(expected, sweep)
+        assert ours.keys() == theirs.keys()
+        for blocks in ours:
+            assert tuple(ours[blocks]) == pytest.approx(tuple(theirs[blocks]), abs=1e-9)
+    assert report.tear[0] != report.natural  # the sweeps see the patches' effect
+    assert report.patch_accuracy.unique().numel() > 1
+    torch.testing.assert_close(report.patch_accuracy, expected.patch_accuracy)
+    # a head of one's own gets the final norm's class token
+    probe = torch.nn.Linear(32, 3)
+    labels3 = [(images, labels % 3) for images, labels in batches]
+    own = cv.pooling_experiments(tv, labels3, head=probe, isolate=[], tear=[])
+    assert (
+        own.natural
+        == cv.pooling_experiments(
+            twin, labels3, head=probe, isolate=[], tear=[], **imagenet
+        ).natural
+    )

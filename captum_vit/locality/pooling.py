@@ -15,7 +15,7 @@ block's measured :class:`~captum_vit.layout.TokenLayout`, the package's one defi
 token order.
 
 Supported: timm ``VisionTransformer`` (and DeiT-distilled) with a cls token and token
-pooling, open_clip ``VisionTransformer`` towers with ``'tok'`` pooling and an open_clip
+pooling, torchvision ``VisionTransformer``, Hugging Face ViT / DeiT classifiers, open_clip ``VisionTransformer`` towers with ``'tok'`` pooling and an open_clip
 tower around such a timm trunk; the last two output embeddings, so a classifier or
 zero-shot head must be passed. Other architectures raise ``ValueError``: the experiments
 need a cls token that alone feeds the head and a plain stack of blocks.
@@ -35,6 +35,7 @@ from ..capture import module_name, preserved_state
 from ..layout import TokenLayout, resolve_layout
 from ..models import (
     ImageModel,
+    _is_torchvision_vit,
     check_embedding_head,
     check_head_callable,
     check_images,
@@ -135,6 +136,29 @@ class _HFViT(_TokenPipeline):
         return self.model.classifier(x[:, 0])
 
 
+class _TorchvisionViT(_TokenPipeline):
+    """torchvision's ``VisionTransformer``: a class token, a plain stack of encoder blocks,
+    the final layer norm and ``heads`` reading the class token."""
+
+    def __init__(self, model: nn.Module, head: Head | None) -> None:
+        self.model = model
+        self.head = head
+        self.blocks = list(model.encoder.layers)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        patches = m._process_input(x)
+        tokens = torch.cat([m.class_token.expand(len(patches), -1, -1), patches], dim=1)
+        return m.encoder.dropout(tokens + m.encoder.pos_embedding)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        cls = self.model.encoder.ln(x)[:, 0]
+        if self.head is None:
+            return self.model.heads(cls)
+        # the head replaces the last linear layer (after the optional pre-logits layer)
+        return self.head(self.model.heads[:-1](cls))
+
+
 #: Hugging Face classifiers whose head reads the cls token (and DeiT's distillation token).
 _HF_CLS_CLASSIFIERS = (
     "ViTForImageClassification",
@@ -183,6 +207,9 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
     if isinstance(vision, TimmVisionTransformer):
         _check_timm(vision)
         return _TimmViT(vision, head)
+    if _is_torchvision_vit(vision):
+        check_head_callable(head)
+        return _TorchvisionViT(vision, head)
     if type(vision).__module__.startswith("open_clip") and hasattr(vision, "transformer"):
         if getattr(vision, "attn_pool", None) is not None:
             raise ValueError(
@@ -206,7 +233,7 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
         f"the cls/patch pooling experiments are undefined for {type(vision).__name__}: they "
         "need a plain stack of blocks over [cls, patches] with the head reading cls alone "
         "(timm VisionTransformer / DeiT with global_pool='token', open_clip ViT towers, "
-        "Hugging Face ViT / DeiT classifiers). "
+        "Hugging Face ViT / DeiT classifiers, torchvision VisionTransformer). "
         "Swin, PiT, CaiT, ConViT, CoaT, Twins and CNNs are not supported"
     )
 
@@ -246,8 +273,8 @@ def pooling_experiments(
     are re-run in the needed order; the model is not edited and is left as it was found.
 
     Args:
-        model: a timm ``VisionTransformer`` / DeiT with a cls token and token pooling, an
-            open_clip ViT tower (or CLIP model) with ``'tok'`` pooling, a Hugging Face
+        model: a timm ``VisionTransformer`` / DeiT with a cls token and token pooling, a
+            torchvision ``VisionTransformer``, an open_clip ViT tower (or CLIP model) with ``'tok'`` pooling, a Hugging Face
             ``ViTForImageClassification`` / ``DeiTForImageClassification(WithTeacher)``,
             or an :class:`~captum_vit.models.ImageModel` around one.
         dataloader: iterable of ``(images, labels)`` batches or dicts with ``"image"`` and
@@ -258,9 +285,10 @@ def pooling_experiments(
         tear: numbers of blocks ``L`` after which all patch tokens are dropped
             (``None``: every ``L`` in ``0..depth``; ``[]``: skip).
         head: maps the model's pooled features to logits. Needed for open_clip towers
-            (a linear classifier or a zero-shot head on the image embedding); for timm
-            and Hugging Face classifiers it replaces the model's own head and gets the
-            pre-logits features (the final norm's cls token).
+            (a linear classifier or a zero-shot head on the image embedding); for timm,
+            torchvision and Hugging Face classifiers it replaces the model's own head and
+            gets the pre-logits features (the final norm's cls token; for torchvision
+            after its optional pre-logits layer).
         mean, std, image_size: override the model's own normalization / input size.
         show_progress: a progress bar over batches; ``None`` (default): when stderr is a
             terminal.
