@@ -353,6 +353,20 @@ def input_config(
     Raises:
         ValueError: no input size can be found and none is given.
     """
+    mean, std, size = _resolve_input(model, mean, std, image_size)
+    if size is None:
+        raise _unknown_size(model)
+    return InputConfig(mean=mean, std=std, size=size)
+
+
+def _resolve_input(
+    model: nn.Module,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    image_size: int | Sequence[int] | None,
+) -> tuple[tuple[float, float, float], tuple[float, float, float], tuple[int, int] | None]:
+    """:func:`input_config`'s ``(mean, std, size)``, with ``None`` for a size it cannot
+    find (a torchvision CNN records none: it takes any size)."""
     vision = unwrap_vision(model)
     declared = _declared_config(vision)
     default_mean, default_std = _library_default(vision)
@@ -366,15 +380,17 @@ def input_config(
         size = _pair(check_size(image_size))
     else:
         size = _current_size(vision) or (_pair(declared["size"]) if "size" in declared else None)
-    if size is None:
-        raise ValueError(
-            f"cannot tell the input size of {type(vision).__name__}: it has no "
-            "patch_embed.img_size, image_size or pretrained_cfg; pass image_size=(H, W)"
-        )
     std = _triple(std)
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
-    return InputConfig(mean=_triple(mean), std=std, size=size)
+    return _triple(mean), std, size
+
+
+def _unknown_size(model: nn.Module) -> ValueError:
+    return ValueError(
+        f"cannot tell the input size of {type(unwrap_vision(model)).__name__}: it has no "
+        "patch_embed.img_size, image_size or pretrained_cfg; pass image_size=(H, W)"
+    )
 
 
 def _warn_inner_normalization(vision: nn.Module) -> None:
@@ -687,11 +703,11 @@ class ImageModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = unwrap_vision(model)
-        self.config = input_config(self.model, mean=mean, std=std, image_size=image_size)
+        self._mean_std_size = _resolve_input(self.model, mean, std, image_size)
         # Not inference tensors, even when built inside torch.inference_mode(): the
         # methods that take gradients through normalize() need autograd to save them.
         with torch.inference_mode(False):
-            mean, std = torch.tensor(self.config.mean), torch.tensor(self.config.std)
+            mean, std = (torch.tensor(v) for v in self._mean_std_size[:2])
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
 
@@ -715,4 +731,19 @@ class ImageModel(nn.Module):
 
     @property
     def image_size(self) -> tuple[int, int]:
-        return self.config.size
+        """The input size: the one given, else the model's own.
+
+        Raises:
+            ValueError: neither is known (a torchvision CNN takes any size and records
+                none); only what needs a size without images asks for it.
+        """
+        size = self._mean_std_size[2]
+        if size is None:
+            raise _unknown_size(self.model)
+        return size
+
+    @property
+    def config(self) -> InputConfig:
+        """Normalization and input size (:func:`input_config`)."""
+        mean, std, _ = self._mean_std_size
+        return InputConfig(mean=mean, std=std, size=self.image_size)

@@ -98,6 +98,34 @@ def test_torchvision_vit_gets_imagenet_normalization_and_its_cls_token_named():
         cv.PatchActivationMap(vit, layer).attribute(torch.rand(1, 3, 48, 48), target=5)
 
 
+def test_a_model_without_a_size_needs_one_only_where_no_images_are_given():
+    """A torchvision CNN records no input size (it takes any). The methods that get images
+    refused it at construction before ("pass image_size"); only what makes images from
+    nothing needs one."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    cnn = torchvision.models.resnet18(num_classes=4).eval()
+    x = torch.rand(2, 3, 48, 48)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (torch.tensor(v)[:, None, None] for v in imagenet)
+    features = cv.capture_layers(cnn, "layer3", (x - mean) / std)  # (2, 256, 3, 3)
+    maps = cv.PatchActivationMap(cnn, "layer3").attribute(x, target=7)
+    torch.testing.assert_close(maps, features[:, 7])
+    examples = cv.TopActivatingExamples(cnn, "layer3", k=1).attribute([x], target=[7])
+    best = features[:, 7].amax(dim=(-2, -1)).argmax()
+    assert examples.indices[0, 0] == best
+    with pytest.raises(ValueError, match="input size of ResNet.*pass image_size"):
+        cv.FeatureVisualization(cnn, "layer3").attribute(target=7, steps=1)
+    made = cv.FeatureVisualization(cnn, "layer3").attribute(target=7, steps=1, image_size=40)
+    assert made.shape == (1, 3, 40, 40)
+    with pytest.raises(ValueError, match="input size of ResNet"):
+        input_config(cnn)
+    with pytest.raises(ValueError, match="input size of ResNet"):
+        _ = ImageModel(cnn).image_size
+    config = ImageModel(cnn, image_size=40).config
+    assert (config.mean, config.std, config.size) == (*imagenet, (40, 40))
+
+
 def test_open_clip_unwraps_and_reads_preprocess_cfg():
     model = open_clip_model()
     wrapped = ImageModel(model)
