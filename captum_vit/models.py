@@ -366,7 +366,18 @@ def _resolve_input(
     image_size: int | Sequence[int] | None,
 ) -> tuple[tuple[float, float, float], tuple[float, float, float], tuple[int, int] | None]:
     """:func:`input_config`'s ``(mean, std, size)``, with ``None`` for a size it cannot
-    find (a torchvision CNN records none: it takes any size)."""
+    find (a torchvision CNN records none: it takes any size). An :class:`ImageModel`'s
+    settings are the defaults for what is not given: they are the user's choice."""
+    outer = peel_wrappers(model) if isinstance(model, nn.Module) else model
+    if isinstance(outer, ImageModel):
+        chosen = outer._mean_std_size
+        given = (
+            chosen[0] if mean is None else _triple(mean),
+            chosen[1] if std is None else _triple(std),
+            chosen[2] if image_size is None else _pair(check_size(image_size)),
+        )
+        _check_std(given[1])
+        return given
     vision = unwrap_vision(model)
     declared = _declared_config(vision)
     default_mean, default_std = _library_default(vision)
@@ -381,9 +392,13 @@ def _resolve_input(
     else:
         size = _current_size(vision) or (_pair(declared["size"]) if "size" in declared else None)
     std = _triple(std)
+    _check_std(std)
+    return _triple(mean), std, size
+
+
+def _check_std(std: tuple[float, float, float]) -> None:
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
-    return _triple(mean), std, size
 
 
 def _unknown_size(model: nn.Module) -> ValueError:
@@ -703,7 +718,7 @@ class ImageModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = unwrap_vision(model)
-        self._mean_std_size = _resolve_input(self.model, mean, std, image_size)
+        self._mean_std_size = _resolve_input(model, mean, std, image_size)
         # Not inference tensors, even when built inside torch.inference_mode(): the
         # methods that take gradients through normalize() need autograd to save them.
         with torch.inference_mode(False):

@@ -148,6 +148,26 @@ def test_image_model_normalizes_inside():
     assert ImageModel(wrapped).model is model
 
 
+def test_an_image_model_passed_in_keeps_its_normalization_and_size():
+    """A user's ImageModel with its own mean / std / size, given to a method, silently got
+    the wrapped model's config back (the wrapper was looked through)."""
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1).eval()
+    chosen = dict(mean=(0.2, 0.3, 0.4), std=(0.9, 0.8, 0.7))
+    wrapped = ImageModel(model, **chosen)
+    assert input_config(wrapped) == input_config(model, **chosen)
+    assert ImageModel(wrapped).config == wrapped.config
+    x = torch.rand(2, 3, 32, 32)
+    expected = cv.PatchActivationMap(model, "blocks.0", **chosen).attribute(x, target=3)
+    maps = cv.PatchActivationMap(wrapped, "blocks.0").attribute(x, target=3)
+    torch.testing.assert_close(maps, expected)
+    assert not torch.allclose(maps, cv.PatchActivationMap(model, "blocks.0").attribute(x, target=3))
+    # arguments given again still win, one by one
+    again = ImageModel(wrapped, std=(1, 1, 1), image_size=48)
+    assert again.config == cv.models.InputConfig(chosen["mean"], (1.0, 1.0, 1.0), (48, 48))
+    with pytest.raises(ValueError, match="std must be positive"):
+        ImageModel(wrapped, std=(1, 0, 1))
+
+
 def test_fixed_input_size():
     fixed = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
     dynamic = timm.create_model(

@@ -95,7 +95,7 @@ def _check_layers(
     the user named is a clear error; one of the ``defaults`` without a patch grid (CaiT's
     class-attention blocks, an attention-pool head's MLP) is left out instead."""
     vision = unwrap_vision(model)
-    probe = ImageModel(vision).normalize(image.to(model_device(vision)))
+    probe = ImageModel(model).normalize(image.to(model_device(vision)))
     found, left_out = {}, []
     for layer in layers:
         name, _ = find_module(vision, layer)
