@@ -18,6 +18,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -164,6 +165,17 @@ def layout_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    """``224`` or ``224x320`` (height x width)."""
+    parts = text.lower().split("x")
+    if len(parts) in (1, 2) and all(part.strip().isdigit() and int(part) > 0 for part in parts):
+        sizes = [int(part) for part in parts]
+        return (sizes[0], sizes[-1])
+    raise argparse.ArgumentTypeError(
+        f"--image-size takes N or HxW in pixels, like 224 or 224x320; got {text!r}"
+    )
+
+
 def _units(text: str) -> str | int | list[int]:
     """``all``, ``top:N`` (the N most active units per layer) or ``3,17,42``."""
     if text == "all":
@@ -210,6 +222,12 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
         "--images",
         help="folder of image files (recursive; class sub-folders named after the model's "
         "classes give Table 1); default zoo scenes",
+    )
+    atlas.add_argument(
+        "--image-size",
+        type=_image_size,
+        help="input size, N or HxW (default: the model's own; needed for a model that "
+        "records none, such as a torchvision CNN)",
     )
     atlas.add_argument("--scenes", type=int, default=256, help="zoo scenes without --images")
     atlas.add_argument("--out", default="atlas", help="the atlas folder (default: atlas)")
@@ -269,6 +287,9 @@ def atlas_command(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
+    if args.image_size:
+        sized = ImageModel(loaded.model, image_size=args.image_size)
+        loaded = dataclasses.replace(loaded, model=sized)
     _move_to_device(loaded.model, args.device)
     preset, steps = _default_recipe(args)
     build_atlas(

@@ -404,7 +404,8 @@ def _check_std(std: tuple[float, float, float]) -> None:
 def _unknown_size(model: nn.Module) -> ValueError:
     return ValueError(
         f"cannot tell the input size of {type(unwrap_vision(model)).__name__}: it has no "
-        "patch_embed.img_size, image_size or pretrained_cfg; pass image_size=(H, W)"
+        "patch_embed.img_size, image_size or pretrained_cfg; pass image_size=(H, W) "
+        "(on the command line: --image-size)"
     )
 
 

@@ -247,6 +247,34 @@ def test_models_named_as_module_function():
         load_model("no_such_module_xyz:build")
 
 
+def small_cnn() -> torch.nn.Module:
+    """A torchvision CNN named as ``module:function``: it records no input size."""
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=4)
+
+
+def test_cli_image_size_for_a_model_that_records_none(tmp_path, capsys):
+    from captum_vit.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "chelsea"):
+        Image.fromarray(getattr(photos, name)()).save(folder / f"{name}.png")
+    out = tmp_path / "atlas"
+    args = ["atlas", "test_atlas:small_cnn", "--images", str(folder), "--out", str(out)]
+    args += ["--layers", "layer3", "--units", "top:1", "--k", "1", "--steps", "1"]
+    assert main(args) == 2
+    assert "pass image_size=(H, W) (on the command line: --image-size)" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--image-size", "40x48"]) == 0
+    shown = json.loads((out / "atlas.json").read_text())["layers"]["layer3"]
+    model = small_cnn().eval()
+    expected = capture_layers(model, "layer3", torch.rand(1, 3, 40, 48)).shape  # (1, C, h, w)
+    assert shown["grid"] == list(expected[-2:]) and shown["channels"] == expected[1]
+
+
 @pytest.mark.parametrize(
     "arch,left_out", [("cait", "blocks_token_only.0.mlp.act"), ("vit_map", "attn_pool.mlp.act")]
 )
