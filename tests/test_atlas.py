@@ -275,6 +275,28 @@ def test_cli_image_size_for_a_model_that_records_none(tmp_path, capsys):
     assert shown["grid"] == list(expected[-2:]) and shown["channels"] == expected[1]
 
 
+def test_torchvision_vit_atlas_shows_its_mlp_hidden_layers(tmp_path):
+    """torchvision's MLP activation has no name of its own ('mlp.1'): the atlas showed
+    whole blocks instead of the paper's layer."""
+    import torchvision
+
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=48
+    ).eval()
+    gelus = [name for name, module in vit.named_modules() if isinstance(module, torch.nn.GELU)]
+    assert (
+        default_layers(vit)
+        == gelus
+        == [f"encoder.layers.encoder_layer_{i}.mlp.1" for i in range(2)]
+    )
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    index = build_atlas(vit, images, tmp_path / "site", units=1, k=1, steps=1, show_progress=False)
+    shown = json.loads((index.parent / "atlas.json").read_text())["layers"]
+    assert list(shown) == gelus
+    assert all(info["grid"] == [4, 4] and info["channels"] == 48 for info in shown.values())
+
+
 @pytest.mark.parametrize(
     "arch,left_out", [("cait", "blocks_token_only.0.mlp.act"), ("vit_map", "attn_pool.mlp.act")]
 )

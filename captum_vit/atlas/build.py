@@ -64,7 +64,7 @@ MLP_HIDDEN_SUFFIXES = ("mlp.act", "mlp.activation_fn", "mlp.gelu")
 def default_layers(model: nn.Module) -> list[str]:
     """Every block's MLP hidden layer (a name ending in one of
     :data:`MLP_HIDDEN_SUFFIXES`: timm ``mlp.act``, Hugging Face ``mlp.activation_fn``,
-    open_clip ``mlp.gelu``; the paper's layer), else every block. The names come from the
+    open_clip ``mlp.gelu``; torchvision's ``mlp.1``; the paper's layer), else every block. The names come from the
     module tree alone; the atlas leaves out those that turn out to have no patch grid
     (CaiT's class-attention blocks, the MLP of an attention-pool head).
 
@@ -72,7 +72,12 @@ def default_layers(model: nn.Module) -> list[str]:
         ValueError: the model has neither.
     """
     vision = unwrap_vision(model)
-    names = [name for name, _ in vision.named_modules() if name.endswith(MLP_HIDDEN_SUFFIXES)]
+    names = []
+    for name, module in vision.named_modules():
+        if name.endswith(MLP_HIDDEN_SUFFIXES):
+            names.append(name)
+        elif (hidden := _torchvision_mlp_hidden(module)) is not None:
+            names.append(f"{name}.{hidden}")
     if not names:
         names = find_blocks(vision)
     if not names:
@@ -81,6 +86,24 @@ def default_layers(model: nn.Module) -> list[str]:
             "layers to show (--layers)"
         )
     return [user_layer_path(model, name) for name in names]
+
+
+def _torchvision_mlp_hidden(module: nn.Module) -> str | None:
+    """The child name of a torchvision ``ops.MLP``'s hidden activation (``"1"`` in ViT's
+    and Swin's blocks, whose activation has no name of its own); ``None`` for any other
+    module."""
+    is_mlp = any(
+        kind.__module__ == "torchvision.ops.misc" and kind.__name__ == "MLP"
+        for kind in type(module).__mro__
+    )
+    if not is_mlp:
+        return None
+    activations = [
+        child
+        for child, inner in module.named_children()
+        if type(inner).__module__ == "torch.nn.modules.activation"
+    ]
+    return activations[0] if activations else None
 
 
 def default_preset(device: torch.device) -> str:
