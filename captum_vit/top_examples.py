@@ -253,8 +253,9 @@ class TopActivatingExamples(_LayerMethod):
         image_sizes: set[tuple[int, int]] = frozenset(),
     ) -> ExampleSet:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        size = next(iter(image_sizes)) if len(image_sizes) == 1 else None
         if distributed:
-            top, seen, rank_offset = _share_shapes(top, seen, target, self.k)
+            top, seen, rank_offset, size = _share_shapes(top, seen, target, self.k, image_sizes)
             offset = rank_offset if offset is None else offset
         if top is None:
             raise ValueError("the data yielded no images: nothing to rank")
@@ -269,7 +270,7 @@ class TopActivatingExamples(_LayerMethod):
             layer=self.layer_path,
             score=score,
             num_images=seen,
-            tiling=patch_tiling(self.vision, *image_sizes) if len(image_sizes) == 1 else None,
+            tiling=patch_tiling(self.vision, size) if size is not None else None,
         )
 
 
@@ -663,33 +664,42 @@ def _collective_device() -> torch.device:
 
 
 def _share_shapes(
-    top: _RunningTopK | None, seen: int, target: Any, k: int
-) -> tuple[_RunningTopK | None, int, int]:
-    """Share every rank's image count, grid and units; give ranks that saw no image an
-    empty candidate set of the common shape. Returns (top, total images, rank offset)."""
+    top: _RunningTopK | None,
+    seen: int,
+    target: Any,
+    k: int,
+    image_sizes: set[tuple[int, int]],
+) -> tuple[_RunningTopK | None, int, int, tuple[int, int] | None]:
+    """Share every rank's image count, grid, units and image size; give ranks that saw no
+    image an empty candidate set of the common shape. Returns (top, total images, rank
+    offset, the one image size of all ranks or None)."""
     dist = torch.distributed
     device = _collective_device()
     h, w = top.grid if top is not None else (0, 0)
     units = top.units.numel() if top is not None else 0
-    meta = torch.tensor([seen, h, w, units], device=device)
+    height, width = next(iter(image_sizes)) if len(image_sizes) == 1 else (-1, -1)
+    meta = torch.tensor([seen, h, w, units, height, width], device=device)
     metas = [torch.empty_like(meta) for _ in range(dist.get_world_size())]
     dist.all_gather(metas, meta)
     metas = torch.stack(metas).cpu()
     rank = dist.get_rank()
     offset = int(metas[:rank, 0].sum())
-    shapes = {tuple(m[1:].tolist()) for m in metas if m[0] > 0}
+    sizes = {tuple(m[4:].tolist()) for m in metas if m[0] > 0}  # (-1, -1): several
+    size = sizes.pop() if len(sizes) == 1 else None
+    size = None if size is None or size[0] < 0 else size
+    shapes = {tuple(m[1:4].tolist()) for m in metas if m[0] > 0}
     if len(shapes) > 1:
         raise ValueError(
             f"ranks disagree on (h, w, units): {sorted(shapes)}; every rank must scan "
             "images of one size for the same target"
         )
     if not shapes:
-        return None, 0, offset
+        return None, 0, offset, None
     if top is None:
         h, w, count = shapes.pop()
         units = torch.arange(count) if target is None else as_unit_tensor(target, 2**62)
         top = _RunningTopK((h, w), units, k, device)
-    return top, int(metas[:, 0].sum()), offset
+    return top, int(metas[:, 0].sum()), offset, size
 
 
 def _gather_and_merge(

@@ -309,11 +309,14 @@ def test_two_process_gloo_merge_equals_one_process(tmp_path):
         "interleaved": brute_force(model, images, 4, score="max"),
         "empty": brute_force(model, images[:3], 6),
     }
+    one_process_tiling = cv.TopActivatingExamples(model, LAYER, k=1).attribute(images).tiling
+    assert one_process_tiling is not None
     for name, reference in expected.items():
         for rank in (0, 1):
             result = ExampleSet.load(tmp_path / f"{name}{rank}.pt")
             assert_same(result, reference)
             assert result.num_images == (3 if name == "empty" else 11)
+            assert result.tiling == one_process_tiling  # also on the rank that saw none
 
 
 def test_nan_activations_raise_instead_of_leaving_the_unit_empty():
