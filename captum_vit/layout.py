@@ -727,6 +727,12 @@ def _layout_of_tensor(
         grid = tuple(x.shape[2:4]) if kind == "BCHW" else tuple(x.shape[1:3])
         channels = x.shape[1] if kind == "BCHW" else x.shape[3]
         return TokenLayout(kind, grid, 0, (), channels, **common)
+    if x.dim() == 2 and x.shape[0] != batch:
+        raise ValueError(
+            f"{_layer_words(name)} outputs {tuple(x.shape)}: its first axis is not the batch "
+            f"({batch}), so it holds no features per image (computed once per forward, like "
+            "a relative-position-bias MLP); pick a layer of the image's tokens"
+        )
     if x.dim() != 3:
         raise ValueError(
             f"{_layer_words(name)} outputs a {x.dim()}-D tensor {tuple(x.shape)}: not spatial. "

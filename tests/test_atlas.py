@@ -275,6 +275,32 @@ def test_cli_image_size_for_a_model_that_records_none(tmp_path, capsys):
     assert shown["grid"] == list(expected[-2:]) and shown["channels"] == expected[1]
 
 
+def test_a_position_bias_mlp_is_no_default_layer_and_is_refused_with_the_reason():
+    """Swin-V2-CR's attention computes its relative position bias with an MLP
+    ('attn.meta_mlp.act', one row per token pair, not per image): it was taken for a
+    block's MLP by its name, and a feature visualization of it died in an einsum."""
+    import timm
+
+    import captum_vit as cv
+
+    model = timm.create_model(
+        "swinv2_cr_tiny_224",
+        img_size=32,
+        window_size=4,
+        depths=(1, 1),
+        num_heads=(2, 2),
+        embed_dim=16,
+        num_classes=3,
+    ).eval()
+    assert default_layers(model) == [f"stages.{i}.blocks.0.mlp.act" for i in range(2)]
+    bias_mlp = "stages.0.blocks.0.attn.meta_mlp.act"
+    reason = r"outputs \(\d+, \d+\): its first axis is not the batch \(2\)"
+    with pytest.raises(ValueError, match=reason):
+        cv.FeatureVisualization(model, bias_mlp).attribute(target=0, steps=1)
+    with pytest.raises(ValueError, match=reason):
+        cv.PatchActivationMap(model, bias_mlp).attribute(torch.rand(2, 3, 32, 32), target=0)
+
+
 def test_torchvision_vit_atlas_shows_its_mlp_hidden_layers(tmp_path):
     """torchvision's MLP activation has no name of its own ('mlp.1'): the atlas showed
     whole blocks instead of the paper's layer."""

@@ -342,7 +342,7 @@ class FeatureVisualization(_LayerMethod):
             layout = self.layout_for(probe)
         except ValueError:
             output = self.forward_to_layer(probe)
-            if isinstance(output, Tensor) and output.dim() == 2:
+            if isinstance(output, Tensor) and output.dim() == 2 and len(output) == len(probe):
                 flat[size] = int(output.shape[1])
                 return None, flat[size]
             raise
