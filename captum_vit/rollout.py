@@ -104,8 +104,6 @@ def _timm_attention(module: nn.Module, name: str, qkv: torch.Tensor) -> torch.Te
 
 def _eva_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     """timm ``EvaAttention`` (EVA-02): q / k biases, q / k norms, rotary embedding."""
-    from timm.layers import apply_rot_embed_cat
-
     _refuse_mask(name, kwargs, args, 2)
     x = args[0]
     heads = module.num_heads
@@ -114,14 +112,40 @@ def _eva_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> t
     else:
         q = _split_heads(module.q_proj(x), heads)
         k = _split_heads(module.k_proj(x), heads)
-    q, k = module.q_norm(q), module.k_norm(k)
-    rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
-    if rope is not None:
-        npt = module.num_prefix_tokens
-        half = getattr(module, "rotate_half", False)
-        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
-        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
+    q, k = _rotated(module, module.q_norm(q), module.k_norm(k), args, kwargs)
     return _probabilities(q, k, module.scale)
+
+
+def _rope_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """timm ``AttentionRope`` (Perception Encoder and the RoPE ViTs): EVA's computation
+    with a plain ``qkv`` bias, and key heads shared by groups of query heads."""
+    _refuse_mask(name, kwargs, args, 2)
+    x = args[0]
+    if module.qkv is not None:
+        q, k = _fused_qk(x, module.qkv.weight, module.qkv.bias, module.num_heads)
+    else:
+        q = _split_heads(module.q_proj(x), module.num_heads)
+        k = _split_heads(module.k_proj(x), module.num_kv_heads)
+    q, k = _rotated(module, module.q_norm(q), module.k_norm(k), args, kwargs)
+    k = k.repeat_interleave(module.num_kv_groups, dim=1)
+    return _probabilities(q, k, module.scale)
+
+
+def _rotated(
+    module: nn.Module, q: torch.Tensor, k: torch.Tensor, args: tuple, kwargs: dict
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k with the rotary embedding its block passes (``rope``, the second argument)
+    applied to the patch tokens, as timm's EVA-style attention applies it."""
+    from timm.layers import apply_rot_embed_cat
+
+    rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
+    if rope is None:
+        return q, k
+    npt = module.num_prefix_tokens
+    half = getattr(module, "rotate_half", False)
+    q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
+    k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
+    return q, k
 
 
 def _beit_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -233,6 +257,8 @@ def _reader(module: nn.Module) -> Callable[..., torch.Tensor] | None:
         return {"GPSA": _convit_gpsa, "MHSA": _convit_mhsa}.get(kind.__name__)
     if kind.__name__ == "EvaAttention":
         return _eva_attention
+    if kind.__module__ in _TIMM_PLAIN_ATTENTION and kind.__name__ == "AttentionRope":
+        return _rope_attention
     if kind.__module__.startswith("transformers.") and all(
         isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj")
     ):
@@ -307,8 +333,9 @@ def _refusal(name: str, module: nn.Module) -> str | None:
         return (
             f"{name!r} ({type(module).__module__}.{kind}) is an attention type "
             "AttentionRollout cannot read (supported: timm Attention (ViT, DeiT, DINOv2), "
-            "EvaAttention, BEiT's Attention, ConViT's GPSA / MHSA, nn.MultiheadAttention as "
-            "in open_clip, Hugging Face ViT / DeiT / DINOv2 / CLIP self-attention)"
+            "EvaAttention, AttentionRope (Perception Encoder), BEiT's Attention, ConViT's "
+            "GPSA / MHSA, nn.MultiheadAttention as in open_clip, Hugging Face ViT / DeiT / "
+            "DINOv2 / CLIP self-attention)"
         )
     return None
 
@@ -327,8 +354,8 @@ class AttentionRollout(Attribution):
     Attention probabilities are computed from each block's own queries and keys (read
     from the attention module's input, with its own projections, norms and rotary
     embedding), so it works under timm's fused attention without touching ``fused_attn``.
-    Supported: timm ViT / DeiT / DINOv2 (registers) / EVA / BEiT (relative position bias
-    included) / ConViT (gated positional attention; the cls token, which joins after the
+    Supported: timm ViT / DeiT / DINOv2 (registers) / EVA / Perception Encoder and the
+    RoPE ViTs (rotary embedding included) / BEiT (relative position bias included) / ConViT (gated positional attention; the cls token, which joins after the
     GPSA blocks, passes through them unchanged), open_clip towers, Hugging Face ViT / DeiT /
     DINOv2 / CLIP. Windowed attention (Swin), pooling attention (attention
     pool, CaiT class attention) and unknown attention types raise a ``ValueError``.

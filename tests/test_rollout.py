@@ -24,7 +24,7 @@ def timm_probabilities(model, x):
     store = []
     handles = []
     for module in explicit.modules():
-        if hasattr(module, "fused_attn"):
+        if hasattr(module, "fused_attn") and hasattr(module, "attn_drop"):  # not a pool
             module.fused_attn = False
             handles.append(module.attn_drop.register_forward_hook(lambda m, a, o: store.append(o)))
     with torch.no_grad():
@@ -103,6 +103,27 @@ def test_rollout_equals_hand_computation_from_explicit_probabilities(arch):
     assert [m.fused_attn for m in model.modules() if hasattr(m, "fused_attn")] == fused
     assert hooks_left(model) == 0
     assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "name,options",
+    [
+        ("vit_pe_core_small_patch16_384", {}),  # AttentionRope, fused qkv, cls token
+        ("vit_pe_core_small_patch16_384", {"qkv_fused": False}),
+        ("vit_base_patch16_rope_mixed_224", {}),  # a learned rotary frequency per head
+    ],
+)
+def test_rope_attention_rollout_equals_hand_computation(name, options):
+    """timm's AttentionRope was refused as an attention type the rollout cannot read."""
+    model = timm_model(name, **options, **_VIT)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "AttentionRope" in kinds or "EvaAttention" in kinds
+    x = unit_images((32, 32))
+    maps = cv.AttentionRollout(model).attribute(x)
+    probs = timm_probabilities(model, cv.ImageModel(model).normalize(x))
+    expected = hand_rollout(probs, model.num_prefix_tokens, (4, 4), "cls")
+    assert torch.allclose(maps, expected, atol=1e-5)
+    assert hooks_left(model) == 0
 
 
 def random_relative_bias(model):
