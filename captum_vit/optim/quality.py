@@ -162,12 +162,12 @@ def transfer_score(
         raise ValueError(f"got {labels.numel()} labels for {images.shape[0]} images")
     if head is not None or outputs_embeddings(judge_model):
         check_embedding_head(head, judge_model)
+    judge = ImageModel(judge_model)
     try:
-        judge = ImageModel(judge_model)
+        size = judge.image_size
     except ValueError:  # no declared input size: the images' own
-        judge = ImageModel(judge_model, image_size=tuple(images.shape[-2:]))
+        size = tuple(images.shape[-2:])
     device = model_device(judge.model)
-    size = judge.image_size
     counter = TopKCounter(k=1)
     with preserved_state(judge.model):
         for start in range(0, len(labels), batch_size):
