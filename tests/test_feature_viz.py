@@ -327,6 +327,35 @@ def test_clip_text_direction_through_the_image_tower():
     assert fv.attribute(target=[0, 3], preset=None, steps=2).shape == (2, 3, 32, 32)
 
 
+def test_a_coca_tower_embedding_is_a_direction_target():
+    """open_clip's CoCa tower returns (embedding, query tokens): a text direction on its
+    embedding was refused ('no element is a spatial map')."""
+    import open_clip
+
+    torch.manual_seed(0)
+    tower = open_clip.transformer.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        width=32,
+        layers=2,
+        heads=2,
+        mlp_ratio=2.0,
+        output_dim=16,
+        attentional_pool=True,
+        attn_pooler_queries=4,
+        attn_pooler_heads=2,
+        output_tokens=True,
+    ).eval()
+    text = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    fv = cv.FeatureVisualization(tower, tower)  # the tower's own output
+    images = fv.attribute(target=obj.direction(text, cosine=True), preset=None, steps=40)
+    with torch.no_grad():
+        embedding, _ = tower(fv.normalize(images))
+        reached = torch.cosine_similarity(embedding, text[None])
+        random = torch.cosine_similarity(tower(fv.normalize(torch.rand(16, 3, 32, 32)))[0], text)
+    assert reached > random.max() + 0.2
+
+
 def test_clip_gets_the_presets_clip_learning_rate():
     model = open_clip_model()
     fv = cv.FeatureVisualization(model, "transformer.resblocks.1")

@@ -42,6 +42,7 @@ from .objectives import (
     check_diversity,
     compile_objectives,
     direction,
+    flat_output,
     total_variation,
 )
 from .params import ImageParam, make_param
@@ -341,9 +342,9 @@ class FeatureVisualization(_LayerMethod):
         try:
             layout = self.layout_for(probe)
         except ValueError:
-            output = self.forward_to_layer(probe)
-            if isinstance(output, Tensor) and output.dim() == 2 and len(output) == len(probe):
-                flat[size] = int(output.shape[1])
+            vectors = flat_output(self.forward_to_layer(probe))
+            if vectors is not None and len(vectors) == len(probe):
+                flat[size] = int(vectors.shape[1])
                 return None, flat[size]
             raise
         return layout, layout.num_channels

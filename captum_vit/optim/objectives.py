@@ -283,13 +283,23 @@ def as_objective(target: Any, token: Token = "patches") -> Objective:
 # --------------------------------------------------------------------------- evaluation
 
 
+def flat_output(output: Any) -> Tensor | None:
+    """A non-spatial layer's ``(B, C)`` vectors: the output itself, or the first element
+    of a tuple that starts with them (open_clip's CoCa tower returns ``(embedding,
+    tokens)``); ``None`` for anything else."""
+    if isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    return output if isinstance(output, Tensor) and output.dim() == 2 else None
+
+
 def layer_tokens(output: Any, layout: TokenLayout | None) -> Tensor:
     """The layer output as ``(B, T, C)`` tokens: prefix tokens first, then the patch grid
     in raster order; a non-spatial ``(B, C)`` layer gives ``T = 1``."""
     if layout is None:
-        if not isinstance(output, Tensor) or output.dim() != 2:
+        flat = flat_output(output)
+        if flat is None:
             raise ValueError("a non-spatial layer must output a (B, C) tensor")
-        return output[:, None, :]
+        return flat[:, None, :]
     if layout.kind == "BNC" and layout.element is None:
         return output
     if layout.kind == "NBC" and layout.element is None:
