@@ -124,6 +124,25 @@ def open_clip_tower(batch_first: bool = True) -> torch.nn.Module:
     return tower
 
 
+def open_clip_coca_tower() -> torch.nn.Module:
+    """A small open_clip tower as CoCa builds it: an attentional pooler, and a forward that
+    returns ``(embedding, query tokens)``."""
+    torch.manual_seed(0)
+    return open_clip.transformer.VisionTransformer(
+        image_size=32,
+        patch_size=8,
+        width=32,
+        layers=2,
+        heads=2,
+        mlp_ratio=2.0,
+        output_dim=16,
+        attentional_pool=True,
+        attn_pooler_queries=4,
+        attn_pooler_heads=2,
+        output_tokens=True,
+    ).eval()
+
+
 def open_clip_model() -> torch.nn.Module:
     """A small full open_clip CLIP model (image and text towers)."""
     torch.manual_seed(0)

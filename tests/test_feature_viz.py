@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from archs import TIMM_ARCHS, hooks_left, open_clip_model, open_clip_timm_trunk
+from archs import (
+    TIMM_ARCHS,
+    hooks_left,
+    open_clip_coca_tower,
+    open_clip_model,
+    open_clip_timm_trunk,
+)
 from fv_planted import (
     PATCH,
     SIZE,
@@ -330,22 +336,7 @@ def test_clip_text_direction_through_the_image_tower():
 def test_a_coca_tower_embedding_is_a_direction_target():
     """open_clip's CoCa tower returns (embedding, query tokens): a text direction on its
     embedding was refused ('no element is a spatial map')."""
-    import open_clip
-
-    torch.manual_seed(0)
-    tower = open_clip.transformer.VisionTransformer(
-        image_size=32,
-        patch_size=8,
-        width=32,
-        layers=2,
-        heads=2,
-        mlp_ratio=2.0,
-        output_dim=16,
-        attentional_pool=True,
-        attn_pooler_queries=4,
-        attn_pooler_heads=2,
-        output_tokens=True,
-    ).eval()
+    tower = open_clip_coca_tower()
     text = torch.randn(16, generator=torch.Generator().manual_seed(1))
     fv = cv.FeatureVisualization(tower, tower)  # the tower's own output
     images = fv.attribute(target=obj.direction(text, cosine=True), preset=None, steps=40)

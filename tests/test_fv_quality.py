@@ -115,3 +115,20 @@ def test_transfer_score_with_a_clip_judge_needs_a_zero_shot_head():
         predicted = zero_shot(clip.encode_image(cv.ImageModel(clip).normalize(images)))
     expected = 100.0 * (predicted.argmax(1) == labels).float().mean().item()
     assert cv.transfer_score(images, labels, clip, head=zero_shot) == pytest.approx(expected)
+
+
+def test_transfer_score_reads_the_embedding_of_a_coca_tower():
+    """CoCa's image tower returns (embedding, query tokens): the head got the tuple."""
+    from archs import open_clip_coca_tower
+
+    tower = open_clip_coca_tower()
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    with pytest.raises(ValueError, match="image embeddings.*head="):
+        cv.transfer_score(images, labels, tower)
+    weights = torch.randn(3, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        embedding, _ = tower(cv.ImageModel(tower).normalize(images))
+    expected = 100.0 * ((embedding @ weights.T).argmax(1) == labels).float().mean().item()
+    score = cv.transfer_score(images, labels, tower, head=lambda e: e @ weights.T)
+    assert score == pytest.approx(expected)

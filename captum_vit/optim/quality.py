@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from ..models import (
     model_device,
     outputs_embeddings,
 )
-from .objectives import Objective, Token, compile_objectives
+from .objectives import Objective, Token, compile_objectives, flat_output
 
 __all__ = ["robust_activation", "transfer_score", "random_views"]
 
@@ -174,10 +175,18 @@ def transfer_score(
             x = images[start : start + batch_size].float().to(device)
             if tuple(x.shape[-2:]) != tuple(size):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
-            scores = judge(x) if head is None else head(judge(x))
+            scores = _vectors(judge(x))
+            scores = scores if head is None else head(scores)
             _check_labels_fit(labels, scores)
             counter.add(scores.float(), labels[start : start + batch_size])
     return float(counter.top1_percent())
+
+
+def _vectors(output: Any) -> Any:
+    """The judge's ``(B, C)`` output; of a tuple that starts with it (open_clip's CoCa
+    tower: ``(embedding, tokens)``), that first element."""
+    vectors = flat_output(output)
+    return output if vectors is None else vectors
 
 
 def _check_labels_fit(labels: Tensor, scores: Tensor) -> None:
