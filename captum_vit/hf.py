@@ -112,6 +112,14 @@ class HFVisionModel(nn.Module):
                 "pixel_values): captum_vit's methods take vision models such as ViT, DeiT, "
                 "DINOv2, Swin or CLIP"
             )
+        if "spatial_shapes" in inspect.signature(model.forward).parameters:
+            raise TypeError(
+                f"{type(model).__name__} takes patchified pixels with an attention mask and "
+                "per-image patch grids (NaFlex: pixel_attention_mask, spatial_shapes), not "
+                "(B, 3, H, W) images, which captum_vit's methods feed. For SigLIP 2 use a "
+                "fixed-resolution model: open_clip's ViT-B-16-SigLIP2 or timm's "
+                "vit_base_patch16_siglip_224.v2_webli"
+            )
         self._clip_pair = hasattr(model, "get_image_features") and hasattr(model, "text_model")
         if self._clip_pair:
             # The image tower only: the same modules, under the same paths as in CLIPModel.

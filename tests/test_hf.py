@@ -36,6 +36,8 @@ def build(kind):
         model = T.Dinov2WithRegistersModel(
             T.Dinov2WithRegistersConfig(**SMALL, image_size=32, num_register_tokens=4)
         )
+    elif kind == "dinov3":
+        model = T.DINOv3ViTModel(T.DINOv3ViTConfig(**SMALL, image_size=32, num_register_tokens=4))
     elif kind == "clip_vision":
         model = T.CLIPVisionModel(T.CLIPVisionConfig(**SMALL, image_size=32))
     elif kind == "clip":
@@ -83,6 +85,7 @@ LAYERS = {
     "vit_model": ("layers.0", 1, ("cls",), (4, 4)),
     "deit": ("deit.layers.0", 1, ("cls", "dist"), (4, 4)),
     "dinov2_reg": ("encoder.layer.1", 2, ("cls", "reg0", "reg1", "reg2", "reg3"), (4, 4)),
+    "dinov3": ("model.layer.1", 2, ("cls", "reg0", "reg1", "reg2", "reg3"), (4, 4)),
     "clip_vision": ("encoder.layers.0", 1, ("cls",), (4, 4)),
     "clip": ("vision_model.encoder.layers.1", 2, ("cls",), (4, 4)),
 }
@@ -397,6 +400,28 @@ def test_reports_name_layers_by_the_hugging_face_models_own_paths():
         assert grid.layout.layer == "vit.layers.1"
     with pytest.raises(ValueError, match="^layer 'classifier' outputs a 2-D tensor"):
         cv.PatchActivationMap(model, "classifier").attribute(x, target=0)
+
+
+def test_dinov3_mlp_hidden_layers_are_the_atlas_defaults():
+    """DINOv3 names its MLP activation 'mlp.act_fn': the atlas fell back to whole blocks."""
+    from captum_vit.atlas import default_layers
+
+    model = build("dinov3")
+    assert default_layers(model) == [f"model.layer.{i}.mlp.act_fn" for i in range(2)]
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    hidden = cv.capture_layers(model, "model.layer.1.mlp.act_fn", cv.ImageModel(model).normalize(x))
+    expected = hidden[:, 5:, 7].reshape(2, 4, 4)  # cls and 4 registers first
+    maps = cv.PatchActivationMap(model, "model.layer.1.mlp.act_fn").attribute(x, target=7)
+    torch.testing.assert_close(maps, expected)
+
+
+def test_a_naflex_model_is_refused_as_taking_no_images():
+    """SigLIP 2's NaFlex models take patchified pixels: the refusal said to pass
+    image_size, which no argument could fix."""
+    config = transformers.Siglip2VisionConfig(**{**SMALL, "num_patches": 16})
+    model = transformers.Siglip2VisionModel(config).eval()
+    with pytest.raises(TypeError, match="NaFlex.*not \\(B, 3, H, W\\) images"):
+        cv.PatchActivationMap(model, "vision_model.encoder.layers.0")
 
 
 def test_a_non_square_position_grid_takes_its_own_size_only():

@@ -56,16 +56,16 @@ __all__ = ["build_atlas", "default_layers", "default_preset"]
 
 
 #: How the MLP hidden activation (the paper's layer) of each block is named: timm
-#: ``blocks.3.mlp.act``, Hugging Face ViT / DeiT / DINOv2 / CLIP ``...layers.3.mlp.activation_fn``,
-#: open_clip ``transformer.resblocks.3.mlp.gelu``.
-MLP_HIDDEN_SUFFIXES = ("mlp.act", "mlp.activation_fn", "mlp.gelu")
+#: ``blocks.3.mlp.act``, Hugging Face ViT / DeiT / DINOv2 / CLIP ``...layers.3.mlp.activation_fn``
+#: (DINOv3: ``model.layer.3.mlp.act_fn``), open_clip ``transformer.resblocks.3.mlp.gelu``.
+MLP_HIDDEN_SUFFIXES = ("mlp.act", "mlp.activation_fn", "mlp.act_fn", "mlp.gelu")
 _DOTTED_SUFFIXES = tuple(f".{suffix}" for suffix in MLP_HIDDEN_SUFFIXES)
 
 
 def default_layers(model: nn.Module) -> list[str]:
     """Every block's MLP hidden layer (a name ending in one of
-    :data:`MLP_HIDDEN_SUFFIXES`: timm ``mlp.act``, Hugging Face ``mlp.activation_fn``,
-    open_clip ``mlp.gelu``; torchvision's ``mlp.1``; the paper's layer), else every block.
+    :data:`MLP_HIDDEN_SUFFIXES`: timm ``mlp.act``, Hugging Face ``mlp.activation_fn`` /
+    ``mlp.act_fn`` (DINOv3), open_clip ``mlp.gelu``; torchvision's ``mlp.1``; the paper's layer), else every block.
     Swin-V2-CR's ``attn.meta_mlp.act`` (its position-bias MLP) is not one. The names come
     from the module tree alone; the atlas leaves out those that turn out to have no patch grid
     (CaiT's class-attention blocks, the MLP of an attention-pool head).
