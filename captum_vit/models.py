@@ -348,7 +348,8 @@ def input_config(
     config; open_clip towers without a config get open_clip's OpenAI defaults,
     torchvision models ImageNet's (what torchvision's weights are trained with); other
     models without a config get mean 0, std 1 (no normalization), with a warning when a
-    submodule declares a normalization (a user's module around a timm backbone).
+    submodule declares a normalization (a user's module around a timm backbone). For an
+    :class:`ImageModel`, the settings it was built with come before all of these.
 
     Raises:
         ValueError: no input size can be found and none is given.
