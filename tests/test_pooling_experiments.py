@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from archs import TIMM_ARCHS, open_clip_timm_trunk, open_clip_tower
+from archs import TIMM_ARCHS, open_clip_coca_tower, open_clip_timm_trunk, open_clip_tower
 
 import captum_vit as cv
 
@@ -196,20 +196,7 @@ def test_undefined_architectures_raise(name):
 def test_open_clip_attention_pooler_is_refused_with_the_reason():
     """A CoCa-style tower has pool_type 'tok' and an attention pooler: the message said
     it "pools with 'tok'" and needs "'tok' pooling"."""
-    import open_clip
-
-    torch.manual_seed(0)
-    tower = open_clip.transformer.VisionTransformer(
-        image_size=32,
-        patch_size=8,
-        width=32,
-        layers=2,
-        heads=2,
-        mlp_ratio=4.0,
-        output_dim=16,
-        attentional_pool=True,
-        attn_pooler_queries=4,
-    ).eval()
+    tower = open_clip_coca_tower()
     with pytest.raises(ValueError, match="pools through an attention pooler"):
         cv.pooling_experiments(tower, [], head=lambda e: e)
 
