@@ -62,16 +62,21 @@ def _small(name: str, kwargs: dict) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False, **base).eval()
 
 
-def _layout_header(first: str, width: int) -> str:
-    return f"{first:{width}s} {'layer':26s} {'kind':5s} {'grid':>7s} {'channels':>8s}  prefix"
+def _layout_header(first: str, width: int, layer_width: int = 26) -> str:
+    return (
+        f"{first:{width}s} {'layer':{layer_width}s} {'kind':5s} {'grid':>7s} "
+        f"{'channels':>8s}  prefix"
+    )
 
 
-def _layout_row(first: str, width: int, layer: str, layout: TokenLayout) -> str:
+def _layout_row(
+    first: str, width: int, layer: str, layout: TokenLayout, layer_width: int = 26
+) -> str:
     grid = f"{layout.grid[0]}x{layout.grid[1]}"
     prefix = ", ".join(layout.prefix_names) or "-"
     tag = " (input)" if layout.attribute_to_layer_input else ""
     return (
-        f"{first:{width}s} {layer + tag:26s} {layout.kind:5s} {grid:>7s} "
+        f"{first:{width}s} {layer + tag:{layer_width}s} {layout.kind:5s} {grid:>7s} "
         f"{layout.num_channels:8d}  {prefix}"
     )
 
@@ -120,9 +125,15 @@ def _layout_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     its layer paths."""
     import open_clip
 
-    from .atlas.sources import create_timm
+    from .atlas.sources import create_timm, load_model
 
-    if not timm.is_model(args.model) and args.model in open_clip.list_models():
+    if not timm.is_model(args.model) and args.model not in open_clip.list_models():
+        # a Hugging Face directory or module:function (else load_model's unknown-name error)
+        model = load_model(args.model).model
+        if args.img_size:
+            model = ImageModel(model, image_size=args.img_size)
+        return model, "the model"
+    if not timm.is_model(args.model):
         if args.pretrained:
             raise ValueError(
                 f"--pretrained downloads timm weights; {args.model} is an open_clip model, "
@@ -153,13 +164,14 @@ def layout_command(args: argparse.Namespace) -> int:
         )
     height, width = ImageModel(model).image_size
     print(f"{args.model}: the output of every block of {note}, at {height}x{width}\n")
-    print(_layout_header("block", 6))
+    names = max(26, *(len(block) for block in blocks))  # torchvision's names are long
+    print(_layout_header("block", 6, names))
     found = _block_layouts(model, blocks)
     for index, (block, layout) in enumerate(zip(blocks, found, strict=True)):
         if layout is None:
-            print(f"{index:<6d} {block:26s} no patch grid (name it as the layer to see why)")
+            print(f"{index:<6d} {block:{names}s} no patch grid (name it as the layer to see why)")
         else:
-            print(_layout_row(str(index), 6, block, layout))
+            print(_layout_row(str(index), 6, block, layout, names))
     spatial = [block for block, layout in zip(blocks, found, strict=True) if layout] or blocks
     print(f"\nA layer's full layout: captum-vit layout {args.model} {spatial[-1]}")
     return 0
@@ -225,6 +237,7 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
     )
     atlas.add_argument(
         "--image-size",
+        "--img-size",
         type=_image_size,
         help="input size, N or HxW (default: the model's own; needed for a model that "
         "records none, such as a torchvision CNN)",
@@ -357,8 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     layout.add_argument(
         "model",
-        help="timm model name, e.g. vit_tiny_patch16_224, or open_clip model name, e.g. "
-        "ViT-B-32 (its image tower)",
+        help="timm model name, e.g. vit_tiny_patch16_224, open_clip model name, e.g. "
+        "ViT-B-32 (its image tower), Hugging Face model directory or module:function",
     )
     layout.add_argument(
         "layer",
@@ -367,7 +380,11 @@ def main(argv: list[str] | None = None) -> int:
         help="dotted path of the layer, e.g. blocks.3.mlp.act (default: every block's output)",
     )
     layout.add_argument(
-        "--img-size", type=int, default=None, help="input size (default: the model's own)"
+        "--img-size",
+        "--image-size",
+        type=int,
+        default=None,
+        help="input size (default: the model's own; needed for a model that records none)",
     )
     layout.add_argument(
         "--pretrained",

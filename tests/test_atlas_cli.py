@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import captum_vit as cv
 from captum_vit import zoo
 from captum_vit.cli import main
 
@@ -207,6 +208,39 @@ def test_cli_layout_of_an_open_clip_name_reads_its_image_tower(capsys):
     assert "channels  1536" in capsys.readouterr().out
     assert main(["layout", "ViT-S-32", "--pretrained"]) == 2
     assert "drop --pretrained" in capsys.readouterr().err
+
+
+def torchvision_vit() -> torch.nn.Module:
+    """For ``captum-vit layout test_atlas_cli:torchvision_vit``."""
+    import torchvision
+
+    return torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64
+    )
+
+
+def torchvision_cnn() -> torch.nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=4)
+
+
+def test_cli_layout_of_a_module_function_model(capsys):
+    """The layout command took timm and open_clip names only (the atlas also takes
+    module:function and Hugging Face directories); a size for a model that records none."""
+    assert main(["layout", "test_atlas_cli:torchvision_vit"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("block"))
+    rows = [line for line in lines if line[:1].isdigit()]
+    assert [row.split()[1:] for row in rows] == [
+        [f"encoder.layers.encoder_layer_{i}", "BNC", "4x4", "32", "cls"] for i in range(2)
+    ]
+    assert all(row.index("BNC") == header.index("kind") for row in rows)  # columns align
+    assert main(["layout", "test_atlas_cli:torchvision_cnn", "layer3"]) == 2
+    assert "--image-size" in capsys.readouterr().err
+    assert main(["layout", "test_atlas_cli:torchvision_cnn", "layer3", "--image-size", "96"]) == 0
+    shape = tuple(cv.capture_layers(torchvision_cnn(), "layer3", torch.rand(1, 3, 96, 96)).shape)
+    assert f"(B, {shape[1]}, {shape[2]}, {shape[3]})" in capsys.readouterr().out
 
 
 def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback():
