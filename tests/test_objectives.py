@@ -105,6 +105,21 @@ def test_non_spatial_layers_take_the_unit_or_direction_directly():
         obj.compile_objectives([obj.neuron(1, (0, 0))], None, logits.shape[1])
 
 
+def test_an_overflow_in_another_channel_leaves_a_unit_finite():
+    """float16 activations overflow to inf: a unit's score was NaN (0 * inf) when any other
+    channel of its tokens overflowed, though its own channel was finite."""
+    model = TIMM_ARCHS["vit"][0]()
+    layer = "blocks.1.mlp.fc1"
+    x = images((32, 32), batch=2)
+    out = hooked(model, layer, x).half()
+    out[0, 3, 7] = float("inf")  # channel 7 of one patch token of the first image
+    layout = resolve_layout(model, layer, x)
+    scorer = obj.compile_objectives([obj.channel(1), obj.channel(7)], layout, 128)
+    scores = scorer(out[[0, 0]])  # one row per target
+    torch.testing.assert_close(scores[0], out[0, 1:, 1].float().mean())
+    assert scores[1] == float("inf")  # its own channel overflowed: inf, as it is
+
+
 def test_batched_rows_follow_targets_images_copies():
     """Rows are ordered target, image, copy; each row is scored by its target's objective."""
     model = TIMM_ARCHS["vit"][0]()

@@ -399,7 +399,8 @@ class BatchScorer:
             pooled = torch.einsum("btc,bt->bc", tokens, self.token_weights[slot].to(dtype))
             pooled = pooled.float()
             weights = self.channel_weights[slot]
-            dot = (pooled * weights).sum(-1)
+            # only the weighted channels: an overflow to inf elsewhere (float16) is no NaN
+            dot = torch.where(weights != 0, pooled * weights, 0.0).sum(-1)
             if bool(self.cosine[slot].any()):
                 norms = pooled.norm(dim=-1) * weights.norm(dim=-1) + 1e-8
                 dot = torch.where(self.cosine[slot], dot / norms, dot)
