@@ -243,6 +243,21 @@ def test_cli_layout_of_a_module_function_model(capsys):
     assert f"(B, {shape[1]}, {shape[2]}, {shape[3]})" in capsys.readouterr().out
 
 
+def test_an_image_size_a_fixed_size_model_refuses_is_an_error_not_a_traceback(tmp_path, capsys):
+    """Image files prepared at --image-size reached torchvision's own forward, whose bare
+    AssertionError ('Wrong image height!') ended the command in a traceback."""
+    from PIL import Image
+
+    (tmp_path / "photos").mkdir()
+    for index in range(2):
+        Image.new("RGB", (40, 40), (60 * index, 90, 120)).save(tmp_path / f"photos/{index}.png")
+    out = tmp_path / "atlas"
+    args = ["atlas", "test_atlas_cli:torchvision_vit", "--images", str(tmp_path / "photos")]
+    assert main([*args, "--out", str(out), "--image-size", "48"]) == 2
+    assert "takes 32x32 images only, got 48x48" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback():
     """``captum-vit layouts | head -1``: the reader closes the pipe after one line."""
     command = [sys.executable, "-m", "captum_vit", "layouts"]

@@ -32,6 +32,8 @@ from ..locality.probe import find_blocks
 from ..models import (
     ImageModel,
     _clip_image_tower,
+    check_images,
+    fixed_input_size,
     model_device,
     unwrap_vision,
     user_layer_path,
@@ -120,6 +122,7 @@ def _check_layers(
     the user named is a clear error; one of the ``defaults`` without a patch grid (CaiT's
     class-attention blocks, an attention-pool head's MLP) is left out instead."""
     vision = unwrap_vision(model)
+    check_images(image, size=fixed_input_size(vision))  # before the model's own assert
     probe = ImageModel(model).normalize(image.to(model_device(vision)))
     found, left_out = {}, []
     for layer in layers:
