@@ -272,9 +272,10 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
 # 96 steps draws every unit with content, while "robust" at 48 steps (the recipe before
 # it, then without its fading noise) left most last-block units of the 96.40% zoo ViT flat
 # grey (robust activation of the 4 most active units of blocks 0 / 3 / 5: 0.99 / 1.14 /
-# 3.37 against 0.56 / 0.63 / 0.98, in the same 10 s). The README's main job takes under a
-# minute on 2 idle cores (measured 46-56 s; "robust" at 48 steps, with its noise, 60 s in
-# the same window as a 54 s run).
+# 3.37 against 0.56 / 0.63 / 0.98, in the same 10 s). The README's main job takes about a
+# minute on 2 idle cores (measured 46-56 s, and 55-70 s on 2026-12-07 for this code and the
+# code before that day's changes alike, interleaved; "robust" at 48 steps, with its noise,
+# 60 s in the same window as a 54 s run).
 ZOO_RECIPE = ("fast", 96)
 
 
