@@ -103,49 +103,31 @@ def _timm_attention(module: nn.Module, name: str, qkv: torch.Tensor) -> torch.Te
 
 
 def _eva_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """timm ``EvaAttention`` (EVA-02): q / k biases, q / k norms, rotary embedding."""
+    """timm ``EvaAttention`` (EVA-02, DINOv3) and ``AttentionRope`` (Perception Encoder,
+    the RoPE ViTs): q and k from a fused ``qkv`` (EVA keeps the q / k biases apart) or
+    separate projections, their norms, the rotary embedding its block passes (``rope``,
+    the second argument) on the patch tokens, and key heads shared by groups of query heads
+    (``AttentionRope``'s ``num_kv_heads``)."""
+    from timm.layers import apply_rot_embed_cat
+
     _refuse_mask(name, kwargs, args, 2)
     x = args[0]
     heads = module.num_heads
     if module.qkv is not None:
-        q, k = _fused_qk(x, module.qkv.weight, _q_k_biases(module), heads)
+        bias = _q_k_biases(module) if hasattr(module, "q_bias") else module.qkv.bias
+        q, k = _fused_qk(x, module.qkv.weight, bias, heads)
     else:
         q = _split_heads(module.q_proj(x), heads)
-        k = _split_heads(module.k_proj(x), heads)
-    q, k = _rotated(module, module.q_norm(q), module.k_norm(k), args, kwargs)
-    return _probabilities(q, k, module.scale)
-
-
-def _rope_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
-    """timm ``AttentionRope`` (Perception Encoder and the RoPE ViTs): EVA's computation
-    with a plain ``qkv`` bias, and key heads shared by groups of query heads."""
-    _refuse_mask(name, kwargs, args, 2)
-    x = args[0]
-    if module.qkv is not None:
-        q, k = _fused_qk(x, module.qkv.weight, module.qkv.bias, module.num_heads)
-    else:
-        q = _split_heads(module.q_proj(x), module.num_heads)
-        k = _split_heads(module.k_proj(x), module.num_kv_heads)
-    q, k = _rotated(module, module.q_norm(q), module.k_norm(k), args, kwargs)
-    k = k.repeat_interleave(module.num_kv_groups, dim=1)
-    return _probabilities(q, k, module.scale)
-
-
-def _rotated(
-    module: nn.Module, q: torch.Tensor, k: torch.Tensor, args: tuple, kwargs: dict
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k with the rotary embedding its block passes (``rope``, the second argument)
-    applied to the patch tokens, as timm's EVA-style attention applies it."""
-    from timm.layers import apply_rot_embed_cat
-
+        k = _split_heads(module.k_proj(x), getattr(module, "num_kv_heads", heads))
+    q, k = module.q_norm(q), module.k_norm(k)
     rope = kwargs.get("rope", args[1] if len(args) > 1 else None)
-    if rope is None:
-        return q, k
-    npt = module.num_prefix_tokens
-    half = getattr(module, "rotate_half", False)
-    q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
-    k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
-    return q, k
+    if rope is not None:
+        npt = module.num_prefix_tokens
+        half = getattr(module, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt], apply_rot_embed_cat(q[:, :, npt:], rope, half=half)], 2)
+        k = torch.cat([k[:, :, :npt], apply_rot_embed_cat(k[:, :, npt:], rope, half=half)], 2)
+    k = k.repeat_interleave(getattr(module, "num_kv_groups", 1), dim=1)
+    return _probabilities(q, k, module.scale)
 
 
 def _beit_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -258,7 +240,7 @@ def _reader(module: nn.Module) -> Callable[..., torch.Tensor] | None:
     if kind.__name__ == "EvaAttention":
         return _eva_attention
     if kind.__module__ in _TIMM_PLAIN_ATTENTION and kind.__name__ == "AttentionRope":
-        return _rope_attention
+        return _eva_attention
     if kind.__module__.startswith("transformers.") and all(
         isinstance(getattr(module, n, None), nn.Linear) for n in ("q_proj", "k_proj")
     ):
