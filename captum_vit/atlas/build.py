@@ -65,12 +65,12 @@ _DOTTED_SUFFIXES = tuple(f".{suffix}" for suffix in MLP_HIDDEN_SUFFIXES)
 
 
 def default_layers(model: nn.Module) -> list[str]:
-    """Every block's MLP hidden layer (a name ending in one of
+    """Every block's MLP hidden layer, the paper's layer (a name ending in one of
     :data:`MLP_HIDDEN_SUFFIXES`: timm ``mlp.act``, Hugging Face ``mlp.activation_fn`` /
-    ``mlp.act_fn`` (DINOv3), open_clip ``mlp.gelu``; torchvision's ``mlp.1``; the paper's layer), else every block.
-    Swin-V2-CR's ``attn.meta_mlp.act`` (its position-bias MLP) is not one. The names come
-    from the module tree alone; the atlas leaves out those that turn out to have no patch grid
-    (CaiT's class-attention blocks, the MLP of an attention-pool head).
+    ``mlp.act_fn`` (DINOv3), open_clip ``mlp.gelu``; torchvision's ``mlp.1``), else every
+    block. Swin-V2-CR's ``attn.meta_mlp.act`` (its position-bias MLP) is not one. The names
+    come from the module tree alone; the atlas leaves out those that turn out to have no
+    patch grid (CaiT's class-attention blocks, the MLP of an attention-pool head).
 
     Raises:
         ValueError: the model has neither.
