@@ -238,6 +238,10 @@ def test_open_clip_model_with_a_weights_file(tmp_path, tiny_clip_names):
     assert default_layers(loaded.model) == [f"visual.{layer}" for layer in layers]
     with pytest.raises(ValueError, match=f"does not match the architecture {other}"):
         load_model(other, weights=tmp_path / "clip.pt")
+    # open_clip's own training checkpoint (epoch, DDP's "module." on every name) loads too
+    ddp = {f"module.{key}": value for key, value in saved.state_dict().items()}
+    torch.save({"epoch": 3, "name": "run", "state_dict": ddp}, tmp_path / "epoch_3.pt")
+    assert load_model(name, weights=tmp_path / "epoch_3.pt").fingerprint == loaded.fingerprint
     with pytest.raises(ValueError, match="needs --weights FILE"):
         load_model(name)
     folder = tmp_path / "photos"  # a flat folder: no labels
@@ -269,6 +273,12 @@ def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path,
     assert class_names(loaded.model)[1] == "goldfish, Carassius auratus"
     assert loaded.description == "vit_tiny_patch16_224 with weights vit.pt"
     assert not loaded.random_weights
+    # A checkpoint of a training loop: the state dict of a DistributedDataParallel model
+    # ("module." on every name) under "state_dict", next to the epoch
+    ddp = {f"module.{key}": value for key, value in saved.state_dict().items()}
+    torch.save({"epoch": 3, "state_dict": ddp}, tmp_path / "epoch_3.pt")
+    trained = load_model("vit_tiny_patch16_224", weights=tmp_path / "epoch_3.pt")
+    assert trained.fingerprint == weights_fingerprint(saved)
     untrained = load_model("vit_tiny_patch16_224")
     assert untrained.random_weights
     assert untrained.description == "vit_tiny_patch16_224 (random weights, seed 0)"

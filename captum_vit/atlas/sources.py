@@ -270,6 +270,9 @@ def _load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict")
+    if state and all(isinstance(key, str) and key.startswith("module.") for key in state):
+        # saved from a DistributedDataParallel model (open_clip's training checkpoints)
+        state = {key[len("module.") :]: value for key, value in state.items()}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
