@@ -5,6 +5,7 @@ command line; open_clip and timm models with a local weights file."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -278,6 +279,12 @@ def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path,
     ddp = {f"module.{key}": value for key, value in saved.state_dict().items()}
     torch.save({"epoch": 3, "state_dict": ddp}, tmp_path / "epoch_3.pt")
     trained = load_model("vit_tiny_patch16_224", weights=tmp_path / "epoch_3.pt")
+    assert trained.fingerprint == weights_fingerprint(saved)
+    # timm's train.py checkpoint keeps its settings as an argparse.Namespace
+    settings = argparse.Namespace(model="vit_tiny_patch16_224", lr=5e-4, epochs=300)
+    timm_checkpoint = {"epoch": 9, "arch": "vit", "state_dict": saved.state_dict()}
+    torch.save({**timm_checkpoint, "args": settings, "version": 2}, tmp_path / "last.pth.tar")
+    trained = load_model("vit_tiny_patch16_224", weights=tmp_path / "last.pth.tar")
     assert trained.fingerprint == weights_fingerprint(saved)
     untrained = load_model("vit_tiny_patch16_224")
     assert untrained.random_weights

@@ -11,6 +11,7 @@ zoo's synthetic scenes, or a tensor of images. Every image source has ``len()``,
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import hashlib
 import importlib
@@ -263,7 +264,9 @@ def _load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            # timm's train.py keeps its argparse.Namespace of settings next to the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         raise ValueError(f"cannot read weights file {path}: {error}") from error
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
