@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import _user_path, find_module, module_name, peel_wrappers
+from .capture import _as_the_user_sees, _user_path, find_module, module_name, peel_wrappers
 
 __all__ = [
     "ImageModel",
@@ -397,6 +397,44 @@ def _resolve_input(
     return _triple(mean), std, size
 
 
+def _refuse_other_channels(vision: nn.Module) -> None:
+    """Refuse a model declared to take other than 3 input channels (timm's ``in_chans=1``
+    for grey images, a Hugging Face config's ``num_channels``): the package feeds RGB."""
+    found = _declared_input_channels(vision)
+    if found is None or found[1] == 3:
+        return
+    where, channels = found
+    name = _as_the_user_sees(vision)[0]
+    raise ValueError(
+        f"{name} takes {channels}-channel images ({where}); captum_vit feeds RGB images "
+        "(B, 3, H, W). Use a model built for 3 channels (timm: in_chans=3), or wrap yours "
+        "in a module that maps RGB to its channels (for grey: the mean of the three) and "
+        "pass that"
+    )
+
+
+def _declared_input_channels(vision: nn.Module) -> tuple[str, int] | None:
+    """``(where it is declared, channels)`` of the model's input, where the model says:
+    timm's ``pretrained_cfg["first_conv"]`` (also of an open_clip tower's timm trunk), a
+    Hugging Face config's ``num_channels``; else ``None``."""
+    for owner, prefix in ((vision, ""), (getattr(vision, "trunk", None), "trunk.")):
+        cfg = getattr(owner, "pretrained_cfg", None)
+        first = cfg.get("first_conv") if isinstance(cfg, dict) else None
+        first = first[0] if isinstance(first, (list, tuple)) and first else first
+        if isinstance(first, str):
+            conv = dict(owner.named_modules()).get(first)
+            if isinstance(conv, nn.Conv2d):
+                return (
+                    f"its first convolution {prefix}{first} has in_channels={conv.in_channels}",
+                    conv.in_channels,
+                )
+    for inner in (getattr(vision, "model", None), getattr(vision, "vision_model", None)):
+        channels = getattr(getattr(inner, "config", None), "num_channels", None)
+        if type(inner).__module__.startswith("transformers.") and isinstance(channels, int):
+            return f"its config has num_channels={channels}", channels
+    return None
+
+
 def _check_std(std: tuple[float, float, float]) -> None:
     if any(s <= 0 for s in std):
         raise ValueError(f"std must be positive, got {std}")
@@ -720,6 +758,7 @@ class ImageModel(nn.Module):
     ) -> None:
         super().__init__()
         self.model = unwrap_vision(model)
+        _refuse_other_channels(self.model)
         self._mean_std_size = _resolve_input(model, mean, std, image_size)
         # Not inference tensors, even when built inside torch.inference_mode(): the
         # methods that take gradients through normalize() need autograd to save them.

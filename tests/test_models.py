@@ -168,6 +168,39 @@ def test_an_image_model_passed_in_keeps_its_normalization_and_size():
         ImageModel(wrapped, std=(1, 0, 1))
 
 
+def test_a_model_for_other_than_three_channels_is_refused_up_front():
+    """A grey (in_chans=1) timm model: one-channel images were refused as not RGB, and RGB
+    images then died in the patch embedding's channel-mismatch RuntimeError."""
+    grey = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1, in_chans=1)
+    reason = "VisionTransformer takes 1-channel images .*patch_embed.proj has in_channels=1"
+    with pytest.raises(ValueError, match=reason):
+        cv.PatchActivationMap(grey, "blocks.0")
+    with pytest.raises(ValueError, match="1-channel images"):
+        cv.FeatureVisualization(grey.eval(), "blocks.0")
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in grey.modules()) == 0
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_channels=4,
+    )
+    with pytest.raises(ValueError, match="ViTModel takes 4-channel images .*num_channels=4"):
+        cv.PatchActivationMap(transformers.ViTModel(config), "layers.0")
+    # a wrapper that maps RGB to the model's one channel is the user's to write, and works
+    wrapper = torch.nn.Sequential(_Grey(), grey).eval()
+    maps = cv.PatchActivationMap(wrapper, "1.blocks.0", mean=(0, 0, 0), std=(1, 1, 1))
+    assert maps.attribute(torch.rand(2, 3, 32, 32), target=0).shape == (2, 4, 4)
+
+
+class _Grey(torch.nn.Module):
+    def forward(self, x):
+        return x.mean(dim=1, keepdim=True)
+
+
 def test_fixed_input_size():
     fixed = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
     dynamic = timm.create_model(
