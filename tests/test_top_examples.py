@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from archs import TIMM_ARCHS
+from archs import TIMM_ARCHS, hooks_left
 
 import captum_vit as cv
 from captum_vit.top_examples import (
@@ -147,7 +147,7 @@ def test_forward_stops_at_the_layer_and_model_is_left_as_found():
     assert torch.equal(images, copy)
     assert model.training and all(m.training for m in model.modules())
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert hooks_left(model) == 0
 
     def bad_batches():
         yield images[:2]
@@ -156,7 +156,7 @@ def test_forward_stops_at_the_layer_and_model_is_left_as_found():
     with pytest.raises(ValueError, match="NaN"):
         cv.TopActivatingExamples(model, LAYER, k=2).attribute(bad_batches())
     assert model.training and [p.requires_grad for p in model.parameters()] == flags
-    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()) == 0
+    assert hooks_left(model) == 0
 
 
 def test_one_pass_over_several_layers_equals_each_layer_alone():
@@ -322,8 +322,6 @@ def test_two_process_gloo_merge_equals_one_process(tmp_path):
 def test_nan_activations_raise_instead_of_leaving_the_unit_empty():
     """A unit whose activations are NaN came back with no examples (-inf scores, index -1)
     as if no image had been seen."""
-    from archs import hooks_left
-
     model = TIMM_ARCHS["vit"][0]()
     with torch.no_grad():  # unit 5's pre-activation overflows to inf; GELU(-inf) is NaN
         model.blocks[1].mlp.fc1.weight[5] = 1e38
