@@ -22,7 +22,14 @@ from torch import nn
 
 from .capture import HookSet, find_module, peel_wrappers
 from .layout import TokenLayout, resolve_layout, upsample_to_image
-from .models import ImageModel, check_batch_shape, patch_tiling, unwrap_vision
+from .models import (
+    ImageModel,
+    check_batch_shape,
+    linear_patch_embedding,
+    patch_tiling,
+    timm_first_conv,
+    unwrap_vision,
+)
 
 __all__ = ["PatchGrid", "patch_grid", "patch_feature_mask"]
 
@@ -283,7 +290,7 @@ def patch_feature_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
 
     Args:
         model: a ViT-family model with a non-overlapping patch embedding (timm, open_clip,
-            Hugging Face).
+            Hugging Face), convolutional or linear (timm Gemma 4, NaFlexViT).
         inputs: a ``(B, 3, H, W)`` batch as the model takes it.
 
     Returns:
@@ -292,7 +299,7 @@ def patch_feature_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     Raises:
         TypeError: ``inputs`` is not a tensor.
         ValueError: ``inputs`` is not a ``(B, 3, H, W)`` batch, the model has no patch
-            embedding convolution, or its patches overlap (kernel larger than stride, as
+            embedding, or its patches overlap (kernel larger than stride, as
             in PiT or a CNN stem), so no mask can follow the patches.
 
     Examples::
@@ -305,10 +312,9 @@ def patch_feature_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """
     check_batch_shape(inputs, "inputs")
     model = peel_wrappers(model)
-    name, conv = _patch_embedding(model)
+    name, (patch_h, patch_w) = _patch_embedding(model)
     layout = resolve_layout(model, name, inputs[:2])
     grid_h, grid_w = layout.grid
-    patch_h, patch_w = conv.stride
     height, width = inputs.shape[-2:]
     device = inputs.device
     rows = (torch.arange(height, device=device) // patch_h).clamp(max=grid_h - 1)
@@ -321,8 +327,14 @@ def patch_feature_mask(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def _patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d]:
-    """The first 2-D convolution of the model taking RGB: its patch embedding."""
+def _patch_embedding(model: nn.Module) -> tuple[str, tuple[int, int]]:
+    """The model's patch embedding and its patch size: the first 2-D convolution taking
+    RGB, or, where timm's ``pretrained_cfg["first_conv"]`` names an ``nn.Linear`` (timm
+    Gemma 4, NaFlexViT), the module holding it, which cuts the image into its
+    ``patch_size`` patches and projects each one flattened."""
+    linear = _linear_patch_embedding(model)
+    if linear is not None:
+        return linear
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels == 3:
             if tuple(module.kernel_size) != tuple(module.stride) or any(module.padding):
@@ -332,8 +344,24 @@ def _patch_embedding(model: nn.Module) -> tuple[str, nn.Conv2d]:
                     "overlapping or padded patches: no pixel mask follows its patches. Build a "
                     "feature mask by hand (for example square blocks of the stride)"
                 )
-            return name, module
+            return name, tuple(module.stride)
     raise ValueError(
-        f"{type(model).__name__} has no patch embedding convolution (an nn.Conv2d taking "
-        "3 channels): patch_feature_mask needs a ViT-family model"
+        f"{type(model).__name__} has no patch embedding (an nn.Conv2d taking 3 channels, or "
+        "a linear projection of flattened patches named by timm's first_conv): "
+        "patch_feature_mask needs a ViT-family model"
     )
+
+
+def _linear_patch_embedding(model: nn.Module) -> tuple[str, tuple[int, int]] | None:
+    """``(path, (p_h, p_w))`` of the linear RGB patch embedding that the first timm model
+    in ``model`` (itself, or inside a wrapper or an open_clip tower) declares
+    (:func:`~captum_vit.models.linear_patch_embedding`); else ``None``."""
+    owner = next(
+        ((prefix, module) for prefix, module in model.named_modules() if timm_first_conv(module)),
+        None,
+    )
+    found = linear_patch_embedding(owner[1]) if owner is not None else None
+    if found is None or found[2] != 3:
+        return None
+    prefix, (path, patch_size, _) = owner[0], found
+    return (f"{prefix}.{path}" if prefix else path), patch_size

@@ -386,6 +386,9 @@ class _Witnesses:
                 counts = [item.shape[1 - axis] for axis in (0, 1) if item.shape[axis] == self.batch]
                 self.sequences += [(self.calls, count) for count in counts]
                 self._counts_so_far.update(counts)
+                grid = _raster_coordinate_grid(item, self.batch)
+                if grid is not None:
+                    self.grids.append((self.calls, name, grid))
             elif isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
                 kind = _orient_4d(item.shape, self.image_size, self._chains[name])
                 counts = self._counts_so_far
@@ -402,6 +405,47 @@ def _attention_size(shape: torch.Size, kind: str, token_counts: set[int]) -> int
     "grid" is tokens by tokens, not the image."""
     h, w = (shape[2], shape[3]) if kind == "BCHW" else (shape[1], shape[2])
     return h if h == w and h in token_counts else None
+
+
+def _raster_coordinate_grid(item: torch.Tensor, batch: int) -> tuple[int, int] | None:
+    """The ``(h, w)`` grid of a ``(B, N, 2)`` integer tensor of patch coordinates that
+    lists every cell of an ``h x w`` grid in raster order, ``(row, col)`` or ``(x, y)``
+    per token, the same for every image (timm Gemma 4's patch embedding returns its
+    tokens' positions so; it has no convolution whose output shows the grid). Anything
+    else, including coordinates out of raster order or with padding, witnesses nothing."""
+    if item.shape[0] != batch or item.shape[2] != 2 or item.shape[1] < 2:
+        return None
+    if item.dtype not in (torch.int16, torch.int32, torch.int64, torch.uint8):
+        return None
+    coords = item[0]
+    if not bool((item == coords).all()):
+        return None
+    tokens = coords.shape[0]
+    position = torch.arange(tokens, device=coords.device)
+    for row_axis, col_axis in ((0, 1), (1, 0)):
+        width = int(coords[:, col_axis].max()) + 1
+        if width < 1 or tokens % width:
+            continue
+        rows, cols = coords[:, row_axis], coords[:, col_axis]
+        if bool((rows == position // width).all() and (cols == position % width).all()):
+            return tokens // width, width
+    return None
+
+
+def _own_grids(value: Sequence[Any], name: str, batch: int) -> list[tuple[str, tuple[int, int]]]:
+    """Grids witnessed by a tuple output's own other elements: a patch embedding that
+    returns its tokens with their grid size (timm NaFlexViT) or their raster
+    coordinates (timm Gemma 4). A layer's own output is not among the grids seen before
+    it."""
+    found = []
+    for item in value:
+        if _is_size_pair(item):
+            found.append((name, (int(item[0]), int(item[1]))))
+        elif isinstance(item, torch.Tensor) and item.dim() == 3:
+            grid = _raster_coordinate_grid(item, batch)
+            if grid is not None:
+                found.append((name, grid))
+    return found
 
 
 def _is_size_pair(item: Any) -> bool:
@@ -635,6 +679,7 @@ def _layout_from_value(
     if isinstance(value, (tuple, list)):
         positions = [element] if element is not None else range(len(value))
         errors = []
+        seen = seen + _own_grids(value, name, batch)
         for index in positions:
             if index >= len(value) or not isinstance(value[index], torch.Tensor):
                 errors.append(f"element {index} is not a tensor")

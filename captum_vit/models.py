@@ -418,21 +418,57 @@ def _declared_input_channels(vision: nn.Module) -> tuple[str, int] | None:
     timm's ``pretrained_cfg["first_conv"]`` (also of an open_clip tower's timm trunk), a
     Hugging Face config's ``num_channels``; else ``None``."""
     for owner, prefix in ((vision, ""), (getattr(vision, "trunk", None), "trunk.")):
-        cfg = getattr(owner, "pretrained_cfg", None)
-        first = cfg.get("first_conv") if isinstance(cfg, dict) else None
-        first = first[0] if isinstance(first, (list, tuple)) and first else first
-        if isinstance(first, str):
-            conv = dict(owner.named_modules()).get(first)
-            if isinstance(conv, nn.Conv2d):
-                return (
-                    f"its first convolution {prefix}{first} has in_channels={conv.in_channels}",
-                    conv.in_channels,
-                )
+        first = timm_first_conv(owner)
+        if first is None:
+            continue
+        conv = dict(owner.named_modules()).get(first)
+        if isinstance(conv, nn.Conv2d):
+            return (
+                f"its first convolution {prefix}{first} has in_channels={conv.in_channels}",
+                conv.in_channels,
+            )
+        linear = linear_patch_embedding(owner)
+        if linear is not None:
+            _, (patch_h, patch_w), channels = linear
+            return (
+                f"its linear patch embedding {prefix}{first} takes {channels} x {patch_h} x "
+                f"{patch_w} values per patch",
+                channels,
+            )
     for inner in (getattr(vision, "model", None), getattr(vision, "vision_model", None)):
         channels = getattr(getattr(inner, "config", None), "num_channels", None)
         if type(inner).__module__.startswith("transformers.") and isinstance(channels, int):
             return f"its config has num_channels={channels}", channels
     return None
+
+
+def timm_first_conv(module: nn.Module) -> str | None:
+    """The path of the input layer that timm's ``pretrained_cfg["first_conv"]`` names
+    for ``module`` (the first, where it lists several), or ``None``."""
+    cfg = getattr(module, "pretrained_cfg", None)
+    first = cfg.get("first_conv") if isinstance(cfg, dict) else None
+    first = first[0] if isinstance(first, (list, tuple)) and first else first
+    return first if isinstance(first, str) else None
+
+
+def linear_patch_embedding(owner: nn.Module) -> tuple[str, tuple[int, int], int] | None:
+    """``(path, (p_h, p_w), input channels)`` of a patch embedding that projects flattened
+    patches with an ``nn.Linear`` (timm Gemma 4, NaFlexViT), where timm declares it: the
+    ``first_conv`` of ``owner`` is that ``nn.Linear``, of ``channels * p_h * p_w`` inputs,
+    and its parent module has that ``patch_size``; else ``None``."""
+    first = timm_first_conv(owner)
+    if first is None or "." not in first:
+        return None
+    modules = dict(owner.named_modules())  # first_conv may name no module of this build
+    path = first.rpartition(".")[0]
+    proj, size = modules.get(first), getattr(modules.get(path), "patch_size", None)
+    size = (size, size) if isinstance(size, int) else size
+    if not isinstance(proj, nn.Linear) or not (isinstance(size, (tuple, list)) and len(size) == 2):
+        return None
+    area = int(size[0]) * int(size[1])
+    if area <= 0 or proj.in_features % area:
+        return None
+    return path, (int(size[0]), int(size[1])), proj.in_features // area
 
 
 def _check_std(std: tuple[float, float, float]) -> None:

@@ -130,6 +130,27 @@ def _eva_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> t
     return _probabilities(q, k, module.scale)
 
 
+def _gemma4_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """timm Gemma 4's ``Gemma4Attention``: separate q / k projections, their RMS norms, the
+    2-D rotary embedding its block passes (``rope_cos``, ``rope_sin``), key heads shared by
+    groups of query heads, and no logit scaling (the norms set the scale)."""
+    from timm.models.gemma4_vit import apply_multidimensional_rope
+
+    _refuse_mask(name, kwargs, args, 3)
+    x = args[0]
+    cos = kwargs.get("rope_cos", args[1] if len(args) > 1 else None)
+    sin = kwargs.get("rope_sin", args[2] if len(args) > 2 else None)
+    batch, tokens, _ = x.shape
+
+    def rotated(proj: nn.Module, norm: nn.Module, heads: int) -> torch.Tensor:
+        projected = norm(proj(x).view(batch, tokens, heads, module.head_dim))
+        return apply_multidimensional_rope(projected, cos, sin, ndim=2, unsqueeze_dim=2)
+
+    q = rotated(module.q_proj, module.q_norm, module.num_heads).transpose(1, 2)
+    k = rotated(module.k_proj, module.k_norm, module.num_kv_heads).transpose(1, 2)
+    return _probabilities(q, k.repeat_interleave(module.num_kv_groups, dim=1), 1.0)
+
+
 def _beit_attention(module: nn.Module, name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     """timm BEiT ``Attention``: q / k biases, its own relative position bias and the one
     its model shares across blocks (``use_shared_rel_pos_bias``), both added to the
@@ -239,6 +260,8 @@ def _reader(module: nn.Module) -> Callable[..., torch.Tensor] | None:
         return {"GPSA": _convit_gpsa, "MHSA": _convit_mhsa}.get(kind.__name__)
     if kind.__name__ == "EvaAttention":
         return _eva_attention
+    if kind.__module__ == "timm.models.gemma4_vit" and kind.__name__ == "Gemma4Attention":
+        return _gemma4_attention
     if kind.__module__ in _TIMM_PLAIN_ATTENTION and kind.__name__ == "AttentionRope":
         return _eva_attention
     if kind.__module__.startswith("transformers.") and all(
@@ -315,9 +338,9 @@ def _refusal(name: str, module: nn.Module) -> str | None:
         return (
             f"{name!r} ({type(module).__module__}.{kind}) is an attention type "
             "AttentionRollout cannot read (supported: timm Attention (ViT, DeiT, DINOv2), "
-            "EvaAttention, AttentionRope (Perception Encoder), BEiT's Attention, ConViT's "
-            "GPSA / MHSA, nn.MultiheadAttention as in open_clip, Hugging Face ViT / DeiT / "
-            "DINOv2 / CLIP self-attention)"
+            "EvaAttention, AttentionRope (Perception Encoder, Qwen3-VL, DeepSeek), Gemma 4's "
+            "Gemma4Attention, BEiT's Attention, ConViT's GPSA / MHSA, nn.MultiheadAttention "
+            "as in open_clip, Hugging Face ViT / DeiT / DINOv2 / CLIP self-attention)"
         )
     return None
 
@@ -336,10 +359,11 @@ class AttentionRollout(Attribution):
     Attention probabilities are computed from each block's own queries and keys (read
     from the attention module's input, with its own projections, norms and rotary
     embedding), so it works under timm's fused attention without touching ``fused_attn``.
-    Supported: timm ViT / DeiT / DINOv2 (registers) / EVA / Perception Encoder and the
-    RoPE ViTs (rotary embedding included) / BEiT (relative position bias included) / ConViT (gated positional attention; the cls token, which joins after the
-    GPSA blocks, passes through them unchanged), open_clip towers, Hugging Face ViT / DeiT /
-    DINOv2 / CLIP. Windowed attention (Swin), pooling attention (attention
+    Supported: timm ViT / DeiT / DINOv2 (registers) / EVA / Perception Encoder, the RoPE
+    ViTs and the Qwen3-VL, DeepSeek and Gemma 4 vision encoders (rotary embedding
+    included) / BEiT (relative position bias included) / ConViT (gated positional
+    attention; the cls token, which joins after the GPSA blocks, passes through them
+    unchanged), open_clip towers, Hugging Face ViT / DeiT / DINOv2 / CLIP. Windowed attention (Swin), pooling attention (attention
     pool, CaiT class attention) and unknown attention types raise a ``ValueError``.
 
     Args:

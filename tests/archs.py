@@ -19,6 +19,20 @@ def timm_model(name: str, **kwargs) -> torch.nn.Module:
 _VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
 
 
+#: A small timm Gemma 4 vision encoder: 8-px patches, a 6x6 grid at 48 px (its attention
+#: pooler wants multiples of 3 patches), one key head for the two query heads.
+GEMMA4 = dict(
+    img_size=48,
+    patch_size=8,
+    depth=2,
+    embed_dim=32,
+    num_heads=2,
+    head_dim=16,
+    num_kv_heads=1,
+    intermediate_size=64,
+)
+
+
 def padded_vit(depth: int = 2) -> torch.nn.Module:
     """A small ViT that pads images to whole 8-px patches (timm ``dynamic_img_pad``)."""
     return timm_model(
@@ -104,6 +118,11 @@ TIMM_ARCHS = {
     "coat_lite": (lambda: timm_model("coat_lite_tiny", img_size=64), (64, 64)),
     "coat": (lambda: timm_model("coat_tiny", img_size=64), (64, 64)),
     "resnet": (lambda: timm_model("resnet18"), (32, 32)),
+    # Qwen3-VL's vision encoder: a convolutional patch embedding, AttentionRope blocks.
+    "qwen3": (lambda: timm_model("qwen3_vit_88m", num_classes=5, **_VIT), (32, 32)),
+    # Gemma 4's: a linear patch embedding that returns its tokens' raster coordinates,
+    # gated MLPs, its own rotary attention with key heads shared by the query heads.
+    "gemma4": (lambda: timm_model("gemma4_vit_167m", num_classes=5, **GEMMA4), (48, 48)),
 }
 
 

@@ -192,7 +192,8 @@ def test_no_hooks_and_state_unchanged_after_success(arch):
     first = next(model.parameters())
     first.requires_grad_(False)
     flags = [p.requires_grad for p in model.parameters()]
-    path = [n for n, _ in model.named_modules() if n.endswith("mlp.fc1") or n == "layer2"][0]
+    hidden = ("mlp.fc1", "mlp.up_proj", "layer2")  # timm ViTs, Gemma 4, ResNet
+    path = [n for n, _ in model.named_modules() if n.endswith(hidden)][0]
     cv.resolve_layout(model, path, images(size))
     capture_layers(model, path, images(size), grad=True)
     assert hooks_left(model) == 0

@@ -252,6 +252,28 @@ def test_patch_feature_mask_follows_padded_border_patches():
     assert torch.equal(mask[0, 0, 40:44, 0], torch.full((4,), 40))
 
 
+@pytest.mark.parametrize("arch", ["gemma4", "naflex"])
+def test_patch_feature_mask_on_a_linear_patch_embedding(arch):
+    """Gemma 4 and NaFlexViT project flattened patches with an nn.Linear: there is no
+    patch convolution, and their patch embedding returns the grid (raster coordinates /
+    its size) beside the tokens. Both were refused as having no patch embedding."""
+    from archs import _VIT, timm_model
+
+    if arch == "gemma4":
+        model, size = build("gemma4")
+    else:
+        model, size = timm_model("naflexvit_base_patch16_gap", **dict(_VIT, depth=1)), (32, 32)
+    x = images(size)
+    mask = cv.patch_feature_mask(model, x)
+    rows, cols = size[0] // 8, size[1] // 8
+    expected = torch.arange(rows * cols).view(rows, cols)
+    expected = expected.repeat_interleave(8, 0).repeat_interleave(8, 1)
+    assert mask.grid == (rows, cols) and mask.patch_size == (8, 8)
+    assert torch.equal(mask[0, 0], expected)
+    assert torch.equal(cv.patch_feature_mask(cv.ImageModel(model), x), mask)
+    assert hooks_left(model) == 0
+
+
 def test_patch_feature_mask_refuses_overlapping_patches():
     model, size = build("pit")
     with pytest.raises(ValueError, match="overlapping"):

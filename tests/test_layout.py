@@ -59,6 +59,9 @@ BLOCK_CASES = {
         ("serial_blocks4.1", 3, ("cls",)),
     ],
     "resnet": [("layer1", 1, ()), ("layer2", 2, ()), ("layer4", 4, ())],
+    "qwen3": [("encoder.blocks.0", 0, ()), ("encoder.blocks.1", 1, ())],
+    # No convolution shows Gemma 4's grid: its patch embedding's coordinates do.
+    "gemma4": [("encoder.blocks.0", 0, ()), ("encoder.blocks.1", 1, ())],
 }
 
 # arch -> list of (hidden layer path, use the layer's input?, prefix count, grid)
@@ -94,6 +97,11 @@ HIDDEN_CASES = {
     "coat_lite": [
         ("serial_blocks1.0.mlp.fc1", False, 1, (16, 16)),
         ("serial_blocks3.1.mlp.fc1", False, 1, (4, 4)),
+    ],
+    # Gemma 4's gated MLP: the hidden layer act(gate) * up is the input of down_proj.
+    "gemma4": [
+        ("encoder.blocks.1.mlp.down_proj", True, 0, (6, 6)),
+        ("encoder.blocks.0.mlp.act", False, 0, (6, 6)),
     ],
     "coat": [("serial_blocks2.0.mlp.fc1", False, 1, (8, 8))],
 }
@@ -403,3 +411,51 @@ def test_describe_a_sequence_first_open_clip_layer():
     out = hooked(tower, "transformer.resblocks.1", x)
     assert _described_shape(text, 3) == tuple(out.shape) == (17, 3, 32)
     assert "sequence first (NBC)" in text and "1 prefix: cls at 0; then 4x4 patches" in text
+
+
+class _CoordinatePatches(torch.nn.Module):
+    """A linear embedding of 8-px patches that returns its tokens in ``order`` with their
+    ``(row, col)`` coordinates, as timm's Gemma 4 patch embedding does."""
+
+    def __init__(self, order):
+        super().__init__()
+        self.proj = torch.nn.Linear(3 * 8 * 8, 16)
+        self.order = order
+
+    def forward(self, x):
+        batch, _, height, width = x.shape
+        patches = x.unfold(2, 8, 8).unfold(3, 8, 8)  # (B, 3, h, w, 8, 8)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(batch, -1, 3 * 8 * 8)
+        rows, cols = torch.meshgrid(
+            torch.arange(height // 8), torch.arange(width // 8), indexing="ij"
+        )
+        coords = torch.stack([rows.flatten(), cols.flatten()], -1).expand(batch, -1, -1)
+        return self.proj(patches)[:, self.order], coords[:, self.order]
+
+
+class _CoordinateModel(torch.nn.Module):
+    def __init__(self, order):
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch_embed = _CoordinatePatches(order)
+        self.block = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        tokens, _ = self.patch_embed(x)
+        return self.block(tokens)
+
+
+def test_raster_coordinates_witness_the_grid_and_shuffled_ones_do_not():
+    """Planted: tokens in raster order with their coordinates resolve to the 3x4 grid
+    (equal to the hand reshape); the same tokens shuffled, coordinates and all, must not
+    be read as a grid."""
+    x = images((24, 32))
+    raster = _CoordinateModel(torch.arange(12))
+    layout = cv.resolve_layout(raster, "block", x)
+    assert layout.grid == (3, 4) and layout.num_prefix_tokens == 0
+    out = hooked(raster, "block", x)
+    spatial, _ = layout.split(out)
+    torch.testing.assert_close(spatial, out.transpose(1, 2).reshape(2, 16, 3, 4))
+    shuffled = _CoordinateModel(torch.randperm(12, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="fits no patch grid"):
+        cv.resolve_layout(shuffled, "block", x)

@@ -84,6 +84,8 @@ CASES = {
     "dinov2_reg": (5, (4, 4), "cls"),
     "vit_avg": (0, (4, 4), "mean"),
     "eva02": (1, (4, 4), "cls"),
+    "qwen3": (0, (4, 4), "mean"),  # AttentionRope
+    "gemma4": (0, (6, 6), "mean"),  # its own 2-D rotary attention, one key head
 }
 
 
