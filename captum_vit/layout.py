@@ -369,10 +369,16 @@ class _Witnesses:
         self._counts_so_far: set[int] = set()
         self.calls = 0
         self._chains = _ancestor_chains(model)
+        self._unrolled_at: int | None = None
 
     def before(self, mark: int) -> list[tuple[str, tuple[int, int]]]:
         """Grids seen in the first ``mark`` module calls, as (module name, grid)."""
         return [(name, grid) for index, name, grid in self.grids if index <= mark]
+
+    def unrolled_before(self, mark: int) -> bool:
+        """Whether timm's Hiera ``Unroll`` reordered the tokens in the first ``mark``
+        module calls."""
+        return self._unrolled_at is not None and self._unrolled_at <= mark
 
     def token_counts_before(self, mark: int) -> set[int]:
         """Token counts of the token tensors seen in the first ``mark`` module calls."""
@@ -380,6 +386,8 @@ class _Witnesses:
 
     def __call__(self, name: str, module: nn.Module, output: Any) -> None:
         self.calls += 1
+        if self._unrolled_at is None and _is_hiera_unroll(module):
+            self._unrolled_at = self.calls
         items = output if isinstance(output, (tuple, list)) else (output,)
         for item in items:
             if isinstance(item, torch.Tensor) and item.dim() == 3:
@@ -405,6 +413,27 @@ def _attention_size(shape: torch.Size, kind: str, token_counts: set[int]) -> int
     "grid" is tokens by tokens, not the image."""
     h, w = (shape[2], shape[3]) if kind == "BCHW" else (shape[1], shape[2])
     return h if h == w and h in token_counts else None
+
+
+def _is_hiera_unroll(module: nn.Module) -> bool:
+    kind = type(module)
+    return kind.__module__ == "timm.models.hiera" and kind.__name__ == "Unroll"
+
+
+def _hiera_unrolled(chain: Sequence[nn.Module], unrolled: bool) -> bool:
+    """Whether a token layer holds Hiera's tokens in their unrolled order: after timm's
+    ``Unroll`` ran, or inside Hugging Face's ``HieraEncoder`` (its unroll is a function
+    called before the encoder)."""
+    return unrolled or any(
+        type(module).__name__ == "HieraEncoder"
+        and type(module).__module__.startswith("transformers.")
+        for module in chain
+    )
+
+
+def _is_feature_map(value: Any) -> bool:
+    """A 4-D tensor (a convolution's map), not a token sequence."""
+    return isinstance(value, torch.Tensor) and value.dim() == 4
 
 
 def _raster_coordinate_grid(item: torch.Tensor, batch: int) -> tuple[int, int] | None:
@@ -624,7 +653,18 @@ def resolve_layouts(
     ):
         values = tap.run(inputs, *additional_forward_args)
         seen = [witnesses.before(marks[call]) for marks in tap.marks]
+        unrolled = [witnesses.unrolled_before(marks[call]) for marks in tap.marks]
         counts = [witnesses.token_counts_before(marks[call]) for marks in tap.marks]
+    for (name, module), path, value, flag in zip(found, shown, values, unrolled, strict=True):
+        flag = flag or (_is_hiera_unroll(module) and not attribute_to_layer_input)
+        if _hiera_unrolled(chains[name], flag) and not _is_feature_map(value):
+            raise ValueError(
+                f"{_layer_words(path)} holds Hiera's tokens in their unrolled order (the "
+                "tokens of each query-pooling window stored apart, for its mask units), not "
+                "in raster order of the image grid: no patch map can be read from them. Use "
+                "the patch embedding, or the stage outputs timm's forward_intermediates / "
+                "Hugging Face's reshaped_hidden_states put back on the grid"
+            )
     return [
         _layout_from_value(
             value,
@@ -792,7 +832,17 @@ def _layout_of_tensor(
             return TokenLayout(
                 kind, (h, w), prefix, _prefix_names(vision, prefix), x.shape[2], **common
             )
-    described = ", ".join(f"{h}x{w} ({src or 'model'})" for src, (h, w) in seen[-6:]) or "none"
+    if not seen:
+        raise ValueError(
+            f"{_layer_words(name)} outputs {tokens} token(s) per image {tuple(x.shape)}, which "
+            "fits no patch grid: none was seen before it in this forward pass. The grid is "
+            "read from what the patch embedding shows: a convolution's (B, C, h, w) output, "
+            "a (tokens, (h, w)) tuple, or the tokens' raster coordinates. Either the layer "
+            "comes before the patch embedding or holds no patch tokens, or the model embeds "
+            "its patches in a way none of these shows (TNT's pixel embedding, for one), "
+            "which the package does not read" + _masking_hint(vision)
+        )
+    described = ", ".join(f"{h}x{w} ({src or 'model'})" for src, (h, w) in seen[-6:])
     raise ValueError(
         f"{_layer_words(name)} outputs {tokens} token(s) per image {tuple(x.shape)}, which fits no "
         f"patch grid seen before it in this forward pass (last grids seen: {described}; "

@@ -12,6 +12,7 @@ import torch
 from archs import (
     TIMM_ARCHS,
     hooked,
+    hooks_left,
     images,
     open_clip_model,
     open_clip_timm_trunk,
@@ -459,3 +460,68 @@ def test_raster_coordinates_witness_the_grid_and_shuffled_ones_do_not():
     shuffled = _CoordinateModel(torch.randperm(12, generator=torch.Generator().manual_seed(1)))
     with pytest.raises(ValueError, match="fits no patch grid"):
         cv.resolve_layout(shuffled, "block", x)
+
+
+def test_hiera_unrolled_tokens_are_refused_not_scrambled(tmp_path):
+    """Hiera (timm and Hugging Face) reorders its tokens into mask units before its
+    blocks. Stage 0 keeps the patch count, so its layers resolved to the patch grid and
+    their maps were silently scrambled (on timm's hiera_tiny_224 they differed from
+    forward_intermediates by up to 2.2); later stages were refused for the wrong reason."""
+    from archs import timm_model
+
+    model = timm_model("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1,) * 4)
+    x = images((64, 64))
+    raw = hooked(model, "blocks.0", x)
+    with torch.no_grad():
+        (stage0,) = model.forward_intermediates(x, indices=[0], intermediates_only=True)
+    raster = raw.transpose(1, 2).reshape(2, -1, 16, 16)
+    assert raster.shape == stage0.shape and not torch.allclose(raster, stage0, atol=1e-2)
+    for layer in ("blocks.0", "blocks.0.mlp.act", "blocks.1", "unroll"):
+        with pytest.raises(ValueError, match="Hiera's tokens in their unrolled order"):
+            cv.resolve_layout(model, layer, x)
+    with pytest.raises(ValueError, match="unrolled order"):
+        cv.PatchActivationMap(model, "blocks.0").attribute(torch.rand(2, 3, 64, 64))
+    # before the unroll the tokens are in raster order: the patch embedding's hand reshape
+    layout = cv.resolve_layout(model, "patch_embed", x)
+    embedded = hooked(model, "patch_embed", x)
+    torch.testing.assert_close(
+        layout.split(embedded)[0], embedded.transpose(1, 2).reshape(2, 16, 16, 16)
+    )
+    assert hooks_left(model) == 0
+    # the atlas's default layers are all unrolled: its refusal says why
+    with pytest.raises(ValueError, match="none of the default layers.*unrolled order"):
+        cv.build_atlas(model, torch.rand(4, 3, 64, 64), out=tmp_path / "atlas", steps=1)
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.HieraConfig(
+        embed_dim=16,
+        image_size=[64, 64],
+        patch_size=[7, 7],
+        patch_stride=[4, 4],
+        patch_padding=[3, 3],
+        depths=[1, 1, 1, 1],
+        num_heads=[1, 2, 2, 2],
+        mlp_ratio=2.0,
+    )
+    hf = transformers.HieraModel(config).eval()
+    with torch.no_grad():
+        out = hf(x, output_hidden_states=True)
+    first = hooked(hf, "encoder.stages.0.layers.0", x)
+    first = first[0] if isinstance(first, tuple) else first
+    reshaped = out.reshaped_hidden_states[1].permute(0, 3, 1, 2)
+    assert not torch.allclose(first.transpose(1, 2).reshape(2, 16, 16, 16), reshaped, atol=1e-2)
+    with pytest.raises(ValueError, match="Hiera's tokens in their unrolled order"):
+        cv.resolve_layout(hf, "encoder.stages.0.layers.0.mlp.activation_fn", x)
+    assert cv.resolve_layout(hf, "embeddings", x).grid == (16, 16)
+
+
+def test_a_model_that_shows_no_grid_is_not_called_non_spatial():
+    """TNT's outer tokens are on the patch grid, but its pixel embedding shows the grid to
+    nothing the package reads (its convolution runs on B * patches crops). The refusal
+    called the layer "not spatial: pooled, class-attention or query tokens"; it now says
+    that no grid was seen and why."""
+    from archs import timm_model
+
+    model = timm_model("tnt_s_patch16_224", img_size=32, depth=1)
+    with pytest.raises(ValueError, match="fits no patch grid: none was seen before it.*TNT"):
+        cv.resolve_layout(model, "blocks.0", images((32, 32)))

@@ -124,7 +124,7 @@ def _check_layers(
     vision = unwrap_vision(model)
     check_images(image, size=fixed_input_size(vision))  # before the model's own assert
     probe = ImageModel(model).normalize(image.to(model_device(vision)))
-    found, left_out = {}, []
+    found, left_out, first_reason = {}, [], ""
     for layer in layers:
         name, _ = find_module(vision, layer)
         shown = user_layer_path(model, name)  # the path the user passes for it
@@ -133,13 +133,15 @@ def _check_layers(
         except ValueError as error:
             if defaults:
                 left_out.append(shown)
+                first_reason = first_reason or str(error)
                 continue
             raise ValueError(f"layer {shown} cannot be shown in an atlas: {error}") from error
         found[shown] = {"grid": list(layout.grid), "channels": layout.num_channels}
     if not found:
         raise ValueError(
             f"none of the default layers of {type(vision).__name__} has a patch grid "
-            f"({', '.join(left_out)}); name spatial layers to show (--layers)"
+            f"({', '.join(left_out)}); name spatial layers to show (--layers). The first "
+            f"one's reason: {first_reason}"
         )
     return found, left_out
 
