@@ -431,6 +431,15 @@ def _hiera_unrolled(chain: Sequence[nn.Module], unrolled: bool) -> bool:
     )
 
 
+def _trailing_token_count(vision: nn.Module) -> int:
+    """How many tokens the model appends after its patch tokens: Hugging Face YOLOS's
+    ``detection_tokens`` parameter ``(1, n, C)``; 0 for every other model."""
+    for name, param in vision.named_parameters():
+        if name.rpartition(".")[2] == "detection_tokens" and param.dim() == 3:
+            return int(param.shape[1])
+    return 0
+
+
 def _is_feature_map(value: Any) -> bool:
     """A 4-D tensor (a convolution's map), not a token sequence."""
     return isinstance(value, torch.Tensor) and value.dim() == 4
@@ -655,7 +664,16 @@ def resolve_layouts(
         seen = [witnesses.before(marks[call]) for marks in tap.marks]
         unrolled = [witnesses.unrolled_before(marks[call]) for marks in tap.marks]
         counts = [witnesses.token_counts_before(marks[call]) for marks in tap.marks]
+    trailing = _trailing_token_count(vision)
     for (name, module), path, value, flag in zip(found, shown, values, unrolled, strict=True):
+        if trailing and not _is_feature_map(value):
+            raise ValueError(
+                f"{_layer_words(path)} is a token layer of a model that appends {trailing} "
+                "detection tokens after its patch tokens (YOLOS): the package reads layouts "
+                "whose extra tokens (cls, distillation, registers) come before the patches, so "
+                "it cannot tell this layer's patches apart. Use the patch embedding's "
+                "convolution, or a ViT backbone without detection tokens"
+            )
         flag = flag or (_is_hiera_unroll(module) and not attribute_to_layer_input)
         if _hiera_unrolled(chains[name], flag) and not _is_feature_map(value):
             raise ValueError(

@@ -435,3 +435,23 @@ def test_a_non_square_position_grid_takes_its_own_size_only():
         pam.attribute(torch.rand(2, 3, 36, 44), target=0)
     with pytest.raises(ValueError, match="takes 32x48 images only"):
         cv.AttentionRollout(model).attribute(torch.rand(1, 3, 40, 40))
+
+
+def test_yolos_detection_tokens_after_the_patches_are_refused():
+    """YOLOS appends its detection tokens after the patch tokens. With up to 31 of them
+    the token count fitted "cls + detection tokens as prefix", and the maps were silently
+    read from the wrong tokens (cls and the detection tokens taken as prefix, the first
+    patches dropped); with YOLOS's usual 100 the refusal gave no reason."""
+    config = transformers.YolosConfig(**SMALL, image_size=[32, 32], num_detection_tokens=5)
+    model = transformers.YolosModel(config).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        hidden = model(cv.ImageModel(model).normalize(x), output_hidden_states=True)
+    patches = hidden.hidden_states[1][:, 1:17]  # cls, 16 patches, 5 detection tokens
+    assert hidden.hidden_states[1].shape[1] == 1 + 16 + 5
+    assert not torch.allclose(patches, hidden.hidden_states[1][:, 6:], atol=1e-3)
+    before = hooks_left(model)  # transformers keeps its own hidden-state hooks
+    for layer in ("encoder.layer.0", "encoder.layer.1.intermediate"):
+        with pytest.raises(ValueError, match="appends 5 detection tokens after its patch"):
+            cv.PatchActivationMap(model, layer).attribute(x)
+    assert hooks_left(model) == before
