@@ -30,7 +30,7 @@ from ._memory import keep_freed_memory
 from .capture import capture_layers
 from .layout import TokenLayout, resolve_layout, resolve_layouts
 from .locality.probe import find_blocks
-from .models import ImageModel
+from .models import ImageModel, unwrap_vision, user_layer_path
 
 _LAYOUT_MODELS = [
     ("vit_tiny_patch16_224", "blocks.1.mlp.fc1", {}),
@@ -145,8 +145,16 @@ def _layout_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
             clip = open_clip.create_model(args.model, pretrained=None, **size)
         note = "its image tower (on the full model in code, a layer takes the prefix visual.)"
         return clip.visual.eval(), note
-    kwargs = {"img_size": args.img_size} if args.img_size else {}
-    return create_timm(args.model, args.pretrained, **kwargs).eval(), "the model"
+    if not args.img_size:
+        return create_timm(args.model, args.pretrained).eval(), "the model"
+    try:  # built for the size: a ViT's position embedding and grid follow it
+        model = create_timm(args.model, args.pretrained, img_size=args.img_size)
+    except TypeError as error:  # a CNN takes any size and no img_size
+        if "img_size" not in str(error):
+            raise
+        model = create_timm(args.model, args.pretrained)
+    # the size is the wrapper's too, where the model does not record it (CNNs, Gemma 4)
+    return ImageModel(model.eval(), image_size=args.img_size), "the model"
 
 
 def layout_command(args: argparse.Namespace) -> int:
@@ -157,7 +165,8 @@ def layout_command(args: argparse.Namespace) -> int:
         print(f"{args.model}: one layer of {note}, at {height}x{width}\n")
         print(layout.describe())
         return 0
-    blocks = find_blocks(model)
+    # the paths the user names: not those of an ImageModel wrapping the model (--img-size)
+    blocks = [user_layer_path(model, block) for block in find_blocks(unwrap_vision(model))]
     if not blocks:
         raise ValueError(
             f"found no blocks in {args.model}: name a layer (captum-vit layout MODEL LAYER)"
@@ -383,9 +392,10 @@ def main(argv: list[str] | None = None) -> int:
     layout.add_argument(
         "--img-size",
         "--image-size",
-        type=int,
+        type=_image_size,
         default=None,
-        help="input size (default: the model's own; needed for a model that records none)",
+        help="input size, N or HxW (default: the model's own; needed for a model that "
+        "records none)",
     )
     layout.add_argument(
         "--pretrained",

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from safetensors.torch import save_file
 
@@ -241,6 +242,25 @@ def test_cli_layout_of_a_module_function_model(capsys):
     assert main(["layout", "test_atlas_cli:torchvision_cnn", "layer3", "--image-size", "96"]) == 0
     shape = tuple(cv.capture_layers(torchvision_cnn(), "layer3", torch.rand(1, 3, 96, 96)).shape)
     assert f"(B, {shape[1]}, {shape[2]}, {shape[3]})" in capsys.readouterr().out
+
+
+def test_cli_layout_at_a_size_a_timm_cnn_takes_and_names_its_blocks_as_the_user_does(capsys):
+    """--img-size reached timm's CNN constructors as img_size (ResNet: TypeError); with a
+    size the block table named the blocks by the size wrapper's paths ('model.layer1.0');
+    HxW was refused by the layout command though the atlas's --image-size takes it."""
+    assert main(["layout", "resnet18", "--img-size", "40x48"]) == 0
+    out = capsys.readouterr().out
+    assert "at 40x48" in out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    shape = tuple(
+        cv.capture_layers(timm.create_model("resnet18"), "layer3.1", torch.rand(1, 3, 40, 48)).shape
+    )
+    assert ["layer3.1", "BCHW", f"{shape[2]}x{shape[3]}", str(shape[1]), "-"] in [
+        row[1:] for row in rows
+    ]
+    assert main(["layout", "test_atlas_cli:torchvision_cnn", "--image-size", "96"]) == 0
+    names = [line.split()[1] for line in capsys.readouterr().out.splitlines() if line[:1].isdigit()]
+    assert names[0] == "layer1.0" and not any(name.startswith("model.") for name in names)
 
 
 def test_an_image_size_a_fixed_size_model_refuses_is_an_error_not_a_traceback(tmp_path, capsys):
