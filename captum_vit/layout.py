@@ -440,6 +440,31 @@ def _trailing_token_count(vision: nn.Module) -> int:
     return 0
 
 
+def _refuse_unread_token_order(
+    path: str, chain: Sequence[nn.Module], vision: nn.Module, *, unrolled: bool
+) -> None:
+    """Refuse a token layer whose tokens are not prefix tokens then patches in raster
+    order, though their count may fit the patch grid: YOLOS's trailing detection tokens,
+    Hiera's unrolled mask units."""
+    trailing = _trailing_token_count(vision)
+    if trailing:
+        raise ValueError(
+            f"{_layer_words(path)} is a token layer of a model that appends {trailing} "
+            "detection tokens after its patch tokens (YOLOS): the package reads layouts "
+            "whose extra tokens (cls, distillation, registers) come before the patches, so "
+            "it cannot tell this layer's patches apart. Use the patch embedding's "
+            "convolution, or a ViT backbone without detection tokens"
+        )
+    if _hiera_unrolled(chain, unrolled):
+        raise ValueError(
+            f"{_layer_words(path)} holds Hiera's tokens in their unrolled order (the "
+            "tokens of each query-pooling window stored apart, for its mask units), not "
+            "in raster order of the image grid: no patch map can be read from them. Use "
+            "the patch embedding, or the stage outputs timm's forward_intermediates / "
+            "Hugging Face's reshaped_hidden_states put back on the grid"
+        )
+
+
 def _is_feature_map(value: Any) -> bool:
     """A 4-D tensor (a convolution's map), not a token sequence."""
     return isinstance(value, torch.Tensor) and value.dim() == 4
@@ -664,24 +689,13 @@ def resolve_layouts(
         seen = [witnesses.before(marks[call]) for marks in tap.marks]
         unrolled = [witnesses.unrolled_before(marks[call]) for marks in tap.marks]
         counts = [witnesses.token_counts_before(marks[call]) for marks in tap.marks]
-    trailing = _trailing_token_count(vision)
     for (name, module), path, value, flag in zip(found, shown, values, unrolled, strict=True):
-        if trailing and not _is_feature_map(value):
-            raise ValueError(
-                f"{_layer_words(path)} is a token layer of a model that appends {trailing} "
-                "detection tokens after its patch tokens (YOLOS): the package reads layouts "
-                "whose extra tokens (cls, distillation, registers) come before the patches, so "
-                "it cannot tell this layer's patches apart. Use the patch embedding's "
-                "convolution, or a ViT backbone without detection tokens"
-            )
-        flag = flag or (_is_hiera_unroll(module) and not attribute_to_layer_input)
-        if _hiera_unrolled(chains[name], flag) and not _is_feature_map(value):
-            raise ValueError(
-                f"{_layer_words(path)} holds Hiera's tokens in their unrolled order (the "
-                "tokens of each query-pooling window stored apart, for its mask units), not "
-                "in raster order of the image grid: no patch map can be read from them. Use "
-                "the patch embedding, or the stage outputs timm's forward_intermediates / "
-                "Hugging Face's reshaped_hidden_states put back on the grid"
+        if not _is_feature_map(value):
+            _refuse_unread_token_order(
+                path,
+                chains[name],
+                vision,
+                unrolled=flag or (_is_hiera_unroll(module) and not attribute_to_layer_input),
             )
     return [
         _layout_from_value(
