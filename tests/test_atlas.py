@@ -352,3 +352,18 @@ def test_default_layers_without_a_patch_grid_are_left_out_not_fatal(
     # A layer the user names is still an error: they asked for it.
     with pytest.raises(ValueError, match=f"layer {left_out} cannot be shown in an atlas"):
         build_atlas(model, images, tmp_path / "other", layers=[left_out], show_progress=False)
+
+
+def test_feature_visualizations_are_made_at_the_atlas_images_size(tmp_path):
+    """A model that takes any size was visualized at its recorded size (here 32x32; for
+    timm's Gemma 4 its pretrained 768x768, which exhausted the memory) beside top images
+    of another size; the pictures are now made at the images' size."""
+    from archs import TIMM_ARCHS
+
+    model = TIMM_ARCHS["vit_dynamic"][0]()  # records 32x32, takes any multiple of 8
+    images = torch.rand(3, 3, 48, 40, generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "atlas"
+    build_atlas(model, images, out, layers=["blocks.1.mlp.act"], units=1, k=1, steps=1)
+    (picture,) = out.glob("layers/blocks.1.mlp.act/unit_*/visualization.png")
+    (top,) = out.glob("layers/blocks.1.mlp.act/unit_*/top0.png")
+    assert Image.open(picture).size == Image.open(top).size == (40, 48)

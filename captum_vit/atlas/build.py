@@ -15,6 +15,7 @@ Order of work, each step skipped where its files exist (resume / incremental):
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections.abc import Sequence
@@ -207,7 +208,7 @@ def _chunk_seconds(model, name: str, layer_info, fv: FVSettings, fv_batch: int, 
     times = []
     for trial_steps in (1, 3):
         start = time.perf_counter()
-        visualize_units(model, name, chunk, FVSettings(fv.preset, trial_steps, fv.seed))
+        visualize_units(model, name, chunk, dataclasses.replace(fv, steps=trial_steps))
         times.append(time.perf_counter() - start)
     per_step = max((times[1] - times[0]) / 2, 0.1 * times[0])
     return times[0] + per_step * (steps - 1)
@@ -348,7 +349,13 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
             warnings.warn(note, stacklevel=3)
     _check_units(options["units"], layer_info)
     device = model_device(model)
-    fv = FVSettings(options["preset"] or default_preset(device), options["steps"], options["seed"])
+    # at the images' size: a model that takes any size would otherwise use its recorded
+    # (pretrained) one, so its pictures would not match its top images (timm's Gemma 4:
+    # 768 px pictures beside 48 px images, at a cost that exhausted the memory)
+    size = tuple(images.batch([0])["image"].shape[-2:])
+    fv = FVSettings(
+        options["preset"] or default_preset(device), options["steps"], options["seed"], size
+    )
     get_preset(fv.preset)  # an unknown preset fails here, before anything is written
     settings = {
         "model": loaded.fingerprint if loaded else weights_fingerprint(model),

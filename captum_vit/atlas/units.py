@@ -29,7 +29,7 @@ class FVSettings:
     preset: str
     steps: int | None
     seed: int
-    image_size: int | None = None
+    image_size: tuple[int, int] | None = None  # default: the model's own
 
 
 def select_units(scan: LayerScan, units: str | int | Sequence[int]) -> list[int]:
