@@ -394,17 +394,15 @@ class _Witnesses:
                 counts = [item.shape[1 - axis] for axis in (0, 1) if item.shape[axis] == self.batch]
                 self.sequences += [(self.calls, count) for count in counts]
                 self._counts_so_far.update(counts)
-                grid = _raster_coordinate_grid(item, self.batch)
-                if grid is not None:
-                    self.grids.append((self.calls, name, grid))
             elif isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
                 kind = _orient_4d(item.shape, self.image_size, self._chains[name])
                 counts = self._counts_so_far
                 if kind is not None and _attention_size(item.shape, kind, counts) is None:
                     grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
                     self.grids.append((self.calls, name, grid))
-            elif _is_size_pair(item):
-                self.grids.append((self.calls, name, (int(item[0]), int(item[1]))))
+            stated = _stated_grid(item, self.batch)
+            if stated is not None:
+                self.grids.append((self.calls, name, stated))
 
 
 def _attention_size(shape: torch.Size, kind: str, token_counts: set[int]) -> int | None:
@@ -495,20 +493,22 @@ def _raster_coordinate_grid(item: torch.Tensor, batch: int) -> tuple[int, int] |
     return None
 
 
+def _stated_grid(item: Any, batch: int) -> tuple[int, int] | None:
+    """The grid one element of a module output states outright: an ``(h, w)`` size pair
+    (Twins, timm NaFlexViT) or raster patch coordinates (timm Gemma 4); else ``None``."""
+    if _is_size_pair(item):
+        return int(item[0]), int(item[1])
+    if isinstance(item, torch.Tensor) and item.dim() == 3:
+        return _raster_coordinate_grid(item, batch)
+    return None
+
+
 def _own_grids(value: Sequence[Any], name: str, batch: int) -> list[tuple[str, tuple[int, int]]]:
-    """Grids witnessed by a tuple output's own other elements: a patch embedding that
-    returns its tokens with their grid size (timm NaFlexViT) or their raster
-    coordinates (timm Gemma 4). A layer's own output is not among the grids seen before
+    """Grids stated by a tuple output's own elements (a patch embedding that returns its
+    tokens with their grid): a layer's own output is not among the grids seen before
     it."""
-    found = []
-    for item in value:
-        if _is_size_pair(item):
-            found.append((name, (int(item[0]), int(item[1]))))
-        elif isinstance(item, torch.Tensor) and item.dim() == 3:
-            grid = _raster_coordinate_grid(item, batch)
-            if grid is not None:
-                found.append((name, grid))
-    return found
+    grids = (_stated_grid(item, batch) for item in value)
+    return [(name, grid) for grid in grids if grid is not None]
 
 
 def _is_size_pair(item: Any) -> bool:

@@ -336,8 +336,9 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
     progress = resolve_progress(options["show_progress"]) and shard.is_main
     images = open_images(model, images, scenes=options["scenes"])
     named = options["layers"]
+    first = images.batch([0])["image"]
     layer_info, left_out = _check_layers(
-        model, named or default_layers(model), images.batch([0])["image"], defaults=not named
+        model, named or default_layers(model), first, defaults=not named
     )
     if left_out:
         note = (
@@ -352,7 +353,7 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
     # at the images' size: a model that takes any size would otherwise use its recorded
     # (pretrained) one, so its pictures would not match its top images (timm's Gemma 4:
     # 768 px pictures beside 48 px images, at a cost that exhausted the memory)
-    size = tuple(images.batch([0])["image"].shape[-2:])
+    size = tuple(first.shape[-2:])
     fv = FVSettings(
         options["preset"] or default_preset(device), options["steps"], options["seed"], size
     )
