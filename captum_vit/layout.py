@@ -22,7 +22,7 @@ spatial (pooled features, class-attention or query tokens, windowed attention), 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -697,6 +697,19 @@ def resolve_layouts(
                 vision,
                 unrolled=flag or (_is_hiera_unroll(module) and not attribute_to_layer_input),
             )
+    resized = _values_at_another_size(
+        model,
+        [
+            module
+            if _needs_second_size(value, batch, image_size, chains[name], layer_seen)
+            else None
+            for (name, module), value, layer_seen in zip(found, values, seen, strict=True)
+        ],
+        inputs,
+        additional_forward_args,
+        attribute_to_layer_input=attribute_to_layer_input,
+        call=call,
+    )
     return [
         _layout_from_value(
             value,
@@ -710,11 +723,90 @@ def resolve_layouts(
             element=element,
             call=call,
             attribute_to_layer_input=attribute_to_layer_input,
+            resized=other_size,
         )
-        for (name, _), path, value, layer_seen, layer_counts in zip(
-            found, shown, values, seen, counts, strict=True
+        for (name, _), path, value, layer_seen, layer_counts, other_size in zip(
+            found, shown, values, seen, counts, resized, strict=True
         )
     ]
+
+
+#: How much larger (in pixels, each side) the second forward that tells a ``(B, n, n, n)``
+#: map's channel axis from its grid axes is: a multiple of every usual total stride, so
+#: the grid grows and the channels stay.
+_PROBE_GROWTH = 32
+
+
+def _needs_second_size(
+    value: Any,
+    batch: int,
+    image_size: tuple[int, int],
+    chain: Sequence[nn.Module],
+    seen: list[tuple[str, tuple[int, int]]],
+) -> bool:
+    """Whether ``value`` is, or holds, a ``(B, n, n, n)`` tensor, as many channels as grid
+    rows and columns (ConvNeXt's first stage at 384 px: 96 channels on a 96x96 grid), that
+    nothing else orients: its shape cannot say which axis holds the channels."""
+    items = value if isinstance(value, (tuple, list)) else (value,)
+    grids = [grid for _, grid in seen]
+    return any(
+        isinstance(item, torch.Tensor)
+        and item.dim() == 4
+        and item.shape[0] == batch
+        and item.shape[1] == item.shape[2] == item.shape[3]
+        and _orient_4d(item.shape, image_size, chain, grids) is None
+        for item in items
+    )
+
+
+def _values_at_another_size(
+    model: nn.Module,
+    modules: Sequence[nn.Module | None],
+    inputs: torch.Tensor,
+    additional_forward_args: tuple,
+    *,
+    attribute_to_layer_input: bool,
+    call: int,
+) -> list[Any]:
+    """What each of ``modules`` (``None``: not needed) produces for ``inputs`` resized
+    :data:`_PROBE_GROWTH` pixels larger: the channel axis is the 4-D axis whose length
+    does not follow the image size. ``None`` for a layer where that forward fails (a
+    model that takes one input size only)."""
+    needed = [module for module in modules if module is not None]
+    if not needed:
+        return [None] * len(modules)
+    size = (inputs.shape[-2] + _PROBE_GROWTH, inputs.shape[-1] + _PROBE_GROWTH)
+    try:
+        with (
+            preserved_state(model),
+            torch.no_grad(),
+            LayerTap(
+                model, needed, attribute_to_layer_input=attribute_to_layer_input, call=call
+            ) as tap,
+        ):
+            larger = F.interpolate(inputs, size=size, mode="bilinear", align_corners=False)
+            values = iter(tap.run(larger, *additional_forward_args))
+    except Exception:  # noqa: BLE001 - any failure means only "no evidence from this size"
+        return [None] * len(modules)
+    return [None if module is None else next(values) for module in modules]
+
+
+def _orient_by_size(x: torch.Tensor, resized: Any, index: int | None) -> str | None:
+    """``"BCHW"`` / ``"BHWC"`` for a ``(B, n, n, n)`` tensor from the same layer's output
+    at a larger input (``index``: its position in a tuple output): the axis that kept its
+    length holds the channels."""
+    if index is not None:
+        resized = (
+            resized[index] if isinstance(resized, (tuple, list)) and index < len(resized) else None
+        )
+    if not isinstance(resized, torch.Tensor) or resized.dim() != 4:
+        return None
+    kept = [axis for axis in (1, 2, 3) if resized.shape[axis] == x.shape[axis]]
+    if kept == [1]:
+        return "BCHW"
+    if kept == [3]:
+        return "BHWC"
+    return None
 
 
 def _layer_words(name: str) -> str:
@@ -746,7 +838,10 @@ def _layout_from_value(
     element: int | None,
     call: int,
     attribute_to_layer_input: bool,
+    resized: Any = None,
 ) -> TokenLayout:
+    """``resized``: the same layer's output at a larger input, where a ``(B, n, n, n)``
+    tensor needs it (see :func:`_values_at_another_size`)."""
     common = dict(layer=name, call=call, attribute_to_layer_input=attribute_to_layer_input)
     if isinstance(value, (tuple, list)):
         positions = [element] if element is not None else range(len(value))
@@ -766,6 +861,7 @@ def _layout_from_value(
                     batch,
                     image_size,
                     token_counts=token_counts,
+                    orient=lambda x, i=index: _orient_by_size(x, resized, i),
                     **common,
                 )
             except ValueError as error:
@@ -779,7 +875,16 @@ def _layout_from_value(
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{_layer_words(name)} returns {type(value).__name__}, not a tensor")
     return _layout_of_tensor(
-        value, name, chain, vision, seen, batch, image_size, token_counts=token_counts, **common
+        value,
+        name,
+        chain,
+        vision,
+        seen,
+        batch,
+        image_size,
+        token_counts=token_counts,
+        orient=lambda x: _orient_by_size(x, resized, None),
+        **common,
     )
 
 
@@ -817,8 +922,11 @@ def _layout_of_tensor(
     batch: int,
     image_size: tuple[int, int],
     token_counts: set[int] = frozenset(),
+    orient: Callable[[torch.Tensor], str | None] = lambda x: None,
     **common: Any,
 ) -> TokenLayout:
+    """``orient``: the orientation of a 4-D tensor its shape leaves open, from other
+    evidence (or ``None``)."""
     grids = [grid for _, grid in seen]
     if x.dim() == 4:
         if x.shape[0] != batch:
@@ -826,7 +934,7 @@ def _layout_of_tensor(
                 f"{_layer_words(name)} outputs {tuple(x.shape)}: its first axis is not the batch "
                 f"({batch}); it is not a per-image feature map"
             )
-        kind = _orient_4d(x.shape, image_size, chain, grids)
+        kind = _orient_4d(x.shape, image_size, chain, grids) or orient(x)
         tokens = None if kind is None else _attention_size(x.shape, kind, token_counts)
         if tokens is not None:
             raise ValueError(
@@ -839,7 +947,7 @@ def _layout_of_tensor(
                 f"{_layer_words(name)} outputs a 4-D tensor {tuple(x.shape)} whose channel axis "
                 f"cannot be told apart from its grid axes for a {image_size[0]}x"
                 f"{image_size[1]} input (neither or both of (B, C, h, w) and (B, h, w, C) "
-                "fit); it is not a feature map of this image"
+                "fit)" + _cube_hint(x, image_size)
             )
         grid = tuple(x.shape[2:4]) if kind == "BCHW" else tuple(x.shape[1:3])
         channels = x.shape[1] if kind == "BCHW" else x.shape[3]
@@ -883,6 +991,17 @@ def _layout_of_tensor(
         "(e.g. CaiT blocks_token_only, attention-pool latents) have no patch map"
         + _masking_hint(vision)
     )
+
+
+def _cube_hint(x: torch.Tensor, image_size: tuple[int, int]) -> str:
+    if x.shape[1] == x.shape[2] == x.shape[3]:
+        height, width = (side + _PROBE_GROWTH for side in image_size)
+        return (
+            f", and the model did not run at {height}x{width} to show which axis follows the "
+            "image size. Use images of another size, where the grid and the channel count "
+            "differ"
+        )
+    return "; it is not a feature map of this image"
 
 
 def _masking_hint(vision: nn.Module) -> str:

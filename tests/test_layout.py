@@ -527,3 +527,56 @@ def test_a_model_that_shows_no_grid_is_not_called_non_spatial():
     model = timm_model("tnt_s_patch16_224", img_size=32, depth=1)
     with pytest.raises(ValueError, match="fits no patch grid: none was seen before it.*TNT"):
         cv.resolve_layout(model, "blocks.0", images((32, 32)))
+
+
+class _ChannelsLastCube(torch.nn.Module):
+    """A planted model whose ``mix`` layer outputs (B, h, w, C) with C == h == w at 64 px
+    (a 16x16 grid of 16 channels) and declares no format; ``fixed`` takes 64 px only."""
+
+    def __init__(self, fixed: bool = False) -> None:
+        super().__init__()
+        self.fixed = fixed
+        self.stem = torch.nn.Conv2d(3, 16, 4, stride=4)
+        self.mix = torch.nn.Linear(16, 16)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        if self.fixed and x.shape[-2:] != (64, 64):
+            raise ValueError("this model takes 64x64 images only")
+        tokens = self.mix(self.stem(x).permute(0, 2, 3, 1))
+        return self.head(tokens.mean((1, 2)))
+
+
+def test_maps_whose_channels_equal_their_grid_are_oriented_by_a_second_size():
+    """ConvNeXt's first stage at 384 px is (B, 96, 96, 96): 96 channels on a 96x96 grid,
+    so its shape cannot say which axis holds the channels, and every layer of that stage
+    was refused. The axis whose length does not follow the input size is the channel
+    axis: a second forward at a larger size tells."""
+    from archs import timm_model
+
+    model = timm_model("convnext_atto", dims=(16, 32, 48, 64), depths=(1, 1, 1, 1))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pam = cv.PatchActivationMap(model, "stages.0")
+    oracle = model.forward_intermediates(pam.normalize(x), intermediates_only=True)[0]
+    assert oracle.shape == (2, 16, 16, 16)
+    assert pam.layout_for(x).kind == "BCHW"
+    units = torch.tensor([3, 11])
+    torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(2), units])
+    assert hooks_left(model) == 0
+
+    planted = _ChannelsLastCube().eval()
+    layout = cv.resolve_layout(planted, "mix", torch.rand(2, 3, 64, 64))
+    assert (layout.kind, layout.grid, layout.num_channels) == ("BHWC", (16, 16), 16)
+    pam = cv.PatchActivationMap(planted, "mix", image_size=64, mean=(0.5,) * 3, std=(0.25,) * 3)
+    maps = pam.attribute(x, target=units)
+    tokens = hooked(planted, "mix", pam.normalize(x))
+    torch.testing.assert_close(maps, tokens[torch.arange(2), :, :, units])
+    assert hooks_left(planted) == 0
+
+
+def test_a_cube_map_of_a_model_of_one_size_says_what_to_do():
+    planted = _ChannelsLastCube(fixed=True).eval()
+    with pytest.raises(ValueError, match="did not run at 96x96.*images of another size"):
+        cv.resolve_layout(planted, "mix", torch.rand(2, 3, 64, 64))
+    assert hooks_left(planted) == 0
+    assert cv.resolve_layout(planted, "stem", torch.rand(2, 3, 64, 64)).kind == "BCHW"
