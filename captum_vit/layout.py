@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -673,7 +674,7 @@ def resolve_layouts(
     if shown is None:
         shown = [_user_path(model, name) for name, _ in found]
     for (name, _), path in zip(found, shown, strict=True):
-        _refuse_windowed(path, chains[name])
+        _refuse_windowed(path, chains[name], attribute_to_layer_input)
     with (
         preserved_state(model),
         torch.no_grad(),
@@ -814,7 +815,7 @@ def _layer_words(name: str) -> str:
     return f"layer {name!r}" if name else "the model itself (as the layer)"
 
 
-def _refuse_windowed(name: str, chain: Sequence[nn.Module]) -> None:
+def _refuse_windowed(name: str, chain: Sequence[nn.Module], attribute_to_layer_input: bool) -> None:
     for module in chain:
         if type(module).__name__ in _WINDOWED:
             raise ValueError(
@@ -823,6 +824,31 @@ def _refuse_windowed(name: str, chain: Sequence[nn.Module]) -> None:
                 "its tensors are not on the image grid. Use the block output, its norm1 / "
                 "norm2, or its mlp layers instead"
             )
+    if _inside_torchvision_partition(chain, attribute_to_layer_input):
+        raise ValueError(
+            f"{_layer_words(name)} is inside torchvision's PartitionAttentionLayer (MaxViT), "
+            "whose modules between its partition_op and departition_op work on "
+            "(B, windows, window_area, C) tensors: windows or a dilated grid of the image, "
+            "not its raster grid (one of them fits a grid of the wrong size by its shape). "
+            "Use the attention layer itself (its output is back on the grid), or its "
+            "departition_op"
+        )
+
+
+def _inside_torchvision_partition(chain: Sequence[nn.Module], read_input: bool) -> bool:
+    """Whether the layer is one of the modules of torchvision MaxViT's
+    ``PartitionAttentionLayer`` that see its partitioned tensors: all but the layer itself,
+    the input of its ``partition_op`` and the output of its ``departition_op``."""
+    for parent, module in pairwise(chain):
+        kind = type(parent)
+        if kind.__name__ == "PartitionAttentionLayer" and kind.__module__.startswith(
+            "torchvision."
+        ):
+            if module is chain[-1]:
+                on_grid = parent.partition_op if read_input else parent.departition_op
+                return module is not on_grid
+            return True
+    return False
 
 
 def _layout_from_value(

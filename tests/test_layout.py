@@ -580,3 +580,39 @@ def test_a_cube_map_of_a_model_of_one_size_says_what_to_do():
         cv.resolve_layout(planted, "mix", torch.rand(2, 3, 64, 64))
     assert hooks_left(planted) == 0
     assert cv.resolve_layout(planted, "stem", torch.rand(2, 3, 64, 64)).kind == "BCHW"
+
+
+def test_torchvision_maxvit_partitioned_tensors_are_refused_and_its_grid_layers_read():
+    """Between its partition_op and departition_op, torchvision MaxViT's attention works on
+    (B, windows, window_area, C) tensors. At 128 px its grid attention's (2, 64, 16, 16)
+    fitted a 16x16 BCHW map with 64 channels by shape alone: a silent wrong map."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.MaxVit(
+        input_size=(128, 128),
+        stem_channels=8,
+        partition_size=4,
+        block_channels=[16, 32],
+        block_layers=[1, 1],
+        head_dim=8,
+        stochastic_depth_prob=0.0,
+        num_classes=5,
+    ).eval()
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    base = "blocks.0.layers.0.layers.grid_attention"
+    for child in ["partition_op", "partition_swap", "attn_layer", "mlp_layer", "departition_swap"]:
+        with pytest.raises(ValueError, match="inside torchvision's PartitionAttentionLayer"):
+            cv.resolve_layout(model, f"{base}.{child}", x)
+    with pytest.raises(ValueError, match="PartitionAttentionLayer"):
+        cv.resolve_layout(model, f"{base}.departition_op", x, attribute_to_layer_input=True)
+    assert cv.resolve_layout(
+        model, f"{base}.partition_op", x, attribute_to_layer_input=True
+    ).grid == (32, 32)
+    for path in [base, f"{base}.departition_op"]:
+        pam = cv.PatchActivationMap(model, path, image_size=128, mean=(0.5,) * 3, std=(0.25,) * 3)
+        oracle = hooked(model, path, pam.normalize(x))
+        assert oracle.shape == (2, 16, 32, 32)
+        units = torch.tensor([2, 9])
+        torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(2), units])
+    assert hooks_left(model) == 0
