@@ -371,6 +371,10 @@ class _Witnesses:
         self.calls = 0
         self._chains = _ancestor_chains(model)
         self._unrolled_at: int | None = None
+        #: (call, module name, shape, type name if it puts the channels first else None)
+        #: of the 3-D outputs of leaf modules whose type fixes the channel axis
+        #: (Conv1d / BatchNorm1d first, Linear / LayerNorm last).
+        self._sequence_leaves: list[tuple[int, str, tuple[int, ...], str | None]] = []
 
     def before(self, mark: int) -> list[tuple[str, tuple[int, int]]]:
         """Grids seen in the first ``mark`` module calls, as (module name, grid)."""
@@ -389,6 +393,7 @@ class _Witnesses:
         self.calls += 1
         if self._unrolled_at is None and _is_hiera_unroll(module):
             self._unrolled_at = self.calls
+        self._note_sequence_leaf(name, module, output)
         items = output if isinstance(output, (tuple, list)) else (output,)
         for item in items:
             if isinstance(item, torch.Tensor) and item.dim() == 3:
@@ -401,9 +406,50 @@ class _Witnesses:
                 if kind is not None and _attention_size(item.shape, kind, counts) is None:
                     grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
                     self.grids.append((self.calls, name, grid))
+                    self._count_cells(grid)
             stated = _stated_grid(item, self.batch)
             if stated is not None:
                 self.grids.append((self.calls, name, stated))
+
+    def _note_sequence_leaf(self, name: str, module: nn.Module, output: Any) -> None:
+        if not isinstance(output, torch.Tensor) or output.dim() != 3:
+            return
+        if isinstance(module, _CHANNELS_FIRST):
+            first = type(module).__name__
+        elif type(module) in (nn.Linear, nn.LayerNorm):
+            first = None
+        else:
+            return
+        self._sequence_leaves.append((self.calls, name, tuple(output.shape), first))
+
+    def channels_first_maker(
+        self, mark: int, layer: str, module: nn.Module, shape: tuple[int, ...]
+    ) -> str | None:
+        """The type of the module that made a 3-D output of ``layer`` (``module`` itself,
+        or the last leaf inside it, in the first ``mark`` module calls, with an output of
+        that shape) when that module puts the channels first, ``(B, C, L)`` rather than
+        tokens ``(B, N, C)``; else ``None``."""
+        if len(shape) != 3 or shape[1] == shape[2]:
+            return None
+        if isinstance(module, _CHANNELS_FIRST):
+            return type(module).__name__
+        makers = [
+            first
+            for index, leaf, leaf_shape, first in self._sequence_leaves
+            if index <= mark
+            and leaf_shape == shape
+            and (not layer or leaf == layer or leaf.startswith(layer + "."))
+        ]
+        return makers[-1] if makers else None
+
+    def _count_cells(self, grid: tuple[int, int]) -> None:
+        """A map's cells are tokens too, for the attention a convolutional block computes
+        over them without ever showing them as a sequence (EfficientFormer-V2's
+        ``(B, heads, 49, 49)`` over a 7x7 map). One cell is no sequence."""
+        cells = grid[0] * grid[1]
+        if cells > 1:
+            self.sequences.append((self.calls, cells))
+            self._counts_so_far.add(cells)
 
 
 def _attention_size(shape: torch.Size, kind: str, token_counts: set[int]) -> int | None:
@@ -690,6 +736,15 @@ def resolve_layouts(
         seen = [witnesses.before(marks[call]) for marks in tap.marks]
         unrolled = [witnesses.unrolled_before(marks[call]) for marks in tap.marks]
         counts = [witnesses.token_counts_before(marks[call]) for marks in tap.marks]
+        makers = [
+            None
+            if attribute_to_layer_input or not isinstance(value, torch.Tensor)
+            else witnesses.channels_first_maker(marks[call], name, module, tuple(value.shape))
+            for (name, module), value, marks in zip(found, values, tap.marks, strict=True)
+        ]
+    for path, value, maker in zip(shown, values, makers, strict=True):
+        if maker is not None:
+            _refuse_channels_first_sequence(path, value, maker, batch)
     for (name, module), path, value, flag in zip(found, shown, values, unrolled, strict=True):
         if not _is_feature_map(value):
             _refuse_unread_token_order(
@@ -808,6 +863,21 @@ def _orient_by_size(x: torch.Tensor, resized: Any, index: int | None) -> str | N
     if kept == [3]:
         return "BHWC"
     return None
+
+
+def _refuse_channels_first_sequence(name: str, value: torch.Tensor, maker: str, batch: int) -> None:
+    """A 1-D convolution or batch norm over the tokens outputs ``(B, C, L)``, channels
+    first: read as ``(B, N, C)`` its channels would be taken for tokens (EfficientViM's
+    ``BCdt_proj``: 75 channels over 7x7 = 49 tokens fitted 49 patches and 26 prefix
+    tokens)."""
+    if value.shape[0] != batch:
+        return
+    raise ValueError(
+        f"{_layer_words(name)} outputs {tuple(value.shape)} from a {maker}: channels first, "
+        f"(B, C, L) with {value.shape[1]} channels over {value.shape[2]} positions, not a "
+        "(B, tokens, C) sequence, which is how the package reads 3-D layers. Map the "
+        "layer its output goes to once it is a (B, C, h, w) map or a token sequence again"
+    )
 
 
 def _layer_words(name: str) -> str:

@@ -370,6 +370,49 @@ def test_attention_matrices_are_not_read_as_feature_maps():
         cv.resolve_layout(cait, "blocks_token_only.0", x)
 
 
+def test_attention_over_a_maps_cells_is_not_read_as_a_feature_map():
+    """EfficientFormer-V2 computes its attention on 4-D maps: over the 7x7 cells of its
+    strided q / k maps, its talking heads output (B, 8, 49, 49), which was read as a
+    49x49 BCHW map of 8 channels; no (B, 49, C) sequence ever showed the 49 tokens."""
+    from archs import timm_model
+
+    model = timm_model("efficientformerv2_s0")
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    mixer = "stages.2.blocks.4.token_mixer"
+    assert hooked(model, f"{mixer}.q", x).shape[-2:] == (7, 7)
+    for heads in ("talking_head1", "talking_head2"):
+        assert hooked(model, f"{mixer}.{heads}", x).shape == (2, 8, 49, 49)
+        with pytest.raises(ValueError, match="token-to-token matrix over the 49 tokens"):
+            cv.resolve_layout(model, f"{mixer}.{heads}", x)
+    pam = cv.PatchActivationMap(model, mixer)
+    oracle = hooked(model, mixer, pam.normalize(x))
+    units = torch.tensor([5, 40])
+    torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(2), units])
+    assert oracle.shape[-2:] == (14, 14)
+
+
+def test_a_channels_first_sequence_is_not_read_as_tokens():
+    """EfficientViM's state-space mixer runs Conv1d over the 7x7 = 49 positions: its
+    BCdt_proj outputs (B, 75, 49), channels first, which was read as 49 patch tokens after
+    26 prefix tokens with 49 channels. The same positions as a 2-D map (its ``dw``) read
+    right."""
+    from archs import timm_model
+
+    model = timm_model("efficientvim_m1")
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    mixer = "stages.1.blocks.0.mixer"
+    assert hooked(model, f"{mixer}.BCdt_proj", x).shape == (2, 75, 49)
+    for path in (f"{mixer}.BCdt_proj", f"{mixer}.BCdt_proj.conv"):
+        with pytest.raises(ValueError, match=r"from a Conv1d: channels first, \(B, C, L\)"):
+            cv.resolve_layout(model, path, x)
+    pam = cv.PatchActivationMap(model, f"{mixer}.dw")
+    oracle = hooked(model, f"{mixer}.dw", pam.normalize(x))
+    assert oracle.shape == (2, 75, 7, 7)
+    units = torch.tensor([1, 70])
+    torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(2), units])
+    assert hooks_left(model) == 0
+
+
 def test_a_layer_that_never_runs_says_why_for_fused_attention():
     model = TIMM_ARCHS["vit"][0]()
     with pytest.raises(RuntimeError, match=r"fused_attn=True\), which never calls attn_drop"):
