@@ -294,6 +294,8 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
     ``img_size``)."""
     for name, module in vision.named_modules():
         if "patch_embed" in name and getattr(module, "img_size", None) is not None:
+            if _embeds_a_stems_output(module):
+                continue
             return _pair(module.img_size)
     for module in (vision, getattr(vision, "trunk", None)):
         if module is None:
@@ -303,6 +305,18 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
             if isinstance(value, (int, tuple, list)):
                 return _pair(value)
     return None
+
+
+def _embeds_a_stems_output(patch_embed: nn.Module) -> bool:
+    """Whether a patch embedding works on a stem's feature map, not on the RGB image
+    (Visformer's ``patch_embed1``, 16 channels at 112 px for 224 px images): its
+    ``img_size`` is not the model's. A hybrid's embedding (``backbone``) sees the image."""
+    proj = getattr(patch_embed, "proj", None)
+    return (
+        isinstance(proj, nn.Conv2d)
+        and proj.in_channels != 3
+        and getattr(patch_embed, "backbone", None) is None
+    )
 
 
 def _declared_config(vision: nn.Module) -> dict:

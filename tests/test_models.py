@@ -29,6 +29,23 @@ def test_timm_config_and_size_precedence():
         input_config(model, std=0)
 
 
+def test_a_patch_embedding_behind_a_stem_does_not_set_the_input_size():
+    """Visformer's ``patch_embed1`` embeds its stem's 16-channel map at half the image
+    size: its ``img_size`` (80 for a 160 px model) was taken as the model's, and every
+    call without images (feature visualization, the default layouts) failed inside timm
+    with "Input height (40) doesn't match model (80)"."""
+    model = timm.create_model("visformer_tiny", img_size=160).eval()
+    assert model.patch_embed1.img_size == (80, 80)
+    assert input_config(model).size == (160, 160)
+    layout = cv.resolve_layout(model, "stage2")  # default inputs at the model's size
+    x = torch.rand(2, 3, 160, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        oracle = model.forward_intermediates(x, indices=[1], intermediates_only=True)[0]
+    assert layout.grid == tuple(oracle.shape[-2:]) == (10, 10)
+    hybrid = timm.create_model("vit_small_r26_s32_224", img_size=64)  # its embedding sees the image
+    assert input_config(hybrid).size == (64, 64)
+
+
 class _Backbone(torch.nn.Module):
     """A user's wrapper around a timm model (a Lightning module, say): no config of its own."""
 
