@@ -403,7 +403,11 @@ class _Witnesses:
             elif isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
                 kind = _orient_4d(item.shape, self.image_size, self._chains[name])
                 counts = self._counts_so_far
-                if kind is not None and _attention_size(item.shape, kind, counts) is None:
+                if (
+                    kind is not None
+                    and _attention_size(item.shape, kind, counts) is None
+                    and _per_head_owner(item.shape, kind, self._chains[name]) is None
+                ):
                     grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
                     self.grids.append((self.calls, name, grid))
                     self._count_cells(grid)
@@ -450,6 +454,21 @@ class _Witnesses:
         if cells > 1:
             self.sequences.append((self.calls, cells))
             self._counts_so_far.add(cells)
+
+
+def _per_head_owner(
+    shape: torch.Size, kind: str | None, chain: Sequence[nn.Module]
+) -> nn.Module | None:
+    """The attention module (an ancestor declaring ``num_heads``) when a channels-first
+    4-D tensor inside it has one channel per head: a per-head tensor, such as XCiT's
+    ``(B, heads, d, d)`` channel-to-channel attention, which fits a d x d map by shape
+    alone. The attention module's own output is not inside it."""
+    if kind != "BCHW":
+        return None
+    for module in chain[:-1]:
+        if getattr(module, "num_heads", None) == shape[1]:
+            return module
+    return None
 
 
 def _attention_size(shape: torch.Size, kind: str, token_counts: set[int]) -> int | None:
@@ -1037,6 +1056,15 @@ def _layout_of_tensor(
                 f"{_layer_words(name)} outputs {tuple(x.shape)}: a token-to-token matrix over the "
                 f"{tokens} tokens (attention probabilities), not a feature map of the image. "
                 "Read attention with AttentionRollout, or pick a layer of the tokens"
+            )
+        attention = _per_head_owner(x.shape, kind, chain)
+        if attention is not None:
+            raise ValueError(
+                f"{_layer_words(name)} outputs {tuple(x.shape)} inside "
+                f"{type(attention).__name__}, whose {x.shape[1]} heads are its second axis: a "
+                "per-head tensor (attention weights, between tokens or, in XCiT, between "
+                "channels), not a feature map of the image. Read attention with "
+                "AttentionRollout, or pick a layer of the tokens"
             )
         if kind is None:
             raise ValueError(

@@ -391,6 +391,26 @@ def test_attention_over_a_maps_cells_is_not_read_as_a_feature_map():
     assert oracle.shape[-2:] == (14, 14)
 
 
+def test_per_head_tensors_are_not_read_as_feature_maps():
+    """XCiT attends between channels: its attn_drop outputs (B, heads, d, d), with d the
+    head width. At 224 px with 8-px patches, d = 32 fitted a 32x32 BCHW map (stride 7)
+    with one channel per head, a silent wrong map; no token count is 32."""
+    from archs import timm_model
+
+    model = timm_model("xcit_nano_12_p8_224", depth=4)
+    x = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    assert hooked(model, "blocks.3.attn.attn_drop", x).shape == (1, 4, 32, 32)
+    with pytest.raises(ValueError, match="inside XCA, whose 4 heads are its second axis"):
+        cv.resolve_layout(model, "blocks.3.attn.attn_drop", x)
+    pam = cv.PatchActivationMap(model, "blocks.3")
+    with torch.no_grad():
+        oracle = model.forward_intermediates(
+            pam.normalize(x), indices=[3], intermediates_only=True
+        )[0]
+    torch.testing.assert_close(pam.attribute(x, target=[5]), oracle[:, 5])
+    assert cv.resolve_layout(model, "blocks.3.local_mp.conv1", x).grid == (28, 28)
+
+
 def test_a_channels_first_sequence_is_not_read_as_tokens():
     """EfficientViM's state-space mixer runs Conv1d over the 7x7 = 49 positions: its
     BCdt_proj outputs (B, 75, 49), channels first, which was read as 49 patch tokens after
