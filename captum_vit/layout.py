@@ -411,8 +411,7 @@ class _Witnesses:
                     grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
                     self.grids.append((self.calls, name, grid))
                     self._count_cells(grid)
-            stated = _stated_grid(item, self.batch)
-            if stated is not None:
+            for stated in _stated_grids(item, self.batch):
                 self.grids.append((self.calls, name, stated))
 
     def _note_sequence_leaf(self, name: str, module: nn.Module, output: Any) -> None:
@@ -559,22 +558,37 @@ def _raster_coordinate_grid(item: torch.Tensor, batch: int) -> tuple[int, int] |
     return None
 
 
-def _stated_grid(item: Any, batch: int) -> tuple[int, int] | None:
-    """The grid one element of a module output states outright: an ``(h, w)`` size pair
-    (Twins, timm NaFlexViT) or raster patch coordinates (timm Gemma 4); else ``None``."""
+def _stated_grids(item: Any, batch: int) -> list[tuple[int, int]]:
+    """The grids one element of a module output states outright, in forward order: an
+    ``(h, w)`` size pair (Twins, timm NaFlexViT), a stage's ``(h, w, h_out, w_out)``
+    input and output grids (Hugging Face Swin-V2's ``output_dimensions``) or raster patch
+    coordinates (timm Gemma 4)."""
     if _is_size_pair(item):
-        return int(item[0]), int(item[1])
+        return [(int(item[0]), int(item[1]))]
+    if _is_stage_dimensions(item):
+        return [(item[0], item[1]), (item[2], item[3])]
     if isinstance(item, torch.Tensor) and item.dim() == 3:
-        return _raster_coordinate_grid(item, batch)
-    return None
+        grid = _raster_coordinate_grid(item, batch)
+        return [] if grid is None else [grid]
+    return []
 
 
 def _own_grids(value: Sequence[Any], name: str, batch: int) -> list[tuple[str, tuple[int, int]]]:
     """Grids stated by a tuple output's own elements (a patch embedding that returns its
     tokens with their grid): a layer's own output is not among the grids seen before
     it."""
-    grids = (_stated_grid(item, batch) for item in value)
-    return [(name, grid) for grid in grids if grid is not None]
+    return [(name, grid) for item in value for grid in _stated_grids(item, batch)]
+
+
+def _is_stage_dimensions(item: Any) -> bool:
+    """``(h, w, h_out, w_out)`` of a stage that keeps its grid or halves it (rounding up,
+    as a patch merging that pads an odd side does)."""
+    if not (isinstance(item, (tuple, list)) and len(item) == 4):
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item):
+        return False
+    h, w, h_out, w_out = item
+    return h_out in (h, (h + 1) // 2) and w_out in (w, (w + 1) // 2)
 
 
 def _is_size_pair(item: Any) -> bool:
@@ -732,6 +746,11 @@ def resolve_layouts(
     found = [find_module(model, layer) for layer in layers]
     if inputs is None:
         inputs = _default_inputs(model)
+    if _batch_size(inputs) == 1 and not additional_forward_args:
+        # With one image, a per-model tensor (a relative-position table, Swin-V2's
+        # (1, 7, 7, C) position-bias MLP) has the batch's size and passes for an image's
+        # map; with two, only per-image tensors do.
+        inputs = torch.cat([inputs, inputs])
     batch = _batch_size(inputs)
     image_size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     witnesses = _Witnesses(model, batch, image_size)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from archs import hooks_left
+from archs import hooked, hooks_left
 
 import captum_vit as cv
 
@@ -121,6 +121,40 @@ def test_swin_stage_layout_equals_reshaped_hidden_states():
     assert block.grid == (8, 12) and block.num_prefix_tokens == 0
     with pytest.raises(ValueError, match="windows"):
         cv.AttentionRollout(model)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_swin_v2_later_stages_and_single_images(batch):
+    """Swin-V2's later stages show their grid only in the (h, w, h_out, w_out) stage
+    dimensions: their token layers were refused. With one image it was worse: the
+    position-bias MLP's (1, 7, 7, C) table passed for a map of that image, and stage 1's
+    8x8 = 64 tokens were read as 7x7 patches after 15 prefix tokens."""
+    torch.manual_seed(0)
+    config = transformers.Swinv2Config(
+        embed_dim=16,
+        depths=[1, 1],
+        num_heads=[1, 2],
+        image_size=64,
+        patch_size=4,
+        window_size=4,
+    )
+    model = transformers.Swinv2Model(config).eval()
+    x = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pam = cv.PatchActivationMap(model, "encoder.layers.1.blocks.0")
+    with torch.no_grad():
+        reshaped = model(pam.normalize(x), output_hidden_states=True).reshaped_hidden_states
+    assert reshaped[2].shape == (batch, 32, 8, 8)  # the last stage, no downsampling
+    # stage 0 before its patch merging, by a plain hook: (B, 256, 16) in raster order
+    before = hooked(model, "encoder.layers.0", pam.normalize(x))[1]
+    stage0 = before.reshape(batch, 16, 16, 16).permute(0, 3, 1, 2)
+    units = torch.tensor([3, 14][:batch])
+    for stage, oracle, grid in [(0, stage0, (16, 16)), (1, reshaped[2], (8, 8))]:
+        block = f"encoder.layers.{stage}.blocks.0"
+        maps = cv.PatchActivationMap(model, block).attribute(x, target=units)
+        torch.testing.assert_close(maps, oracle[torch.arange(batch), units])
+        layout = cv.resolve_layout(model, f"{block}.intermediate.dense", x)
+        assert (layout.grid, layout.num_prefix_tokens) == (grid, 0)
+    assert hooks_left(model) == 0
 
 
 def test_outputs_are_unwrapped_and_normalization_comes_from_the_config():
