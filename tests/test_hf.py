@@ -157,6 +157,23 @@ def test_swin_v2_later_stages_and_single_images(batch):
     assert hooks_left(model) == 0
 
 
+def test_mobilevit_unfolded_patches_of_one_image_are_refused():
+    """MobileViT's transformer runs on unfolded patches, (batch * patch_area, patches, C):
+    (4, 1, C) for one 64 px image at its last stage (its 2x2 grid is one 2x2 patch), which
+    passed for the 4 tokens of a 2x2 grid in sequence-first order (NBC: the batch of 1 on
+    the second axis)."""
+    model = transformers.MobileViTModel(transformers.MobileViTConfig(image_size=64)).eval()
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    dense = "encoder.layer.4.transformer.layer.0.intermediate.dense"
+    assert hooked(model, dense, x).shape[:2] == (4, 1)
+    with pytest.raises(ValueError, match="first axis is a multiple of the batch"):
+        cv.resolve_layout(model, dense, x)
+    pam = cv.PatchActivationMap(model, "encoder.layer.4")
+    oracle = hooked(model, "encoder.layer.4", pam.normalize(x))
+    assert oracle.shape[-2:] == (2, 2)
+    torch.testing.assert_close(pam.attribute(x, target=7), oracle[:, 7])
+
+
 def test_outputs_are_unwrapped_and_normalization_comes_from_the_config():
     vit, clip = build("vit"), build("clip")
     images = torch.rand(2, 3, 32, 48)
