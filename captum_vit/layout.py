@@ -583,18 +583,21 @@ def _own_grids(value: Sequence[Any], name: str, batch: int) -> list[tuple[str, t
 def _is_stage_dimensions(item: Any) -> bool:
     """``(h, w, h_out, w_out)`` of a stage that keeps its grid or halves it (rounding up,
     as a patch merging that pads an odd side does)."""
-    if not (isinstance(item, (tuple, list)) and len(item) == 4):
-        return False
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item):
+    if not _positive_ints(item, 4):
         return False
     h, w, h_out, w_out = item
     return h_out in (h, (h + 1) // 2) and w_out in (w, (w + 1) // 2)
 
 
 def _is_size_pair(item: Any) -> bool:
+    return _positive_ints(item, 2)
+
+
+def _positive_ints(item: Any, count: int) -> bool:
+    """Whether ``item`` is a tuple or list of ``count`` positive ints (not bools)."""
     return (
         isinstance(item, (tuple, list))
-        and len(item) == 2
+        and len(item) == count
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in item)
     )
 
