@@ -980,6 +980,24 @@ def _layout_from_value(
     """``resized``: the same layer's output at a larger input, where a ``(B, n, n, n)``
     tensor needs it (see :func:`_values_at_another_size`)."""
     common = dict(layer=name, call=call, attribute_to_layer_input=attribute_to_layer_input)
+
+    def read(
+        tensor: torch.Tensor, index: int | None, grids: list[tuple[str, tuple[int, int]]]
+    ) -> TokenLayout:
+        """The layout of the tensor at ``index`` of a tuple output (``None``: the output)."""
+        return _layout_of_tensor(
+            tensor,
+            name,
+            chain,
+            vision,
+            grids,
+            batch,
+            image_size,
+            token_counts=token_counts,
+            orient=lambda x: _orient_by_size(x, resized, index),
+            **common,
+        )
+
     if isinstance(value, (tuple, list)):
         positions = [element] if element is not None else range(len(value))
         errors = []
@@ -989,18 +1007,7 @@ def _layout_from_value(
                 errors.append(f"element {index} is not a tensor")
                 continue
             try:
-                layout = _layout_of_tensor(
-                    value[index],
-                    name,
-                    chain,
-                    vision,
-                    seen,
-                    batch,
-                    image_size,
-                    token_counts=token_counts,
-                    orient=lambda x, i=index: _orient_by_size(x, resized, i),
-                    **common,
-                )
+                layout = read(value[index], index, seen)
             except ValueError as error:
                 errors.append(f"element {index}: {error}")
                 continue
@@ -1011,18 +1018,7 @@ def _layout_from_value(
         )
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{_layer_words(name)} returns {type(value).__name__}, not a tensor")
-    return _layout_of_tensor(
-        value,
-        name,
-        chain,
-        vision,
-        seen,
-        batch,
-        image_size,
-        token_counts=token_counts,
-        orient=lambda x: _orient_by_size(x, resized, None),
-        **common,
-    )
+    return read(value, None, seen)
 
 
 def _with_tuple_prefix(
