@@ -3,22 +3,24 @@
 Supported: ``ViTModel`` / ``ViTForImageClassification``, DeiT (also
 ``DeiTForImageClassificationWithTeacher``: cls + distillation token), DINOv2 (also with
 registers), ``CLIPVisionModel`` / ``CLIPModel`` (its image tower) and Swin; BEiT,
-SigLIP's vision model and ViT-MAE (with ``config.mask_ratio = 0.0``) as well. Every
+SigLIP's vision model and ViT-MAE (with ``config.mask_ratio = 0.0``) as well; models
+whose config records no input size (ResNet, RegNet, PoolFormer, SegFormer) take images
+of any size, and ``image_size=`` where a method needs one without images. Every
 public class of captum_vit takes these models directly; internally they are seen through
 :class:`HFVisionModel`, which
 
 * returns a tensor instead of a ``ModelOutput``: ``logits`` for classifiers, the projected
   image embedding for ``CLIPModel``, ``pooler_output`` (else the first token of
-  ``last_hidden_state``) for backbones;
+  ``last_hidden_state``, or a feature map's mean) for backbones;
 * runs only the image tower of ``CLIPModel`` (``get_image_features``);
 * takes images of other sizes than the config's where the model can interpolate its
   position embeddings (``interpolate_pos_encoding``, as DINOv2 does by itself);
 * keeps ViT-MAE's patch tokens in image order (it shuffles them with random noise in
   every forward, also with ``mask_ratio=0``: the wrapper passes increasing noise);
-* declares the input size from the model's config and the normalization of the model
-  family's image processor (``config.image_mean`` / ``image_std`` when the config has
-  them; ViT 0.5 / 0.5, CLIP OpenAI mean / std, the others ImageNet mean / std). Pass
-  ``mean=`` / ``std=`` to override, as for any model.
+* declares the input size from the model's config (where it has one) and the
+  normalization of the model family's image processor (``config.image_mean`` /
+  ``image_std`` when the config has them; ViT 0.5 / 0.5, CLIP OpenAI mean / std, the
+  others ImageNet mean / std). Pass ``mean=`` / ``std=`` to override, as for any model.
 
 Layer paths are those of the Hugging Face model (``"vit.layers.3"``,
 ``"vision_model.encoder.layers.3"``, ``"encoder.layers.0.blocks.1"``).
@@ -34,7 +36,10 @@ which Captum cannot index), use :func:`vision_tower`::
 from __future__ import annotations
 
 import inspect
+import json
+import warnings
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,10 +51,23 @@ __all__ = ["HFVisionModel", "is_hf_model", "model_output_tensor", "vision_tower"
 
 _IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 _HALF = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+_NONE = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
 _OPENAI = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
 
 #: Normalization of each model family's image processor (``model_type`` of the config).
-_FAMILY_NORMALIZATION = {"vit": _HALF, "clip": _OPENAI, "clip_vision_model": _OPENAI}
+_FAMILY_NORMALIZATION = {
+    "vit": _HALF,
+    "beit": _HALF,
+    "data2vec-vision": _HALF,
+    "siglip": _HALF,
+    "siglip_vision_model": _HALF,
+    "clip": _OPENAI,
+    "clip_vision_model": _OPENAI,
+    "metaclip_2": _OPENAI,
+    "metaclip_2_vision_model": _OPENAI,
+    "mobilevit": _NONE,
+    "mobilevitv2": _NONE,
+}
 
 _TOWERS: weakref.WeakKeyDictionary[nn.Module, HFVisionModel] = weakref.WeakKeyDictionary()
 
@@ -60,20 +78,37 @@ def is_hf_model(module: nn.Module) -> bool:
 
 
 def model_output_tensor(output: Any) -> torch.Tensor:
-    """The tensor a ``ModelOutput`` stands for: ``logits``, else ``image_embeds``, else
-    ``pooler_output``, else the first token of ``last_hidden_state``."""
+    """The tensor a ``ModelOutput`` stands for, one vector per image: ``logits``, else
+    ``image_embeds``, else ``pooler_output``, else ``last_hidden_state``.
+
+    A ``(B, N, C)`` token output stands for its first token (the cls token of ViT-style
+    backbones without a pooler); a ``(B, C, H, W)`` map (PoolFormer, SegFormer, PVT-v2,
+    SwiftFormer backbones) for its mean over the grid, the global average pooling their
+    classification heads apply; a ``(B, C)`` tensor for itself (PP-LCNet's classifier
+    returns its logits as ``last_hidden_state``).
+    """
     if isinstance(output, torch.Tensor):
         return output
-    for key in ("logits", "image_embeds", "pooler_output"):
+    for key in ("logits", "image_embeds", "pooler_output", "last_hidden_state"):
         value = output.get(key) if hasattr(output, "get") else getattr(output, key, None)
         if isinstance(value, torch.Tensor):
-            return value
-    hidden = getattr(output, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden[:, 0]
+            return _one_vector_per_image(value, key)
     raise TypeError(
         f"cannot find a tensor output in {type(output).__name__} (no logits, image_embeds, "
         "pooler_output or last_hidden_state)"
+    )
+
+
+def _one_vector_per_image(value: torch.Tensor, key: str) -> torch.Tensor:
+    if value.ndim == 2:
+        return value
+    if value.ndim == 3:
+        return value[:, 0]
+    if value.ndim == 4:
+        return value.mean(dim=(-2, -1))
+    raise TypeError(
+        f"the model's {key} has shape {tuple(value.shape)}: expected (B, C), (B, N, C) "
+        "tokens or a (B, C, H, W) map"
     )
 
 
@@ -88,7 +123,8 @@ class HFVisionModel(nn.Module):
         model: a supported ``transformers`` vision model (see the module docstring).
 
     Attributes:
-        image_size: ``(H, W)`` from the model's (vision) config.
+        image_size: ``(H, W)`` from the model's (vision) config, or ``None`` where it
+            records none (ResNet, RegNet, PoolFormer, SegFormer take any size).
         fixed_size: the only input size the model takes, or ``None``: ViT / DeiT / CLIP
             interpolate their position embeddings to other sizes only from a square grid.
         declared_input_config: ``mean`` / ``std`` / ``size`` for
@@ -127,17 +163,17 @@ class HFVisionModel(nn.Module):
             self.visual_projection = model.visual_projection
         else:
             self.model = model
-        config = model.config
-        vision_config = getattr(config, "vision_config", None) if self._clip_pair else None
-        config = vision_config or config
+        # CLIP-style classifiers (CLIPForImageClassification) keep the image tower's
+        # settings under vision_config too, without being a CLIP pair.
+        config = getattr(model.config, "vision_config", None) or model.config
+        # CNN-style configs (ResNet, RegNet, PoolFormer, SegFormer) record no size: they
+        # take any, and what needs one without images asks the user for it.
         size = getattr(config, "image_size", None)
-        if size is None:
-            raise ValueError(
-                f"{type(model).__name__}'s config has no image_size: pass image_size=(H, W)"
-            )
-        self.image_size = _pair(size)
-        mean, std = _normalization(config)
-        self.declared_input_config = {"mean": mean, "std": std, "size": self.image_size}
+        self.image_size = None if size is None else _pair(size)
+        mean, std = _normalization(config, model.config)
+        self.declared_input_config = {"mean": mean, "std": std}
+        if self.image_size is not None:
+            self.declared_input_config["size"] = self.image_size
         self.image_prefix = "vision_model." if self._clip_pair else "model."
         # The user's paths: CLIPModel's are this wrapper's; a wrapped model's lack "model.".
         self.wrapped_prefix = "" if self._clip_pair else "model."
@@ -151,9 +187,11 @@ class HFVisionModel(nn.Module):
         # transformers interpolates position embeddings from a square grid only: a model
         # configured for a non-square one takes that size and no other (Swin without
         # absolute position embeddings takes any size).
-        (rows, cols), _ = self.patch_tiling(self.image_size)
-        interpolated = self._interpolates and getattr(config, "use_absolute_embeddings", True)
-        self.fixed_size = self.image_size if interpolated and rows != cols else None
+        self.fixed_size = None
+        if self.image_size is not None:
+            (rows, cols), _ = self.patch_tiling(self.image_size)
+            interpolated = self._interpolates and getattr(config, "use_absolute_embeddings", True)
+            self.fixed_size = self.image_size if interpolated and rows != cols else None
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         kwargs = {}
@@ -199,8 +237,77 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value[0], value[-1])
 
 
-def _normalization(config: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalization(
+    config: Any, checkpoint_config: Any
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """mean / std for [0, 1] images: the config's own ``image_mean`` / ``image_std``, else
+    the checkpoint's image processor, else the family's usual one."""
     mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
     if mean is not None and std is not None:
-        return tuple(mean), tuple(std)
+        return _three(mean), _three(std)
+    processor = _checkpoint_processor(checkpoint_config)
+    if processor is not None:
+        return _processor_normalization(processor)
     return _FAMILY_NORMALIZATION.get(getattr(config, "model_type", ""), _IMAGENET)
+
+
+def _checkpoint_processor(config: Any) -> dict | None:
+    """The ``preprocessor_config.json`` saved with the checkpoint: in its folder, or in the
+    Hugging Face cache for a hub id (``config._name_or_path``). Never downloads."""
+    source = str(getattr(config, "_name_or_path", "") or "")
+    if not source:
+        return None
+    path = Path(source) / "preprocessor_config.json"
+    if not path.is_file():
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(
+                source,
+                "preprocessor_config.json",
+                local_files_only=True,
+                _raise_exceptions_for_missing_entries=False,
+                _raise_exceptions_for_connection_errors=False,
+            )
+        except Exception:  # not a hub id, no cache: the family's defaults apply
+            return None
+        if not found:
+            return None
+        path = Path(found)
+    try:
+        processor = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return processor if isinstance(processor, dict) else None
+
+
+def _processor_normalization(processor: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """What an image processor does to 8-bit pixels, as mean / std on [0, 1] images: it
+    rescales them by ``rescale_factor`` (less 1 with ``rescale_offset``, EfficientNet's
+    [-1, 1]), then normalizes them with ``image_mean`` / ``image_std``."""
+    if processor.get("do_flip_channel_order"):
+        warnings.warn(
+            "this checkpoint's image processor flips the images to BGR "
+            "(do_flip_channel_order, as MobileViT's does); captum_vit feeds RGB, so the model "
+            "sees red and blue swapped",
+            stacklevel=4,
+        )
+    scale = 255.0
+    offset = 0.0
+    if processor.get("do_rescale", True):
+        scale *= float(processor.get("rescale_factor", 1 / 255))
+        offset = 1.0 if processor.get("rescale_offset") else 0.0
+    mean, std = (0.0, 1.0)
+    if processor.get("do_normalize", True) and processor.get("image_mean") is not None:
+        mean, std = processor["image_mean"], processor.get("image_std", 1.0)
+    mean, std = _three(mean), _three(std)
+    return (
+        tuple((m + offset) / scale for m in mean),
+        tuple(s / scale for s in std),
+    )
+
+
+def _three(value: Any) -> tuple[float, ...]:
+    if isinstance(value, (int, float)):
+        return (float(value),) * 3
+    return tuple(float(v) for v in value)

@@ -491,9 +491,15 @@ def _check_std(std: tuple[float, float, float]) -> None:
 
 
 def _unknown_size(model: nn.Module) -> ValueError:
+    vision = unwrap_vision(model)
+    if getattr(vision, "declared_input_config", None) is not None:  # HFVisionModel
+        name = type(getattr(vision, "model", vision)).__name__
+        missing = "its config has no image_size (it takes any size)"
+    else:
+        name = type(vision).__name__
+        missing = "it has no patch_embed.img_size, image_size or pretrained_cfg"
     return ValueError(
-        f"cannot tell the input size of {type(unwrap_vision(model)).__name__}: it has no "
-        "patch_embed.img_size, image_size or pretrained_cfg; pass image_size=(H, W) "
+        f"cannot tell the input size of {name}: {missing}; pass image_size=(H, W) "
         "(on the command line: --image-size)"
     )
 

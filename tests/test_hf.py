@@ -3,6 +3,8 @@ output_hidden_states, outputs unwrapped, results equal to timm's with the same w
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from archs import hooked, hooks_left
@@ -172,6 +174,48 @@ def test_mobilevit_unfolded_patches_of_one_image_are_refused():
     oracle = hooked(model, "encoder.layer.4", pam.normalize(x))
     assert oracle.shape[-2:] == (2, 2)
     torch.testing.assert_close(pam.attribute(x, target=7), oracle[:, 7])
+
+
+@pytest.mark.parametrize("kind", ["resnet", "segformer"])
+def test_models_whose_config_records_no_size_take_any_size(kind):
+    """ResNet, RegNet, PoolFormer and SegFormer configs have no image_size: these models
+    take any size, but every call raised "config has no image_size", even with
+    image_size= given. Maps equal the models' own hidden states; what needs a size
+    without images asks for one and names the user's model."""
+    torch.manual_seed(0)
+    T = transformers
+    if kind == "resnet":
+        config = T.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1])
+        model, layer = T.ResNetForImageClassification(config).eval(), "resnet.encoder.stages.1"
+    else:
+        config = T.SegformerConfig(
+            hidden_sizes=[16, 32],
+            depths=[1, 1],
+            num_encoder_blocks=2,
+            num_attention_heads=[1, 2],
+            sr_ratios=[2, 1],
+            patch_sizes=[7, 3],
+            strides=[4, 2],
+            mlp_ratios=[2, 2],
+        )
+        model, layer = T.SegformerModel(config).eval(), "stages.1.layer_norm"
+    assert getattr(config, "image_size", None) is None
+    x = torch.rand(2, 3, 64, 48, generator=torch.Generator().manual_seed(0))
+    pam = cv.PatchActivationMap(model, layer)
+    with torch.no_grad():
+        hidden = model(pam.normalize(x), output_hidden_states=True).hidden_states[-1]
+    theirs = hooks_left(model)  # transformers keeps hooks of its own after that call
+    assert hidden.shape[-2:] == (8, 6)
+    units = torch.tensor([3, 9])
+    torch.testing.assert_close(pam.attribute(x, target=units), hidden[torch.arange(2), units])
+    with pytest.raises(ValueError, match=rf"size of {type(model).__name__}: its config has no"):
+        cv.input_config(model)
+    assert cv.input_config(model, image_size=40).size == (40, 40)
+    fv = cv.FeatureVisualization(model, layer)
+    with pytest.raises(ValueError, match="pass image_size"):
+        fv.attribute(target=[0, 1], steps=2)
+    assert fv.attribute(target=[0, 1], steps=2, image_size=32).shape == (2, 3, 32, 32)
+    assert hooks_left(model) == theirs
 
 
 def test_outputs_are_unwrapped_and_normalization_comes_from_the_config():
@@ -506,3 +550,79 @@ def test_yolos_detection_tokens_after_the_patches_are_refused():
         with pytest.raises(ValueError, match="appends 5 detection tokens after its patch"):
             cv.PatchActivationMap(model, layer).attribute(x)
     assert hooks_left(model) == before
+
+
+def test_backbone_outputs_are_one_vector_per_image():
+    """A backbone's output stands for one vector per image: PoolFormer's (B, C, H, W) map
+    was read as its first "token", channel 0's map, so target=c picked row c of it;
+    PP-LCNet's classifier returns its logits as last_hidden_state (B, classes), which
+    became logit 0 alone."""
+    T = transformers
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pool = T.PoolFormerModel(T.PoolFormerConfig(hidden_sizes=[8, 16, 24, 32], depths=[1] * 4))
+    pool.eval()
+    wrapped = cv.ImageModel(pool)
+    with torch.no_grad():
+        hidden = pool(wrapped.normalize(x)).last_hidden_state
+        assert hidden.shape == (2, 32, 2, 2)
+        torch.testing.assert_close(wrapped(x), hidden.mean(dim=(-2, -1)))
+    lcnet = T.PPLCNetForImageClassification(T.PPLCNetConfig(num_labels=5)).eval()
+    wrapped = cv.ImageModel(lcnet, image_size=64)
+    with torch.no_grad():
+        logits = lcnet(wrapped.normalize(x)).last_hidden_state
+        assert logits.shape == (2, 5)
+        assert torch.equal(wrapped(x), logits)
+
+
+def test_clip_classifier_reads_its_vision_config():
+    """CLIPForImageClassification keeps its image size under vision_config without being
+    a CLIP pair (no text model): its size was not found."""
+    T = transformers
+    config = T.CLIPConfig(
+        vision_config=dict(SMALL, image_size=32),
+        text_config=dict(SMALL, vocab_size=64, max_position_embeddings=8),
+        num_labels=3,
+    )
+    model = T.CLIPForImageClassification(config).eval()
+    found = cv.input_config(model)
+    assert found.size == (32, 32) and found.mean[0] == pytest.approx(0.48145466)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(cv.ImageModel(model).normalize(x)).logits
+        assert torch.equal(cv.ImageModel(model)(x), expected)
+
+
+def test_normalization_comes_from_the_checkpoints_image_processor(tmp_path):
+    """A checkpoint's preprocessor_config.json says how its images were normalized; the
+    family default was used instead (SigLIP got ImageNet's instead of 0.5 / 0.5). An
+    EfficientNet-style processor rescales to [-1, 1] first (rescale_offset)."""
+    T = transformers
+    config = T.SiglipVisionConfig(**SMALL, image_size=32)
+    assert cv.input_config(T.SiglipVisionModel(config)).mean == (0.5, 0.5, 0.5)
+    T.SiglipVisionModel(config).save_pretrained(tmp_path / "plain")
+    T.ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(
+        tmp_path / "plain"
+    )
+    loaded = T.SiglipVisionModel.from_pretrained(tmp_path / "plain").eval()
+    found = cv.input_config(loaded)
+    assert found.mean == pytest.approx((0.1, 0.2, 0.3))
+    assert found.std == pytest.approx((0.4, 0.5, 0.6))
+    x = torch.rand(1, 3, 32, 32)
+    processed = T.ViTImageProcessor.from_pretrained(tmp_path / "plain")(
+        (x[0] * 255).round().to(torch.uint8), return_tensors="pt", do_resize=False
+    )["pixel_values"]
+    torch.testing.assert_close(cv.ImageModel(loaded).normalize((x * 255).round() / 255), processed)
+
+    processor = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    processor |= {"rescale_factor": 1 / 127.5, "rescale_offset": True}
+    (tmp_path / "plain" / "preprocessor_config.json").write_text(json.dumps(processor))
+    found = cv.input_config(T.SiglipVisionModel.from_pretrained(tmp_path / "plain"))
+    # x in [0, 1] -> 2x - 1 -> ((2x - 1) - 0.5) / 0.25 = (x - 0.75) / 0.125
+    assert found.mean == pytest.approx((0.75,) * 3) and found.std == pytest.approx((0.125,) * 3)
+    (tmp_path / "plain" / "preprocessor_config.json").write_text(
+        json.dumps({"do_flip_channel_order": True, "do_normalize": False})
+    )
+    with pytest.warns(UserWarning, match="BGR"):
+        found = cv.input_config(T.SiglipVisionModel.from_pretrained(tmp_path / "plain"))
+    assert found.mean == (0.0, 0.0, 0.0) and found.std == (1.0, 1.0, 1.0)
