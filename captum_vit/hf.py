@@ -170,7 +170,7 @@ class HFVisionModel(nn.Module):
         # take any, and what needs one without images asks the user for it.
         size = getattr(config, "image_size", None)
         self.image_size = None if size is None else _pair(size)
-        mean, std = _normalization(config, model.config)
+        mean, std = _normalization(config, model)
         self.declared_input_config = {"mean": mean, "std": std}
         if self.image_size is not None:
             self.declared_input_config["size"] = self.image_size
@@ -237,18 +237,28 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value[0], value[-1])
 
 
-def _normalization(
-    config: Any, checkpoint_config: Any
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalization(config: Any, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """mean / std for [0, 1] images: the config's own ``image_mean`` / ``image_std``, else
-    the checkpoint's image processor, else the family's usual one."""
+    the checkpoint's image processor, else, for a timm model in ``TimmWrapper``, timm's
+    ``pretrained_cfg``, else the family's usual one."""
     mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
     if mean is not None and std is not None:
         return _three(mean), _three(std)
-    processor = _checkpoint_processor(checkpoint_config)
+    processor = _checkpoint_processor(model.config)
     if processor is not None:
         return _processor_normalization(processor)
+    for timm_cfg in _timm_configs(model):
+        if timm_cfg.get("mean") is not None and timm_cfg.get("std") is not None:
+            return _three(timm_cfg["mean"]), _three(timm_cfg["std"])
     return _FAMILY_NORMALIZATION.get(getattr(config, "model_type", ""), _IMAGENET)
+
+
+def _timm_configs(model: nn.Module) -> list[dict]:
+    """A ``TimmWrapper`` model's timm settings: the ``pretrained_cfg`` its config.json
+    carries (timm's Hugging Face hub checkpoints), then the timm model's own."""
+    found = [getattr(model.config, "pretrained_cfg", None)]
+    found.append(getattr(getattr(model, "timm_model", None), "pretrained_cfg", None))
+    return [cfg for cfg in found if isinstance(cfg, dict)]
 
 
 def _checkpoint_processor(config: Any) -> dict | None:

@@ -626,3 +626,26 @@ def test_normalization_comes_from_the_checkpoints_image_processor(tmp_path):
     with pytest.warns(UserWarning, match="BGR"):
         found = cv.input_config(T.SiglipVisionModel.from_pretrained(tmp_path / "plain"))
     assert found.mean == (0.0, 0.0, 0.0) and found.std == (1.0, 1.0, 1.0)
+
+
+def test_timm_models_in_transformers_timm_wrapper():
+    """timm's hub checkpoints load in transformers as TimmWrapper models; their
+    normalization is timm's pretrained_cfg (0.5 / 0.5 for this ViT), not the ImageNet
+    default the wrapper got. Maps equal timm's own forward_intermediates."""
+    T = transformers
+    torch.manual_seed(0)
+    args = dict(img_size=64, depth=2, embed_dim=48, num_heads=2)
+    config = T.TimmWrapperConfig(architecture="vit_tiny_patch16_224", num_labels=5, model_args=args)
+    model = T.TimmWrapperForImageClassification(config).eval()
+    found = cv.input_config(model)
+    assert found.mean == (0.5, 0.5, 0.5) and found.size == (64, 64)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pam = cv.PatchActivationMap(model, "timm_model.blocks.1")
+    with torch.no_grad():
+        oracle = model.timm_model.forward_intermediates(
+            (x - 0.5) / 0.5, indices=[1], intermediates_only=True
+        )[0]
+        assert torch.equal(cv.ImageModel(model)(x), model((x - 0.5) / 0.5).logits)
+    units = torch.tensor([3, 30])
+    torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(2), units])
+    assert hooks_left(model) == 0
