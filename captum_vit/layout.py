@@ -375,6 +375,10 @@ class _Witnesses:
         #: of the 3-D outputs of leaf modules whose type fixes the channel axis
         #: (Conv1d / BatchNorm1d first, Linear / LayerNorm last).
         self._sequence_leaves: list[tuple[int, str, tuple[int, ...], str | None]] = []
+        #: (call, module name, position in the output, shape, kind) of the square maps
+        #: whose side is a token count seen before them: a feature map or a token-to-token
+        #: matrix, which only another input size tells apart (:meth:`confirm_maps`).
+        self.pending: list[tuple[int, str, int, tuple[int, ...], str]] = []
 
     def before(self, mark: int) -> list[tuple[str, tuple[int, int]]]:
         """Grids seen in the first ``mark`` module calls, as (module name, grid)."""
@@ -395,22 +399,19 @@ class _Witnesses:
             self._unrolled_at = self.calls
         self._note_sequence_leaf(name, module, output)
         items = output if isinstance(output, (tuple, list)) else (output,)
-        for item in items:
+        for position, item in enumerate(items):
             if isinstance(item, torch.Tensor) and item.dim() == 3:
                 counts = [item.shape[1 - axis] for axis in (0, 1) if item.shape[axis] == self.batch]
                 self.sequences += [(self.calls, count) for count in counts]
                 self._counts_so_far.update(counts)
             elif isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == self.batch:
                 kind = _orient_4d(item.shape, self.image_size, self._chains[name])
-                counts = self._counts_so_far
-                if (
-                    kind is not None
-                    and _attention_size(item.shape, kind, counts) is None
-                    and _per_head_owner(item.shape, kind, self._chains[name]) is None
-                ):
-                    grid = tuple(item.shape[2:4] if kind == "BCHW" else item.shape[1:3])
-                    self.grids.append((self.calls, name, grid))
-                    self._count_cells(grid)
+                if kind is None or _per_head_owner(item.shape, kind, self._chains[name]):
+                    continue
+                if _attention_size(item.shape, kind, self._counts_so_far) is None:
+                    self._add_grid(self.calls, name, _grid_of(item.shape, kind))
+                else:
+                    self.pending.append((self.calls, name, position, tuple(item.shape), kind))
             for stated in _stated_grids(item, self.batch):
                 self.grids.append((self.calls, name, stated))
 
@@ -445,14 +446,78 @@ class _Witnesses:
         ]
         return makers[-1] if makers else None
 
-    def _count_cells(self, grid: tuple[int, int]) -> None:
-        """A map's cells are tokens too, for the attention a convolutional block computes
-        over them without ever showing them as a sequence (EfficientFormer-V2's
+    def _add_grid(self, call: int, name: str, grid: tuple[int, int]) -> None:
+        """A map's grid; its cells are tokens too, for the attention a convolutional block
+        computes over them without ever showing them as a sequence (EfficientFormer-V2's
         ``(B, heads, 49, 49)`` over a 7x7 map). One cell is no sequence."""
+        self.grids.append((call, name, grid))
         cells = grid[0] * grid[1]
         if cells > 1:
-            self.sequences.append((self.calls, cells))
+            self.sequences.append((call, cells))
             self._counts_so_far.add(cells)
+
+    def confirm_maps(self, larger: _ShapesByCall) -> None:
+        """Add the pending square maps whose grid followed the image to ``larger``'s size
+        (:func:`_grows_with_image`) to the grids seen: PVT-v2's 64x64 first stage at
+        256 px, after the 8x8 = 64 key tokens of its spatial-reduction attention. A
+        token-to-token matrix over the image's tokens grows with their count instead,
+        one over a fixed number of tokens not at all."""
+        for call, name, position, shape, kind in self.pending:
+            other = larger.shape_at(call, name, position)
+            if other is not None and _grows_with_image(
+                shape, other, kind, self.image_size, larger.image_size
+            ):
+                self._add_grid(call, name, _grid_of(shape, kind))
+        self.grids.sort(key=lambda entry: entry[0])
+        self.pending = []
+
+
+class _ShapesByCall:
+    """The 4-D output shapes of every module call of a forward at another input size, in
+    call order (a ``watch`` for :class:`~captum_vit.capture.LayerTap`)."""
+
+    def __init__(self, image_size: tuple[int, int]) -> None:
+        self.image_size = image_size
+        self.calls: list[tuple[str, list[tuple[int, ...] | None]]] = []
+
+    def __call__(self, name: str, module: nn.Module, output: Any) -> None:
+        items = output if isinstance(output, (tuple, list)) else (output,)
+        shapes = [
+            tuple(item.shape) if isinstance(item, torch.Tensor) and item.dim() == 4 else None
+            for item in items
+        ]
+        self.calls.append((name, shapes))
+
+    def shape_at(self, call: int, name: str, position: int) -> tuple[int, ...] | None:
+        """The shape the same module call (1-based) output there, if it was 4-D."""
+        if call > len(self.calls) or self.calls[call - 1][0] != name:
+            return None
+        shapes = self.calls[call - 1][1]
+        return shapes[position] if position < len(shapes) else None
+
+
+def _grid_of(shape: Sequence[int], kind: str) -> tuple[int, int]:
+    return (shape[2], shape[3]) if kind == "BCHW" else (shape[1], shape[2])
+
+
+def _grows_with_image(
+    shape: Sequence[int],
+    other: Sequence[int],
+    kind: str,
+    image_size: tuple[int, int],
+    larger: tuple[int, int],
+) -> bool:
+    """Whether a 4-D tensor of ``shape`` at ``image_size`` became ``other`` at the
+    ``larger`` input size the way a map of the image does: the same channels on a grid
+    grown in proportion to the image, to a cell."""
+    channel = 1 if kind == "BCHW" else 3
+    if len(other) != 4 or other[0] != shape[0] or other[channel] != shape[channel]:
+        return False
+    (h, w), (h2, w2) = _grid_of(shape, kind), _grid_of(other, kind)
+    return (h2, w2) != (h, w) and (
+        abs(h2 - h * larger[0] / image_size[0]) <= 1
+        and abs(w2 - w * larger[1] / image_size[1]) <= 1
+    )
 
 
 def _per_head_owner(
@@ -774,9 +839,8 @@ def resolve_layouts(
         ) as tap,
     ):
         values = tap.run(inputs, *additional_forward_args)
-        seen = [witnesses.before(marks[call]) for marks in tap.marks]
-        unrolled = [witnesses.unrolled_before(marks[call]) for marks in tap.marks]
-        counts = [witnesses.token_counts_before(marks[call]) for marks in tap.marks]
+        layer_marks = [marks[call] for marks in tap.marks]
+        unrolled = [witnesses.unrolled_before(mark) for mark in layer_marks]
         makers = [
             None
             if attribute_to_layer_input or not isinstance(value, torch.Tensor)
@@ -794,19 +858,34 @@ def resolve_layouts(
                 vision,
                 unrolled=flag or (_is_hiera_unroll(module) and not attribute_to_layer_input),
             )
+    needed = [
+        _needs_second_size(
+            value,
+            batch,
+            image_size,
+            chains[name],
+            witnesses.before(mark),
+            witnesses.token_counts_before(mark),
+        )
+        for (name, _), value, mark in zip(found, values, layer_marks, strict=True)
+    ]
+    larger = _ShapesByCall((image_size[0] + _PROBE_GROWTH, image_size[1] + _PROBE_GROWTH))
     resized = _values_at_another_size(
         model,
+        # every layer when pending maps need the forward up to them (it stops after them)
         [
-            module
-            if _needs_second_size(value, batch, image_size, chains[name], layer_seen)
-            else None
-            for (name, module), value, layer_seen in zip(found, values, seen, strict=True)
+            module if need or witnesses.pending else None
+            for (_, module), need in zip(found, needed, strict=True)
         ],
         inputs,
         additional_forward_args,
         attribute_to_layer_input=attribute_to_layer_input,
         call=call,
+        watch=larger if witnesses.pending else None,
     )
+    witnesses.confirm_maps(larger)
+    seen = [witnesses.before(mark) for mark in layer_marks]
+    counts = [witnesses.token_counts_before(mark) for mark in layer_marks]
     return [
         _layout_from_value(
             value,
@@ -840,20 +919,24 @@ def _needs_second_size(
     image_size: tuple[int, int],
     chain: Sequence[nn.Module],
     seen: list[tuple[str, tuple[int, int]]],
+    token_counts: set[int],
 ) -> bool:
-    """Whether ``value`` is, or holds, a ``(B, n, n, n)`` tensor, as many channels as grid
-    rows and columns (ConvNeXt's first stage at 384 px: 96 channels on a 96x96 grid), that
-    nothing else orients: its shape cannot say which axis holds the channels."""
+    """Whether ``value`` is, or holds, a 4-D tensor that only another input size reads:
+    a ``(B, n, n, n)`` tensor, as many channels as grid rows and columns (ConvNeXt's
+    first stage at 384 px: 96 channels on a 96x96 grid), that nothing else orients, or a
+    square map whose side is a token count seen before it, which may be a token-to-token
+    matrix (:func:`_grows_with_image`)."""
     items = value if isinstance(value, (tuple, list)) else (value,)
     grids = [grid for _, grid in seen]
-    return any(
-        isinstance(item, torch.Tensor)
-        and item.dim() == 4
-        and item.shape[0] == batch
-        and item.shape[1] == item.shape[2] == item.shape[3]
-        and _orient_4d(item.shape, image_size, chain, grids) is None
-        for item in items
-    )
+    for item in items:
+        if not (isinstance(item, torch.Tensor) and item.dim() == 4 and item.shape[0] == batch):
+            continue
+        kind = _orient_4d(item.shape, image_size, chain, grids)
+        if kind is None and item.shape[1] == item.shape[2] == item.shape[3]:
+            return True
+        if kind is not None and _attention_size(item.shape, kind, token_counts) is not None:
+            return True
+    return False
 
 
 def _values_at_another_size(
@@ -864,11 +947,13 @@ def _values_at_another_size(
     *,
     attribute_to_layer_input: bool,
     call: int,
+    watch: Callable[[str, nn.Module, Any], None] | None = None,
 ) -> list[Any]:
     """What each of ``modules`` (``None``: not needed) produces for ``inputs`` resized
     :data:`_PROBE_GROWTH` pixels larger: the channel axis is the 4-D axis whose length
-    does not follow the image size. ``None`` for a layer where that forward fails (a
-    model that takes one input size only)."""
+    does not follow the image size, and a map's grid grows with it. ``None`` for a layer
+    where that forward fails (a model that takes one input size only). ``watch`` sees
+    every module call of that forward, as in :class:`~captum_vit.capture.LayerTap`."""
     needed = [module for module in modules if module is not None]
     if not needed:
         return [None] * len(modules)
@@ -878,7 +963,11 @@ def _values_at_another_size(
             preserved_state(model),
             torch.no_grad(),
             LayerTap(
-                model, needed, attribute_to_layer_input=attribute_to_layer_input, call=call
+                model,
+                needed,
+                attribute_to_layer_input=attribute_to_layer_input,
+                call=call,
+                watch=watch,
             ) as tap,
         ):
             larger = F.interpolate(inputs, size=size, mode="bilinear", align_corners=False)
@@ -888,15 +977,31 @@ def _values_at_another_size(
     return [None if module is None else next(values) for module in modules]
 
 
-def _orient_by_size(x: torch.Tensor, resized: Any, index: int | None) -> str | None:
-    """``"BCHW"`` / ``"BHWC"`` for a ``(B, n, n, n)`` tensor from the same layer's output
-    at a larger input (``index``: its position in a tuple output): the axis that kept its
-    length holds the channels."""
+def _resized_item(resized: Any, index: int | None) -> torch.Tensor | None:
+    """The 4-D tensor at ``index`` of a layer's output at the larger input (``index``:
+    its position in a tuple output; ``None``: the output itself)."""
     if index is not None:
         resized = (
             resized[index] if isinstance(resized, (tuple, list)) and index < len(resized) else None
         )
-    if not isinstance(resized, torch.Tensor) or resized.dim() != 4:
+    return resized if isinstance(resized, torch.Tensor) and resized.dim() == 4 else None
+
+
+def _grew_at_another_size(
+    x: torch.Tensor, kind: str, resized: Any, index: int | None, image_size: tuple[int, int]
+) -> bool:
+    """:func:`_grows_with_image` for a layer's own output."""
+    other = _resized_item(resized, index)
+    larger = (image_size[0] + _PROBE_GROWTH, image_size[1] + _PROBE_GROWTH)
+    return other is not None and _grows_with_image(x.shape, other.shape, kind, image_size, larger)
+
+
+def _orient_by_size(x: torch.Tensor, resized: Any, index: int | None) -> str | None:
+    """``"BCHW"`` / ``"BHWC"`` for a ``(B, n, n, n)`` tensor from the same layer's output
+    at a larger input (``index``: its position in a tuple output): the axis that kept its
+    length holds the channels."""
+    resized = _resized_item(resized, index)
+    if resized is None:
         return None
     kept = [axis for axis in (1, 2, 3) if resized.shape[axis] == x.shape[axis]]
     if kept == [1]:
@@ -995,6 +1100,7 @@ def _layout_from_value(
             image_size,
             token_counts=token_counts,
             orient=lambda x: _orient_by_size(x, resized, index),
+            grows=lambda x, kind: _grew_at_another_size(x, kind, resized, index, image_size),
             **common,
         )
 
@@ -1056,10 +1162,12 @@ def _layout_of_tensor(
     image_size: tuple[int, int],
     token_counts: set[int] = frozenset(),
     orient: Callable[[torch.Tensor], str | None] = lambda x: None,
+    grows: Callable[[torch.Tensor, str], bool] = lambda x, kind: False,
     **common: Any,
 ) -> TokenLayout:
     """``orient``: the orientation of a 4-D tensor its shape leaves open, from other
-    evidence (or ``None``)."""
+    evidence (or ``None``); ``grows``: whether a 4-D tensor of that orientation grew
+    with the image at another input size (a map, not a token-to-token matrix)."""
     grids = [grid for _, grid in seen]
     if x.dim() == 4:
         if x.shape[0] != batch:
@@ -1069,7 +1177,7 @@ def _layout_of_tensor(
             )
         kind = _orient_4d(x.shape, image_size, chain, grids) or orient(x)
         tokens = None if kind is None else _attention_size(x.shape, kind, token_counts)
-        if tokens is not None:
+        if tokens is not None and not grows(x, kind):
             raise ValueError(
                 f"{_layer_words(name)} outputs {tuple(x.shape)}: a token-to-token matrix over the "
                 f"{tokens} tokens (attention probabilities), not a feature map of the image. "

@@ -341,12 +341,14 @@ def test_several_layers_in_one_forward_equal_each_alone(built, arch):
     paths += [p for p, use_input, _, _ in HIDDEN_CASES.get(arch, []) if not use_input]
     stem = [m for m in model.modules() if not list(m.children())][0]
     calls = []
-    handle = stem.register_forward_hook(lambda m, a, o: calls.append(1))
+    handle = stem.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[-1]))
     try:
         together = resolve_layouts(model, paths[::-1], x)  # any order
     finally:
         handle.remove()
-    assert len(calls) == 1  # one forward for all layers
+    # one forward for all layers, and at most one more at a larger size where a square
+    # map's side equals a token count (Twins at 64 px: a 4x4 stage after 2x2 = 4 keys)
+    assert calls[:1] == [x.shape[-1]] and calls[1:] in ([], [x.shape[-1] + 32])
     for path, layout in zip(paths[::-1], together, strict=True):
         assert layout == cv.resolve_layout(model, path, x), path
 
@@ -389,6 +391,38 @@ def test_attention_over_a_maps_cells_is_not_read_as_a_feature_map():
     units = torch.tensor([5, 40])
     torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(2), units])
     assert oracle.shape[-2:] == (14, 14)
+
+
+def test_a_square_map_as_wide_as_a_token_count_is_a_map_where_it_grows_with_the_image():
+    """PVT-v2's spatial-reduction attention shows its keys as a sequence: with 4-px
+    patches and reduction 4, 16 key tokens at 64 px, as many as the 16x16 first stage has
+    rows. Every (B, C, 16, 16) map after them was refused as a token-to-token matrix over
+    16 tokens (at 256 px the same holds for pvt_v2_b0: 64 keys, a 64x64 stage). A
+    forward at another size tells them apart: a map grows in proportion to the image, a
+    matrix over the image's tokens as their count."""
+    from archs import timm_model
+
+    model = timm_model("pvt_v2_b0", depths=(1, 1, 1, 1), sr_ratios=(4, 2, 2, 1))
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    keys = hooked(model, "stages.0.blocks.0.attn.norm", x)
+    assert keys.shape[1] == 16
+    pam = cv.PatchActivationMap(model, "stages.0")
+    oracle = model.forward_intermediates(pam.normalize(x), indices=[0], intermediates_only=True)
+    assert oracle[0].shape == (2, 32, 16, 16)
+    units = torch.tensor([4, 20])
+    maps = pam.attribute(x, target=units)
+    torch.testing.assert_close(maps, oracle[0][torch.arange(2), units])
+    mlp = cv.resolve_layout(model, "stages.0.blocks.0.mlp.dwconv", x)
+    assert (mlp.kind, mlp.grid) == ("BCHW", (16, 16))
+    # a real matrix over the image's tokens is still one, at any size the model takes
+    small = dict(img_size=32, patch_size=8, depth=2, embed_dim=32, num_heads=2)
+    vit = timm_model("vit_tiny_patch16_224", dynamic_img_size=True, **small)
+    for module in vit.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    with pytest.raises(ValueError, match="token-to-token matrix over the 17 tokens"):
+        cv.resolve_layout(vit, "blocks.1.attn.attn_drop", torch.rand(2, 3, 32, 32))
+    assert hooks_left(model) == hooks_left(vit) == 0
 
 
 def test_per_head_tensors_are_not_read_as_feature_maps():
