@@ -63,6 +63,7 @@ class _LayerMethod(LayerAttribution):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         image_size: int | Sequence[int] | None = None,
+        element: int | None = None,
     ) -> None:
         """
         Args:
@@ -74,6 +75,9 @@ class _LayerMethod(LayerAttribution):
             call: for modules run several times per forward (CoaT), which call (0-based).
             mean, std, image_size: override the model's own normalization / input size.
                 Images are RGB in [0, 1]; the model normalizes them inside.
+            element: for a layer that returns a tuple or list of maps (CrossViT's
+                blocks: one token tensor per branch), which one; by default the first
+                spatial one.
         """
         if not isinstance(attribute_to_layer_input, bool):
             raise TypeError(
@@ -82,6 +86,10 @@ class _LayerMethod(LayerAttribution):
             )
         if isinstance(call, bool) or not isinstance(call, int):
             raise TypeError(f"call must be an int, got {type(call).__name__}")
+        if element is not None and (
+            isinstance(element, bool) or not isinstance(element, int) or element < 0
+        ):
+            raise TypeError(f"element must be None or an int >= 0, got {element!r}")
         wrapped = ImageModel(model, mean=mean, std=std, image_size=image_size)
         self.wrapped = wrapped
         self.vision = wrapped.model
@@ -91,6 +99,7 @@ class _LayerMethod(LayerAttribution):
         LayerAttribution.__init__(self, wrapped, module)
         self.attribute_to_layer_input = attribute_to_layer_input
         self.call = call
+        self.element = element
         self._fixed_size = fixed_input_size(self.vision)
         self._layouts: dict[tuple[int, int, bool], TokenLayout] = {}
 
@@ -138,6 +147,7 @@ class _LayerMethod(LayerAttribution):
                 probe,
                 attribute_to_layer_input=as_input,
                 call=self.call,
+                element=self.element,
                 additional_forward_args=extra,
                 shown=[self.layer_path],
             )
@@ -266,20 +276,23 @@ def as_unit_tensor(
 def layouts_for(methods: Sequence[_LayerMethod], images: torch.Tensor) -> list[TokenLayout]:
     """Each method's layout for images of this size, as its ``layout_for`` gives it; the
     layouts not cached yet are resolved together in one forward. The methods share one
-    model, normalization, ``call`` and ``attribute_to_layer_input``."""
+    model, normalization, ``call`` and ``attribute_to_layer_input``; methods that pick
+    different ``element``s of tuple outputs are resolved in one forward per element."""
     first = methods[0]
     key = first._layout_key(images, first.attribute_to_layer_input)
     missing = [method for method in methods if key not in method._layouts]
-    if missing:
+    for element in dict.fromkeys(method.element for method in missing):
+        group = [method for method in missing if method.element == element]
         probe = first.normalize(images[:2].detach())
         resolved = resolve_layouts(
             first.vision,
-            [method.layer_name for method in missing],
+            [method.layer_name for method in group],
             probe,
             attribute_to_layer_input=first.attribute_to_layer_input,
             call=first.call,
-            shown=[method.layer_path for method in missing],
+            element=element,
+            shown=[method.layer_path for method in group],
         )
-        for method, layout in zip(missing, resolved, strict=True):
+        for method, layout in zip(group, resolved, strict=True):
             method._layouts[key] = layout
     return [method._layouts[key] for method in methods]

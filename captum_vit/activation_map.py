@@ -51,6 +51,7 @@ class PatchActivationMap(_LayerMethod):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         image_size: int | Sequence[int] | None = None,
+        element: int | None = None,
     ) -> None:
         """
         Args:
@@ -64,6 +65,9 @@ class PatchActivationMap(_LayerMethod):
             call: for modules run several times per forward (CoaT), which call to use.
             mean, std, image_size: override the model's own normalization / input size.
                 Images passed to :meth:`attribute` are RGB in [0, 1].
+            element: for a layer that returns a tuple or list of maps (CrossViT's
+                blocks: one token tensor per branch), which one to map; by default the
+                first spatial one.
         """
         super().__init__(
             model,
@@ -73,6 +77,7 @@ class PatchActivationMap(_LayerMethod):
             mean=mean,
             std=std,
             image_size=image_size,
+            element=element,
         )
 
     @checks_unit_range

@@ -1124,6 +1124,11 @@ def _layout_from_value(
         )
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{_layer_words(name)} returns {type(value).__name__}, not a tensor")
+    if element is not None:
+        raise ValueError(
+            f"{_layer_words(name)} returns one tensor {tuple(value.shape)}, not a tuple: "
+            f"element={element} picks a tensor of a tuple or list output; leave it out"
+        )
     return read(value, None, seen)
 
 

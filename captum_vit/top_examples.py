@@ -159,6 +159,7 @@ class TopActivatingExamples(_LayerMethod):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         image_size: int | Sequence[int] | None = None,
+        element: int | None = None,
     ) -> None:
         """
         Args:
@@ -171,6 +172,8 @@ class TopActivatingExamples(_LayerMethod):
             attribute_to_layer_input: rank by the layer's input instead of its output.
             call: for modules run several times per forward (CoaT), which call to use.
             mean, std, image_size: override the model's own normalization / input size.
+            element: for a layer that returns a tuple or list of maps (CrossViT's
+                blocks), which one; by default the first spatial one.
 
         Raises:
             TypeError: ``k`` is not an int. ValueError: ``k`` < 1.
@@ -184,6 +187,7 @@ class TopActivatingExamples(_LayerMethod):
             mean=mean,
             std=std,
             image_size=image_size,
+            element=element,
         )
 
     def attribute(

@@ -301,3 +301,43 @@ def test_overlapping_patches_are_stretched_as_captum_does():
     up = pam.attribute(x, target=0, interpolate=True)
     expected = LayerAttribution.interpolate(maps[:, None], size, "bilinear")[:, 0]
     torch.testing.assert_close(up, expected)
+
+
+def test_element_picks_a_branch_of_a_layer_that_returns_several_maps():
+    """CrossViT's blocks return one token tensor per branch; the methods always took the
+    first (the small-patch branch), with no way to reach the other."""
+    torch.manual_seed(0)
+    import timm
+
+    model = timm.create_model(
+        "crossvit_tiny_240",
+        img_size=64,
+        img_scale=(1.0, 1.0),
+        patch_size=[8, 16],
+        embed_dim=[32, 48],
+        depth=[[1, 1, 0]],
+        num_heads=[2, 2],
+        mlp_ratio=[2, 2, 1],
+    ).eval()
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    pam = cv.PatchActivationMap(model, "blocks.0", element=1)
+    small, large = hooked(model, "blocks.0", pam.normalize(x))
+    assert small.shape == (3, 65, 32) and large.shape == (3, 17, 48)
+    oracle, _ = tokens_to_grid(large, 1, 4, 4)
+    units = torch.tensor([2, 40, 47])
+    torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(3), units])
+    default, _ = tokens_to_grid(small, 1, 8, 8)
+    first = torch.tensor([2, 20, 31])  # the small branch has 32 channels
+    torch.testing.assert_close(
+        cv.PatchActivationMap(model, "blocks.0").attribute(x, target=first),
+        default[torch.arange(3), first],
+    )
+    top = cv.TopActivatingExamples(model, "blocks.0", k=3, element=1).attribute(x, target=[40])
+    torch.testing.assert_close(top.scores[0], oracle[:, 40].mean((-2, -1)).sort(descending=True)[0])
+    fv = cv.FeatureVisualization(model, "blocks.0", element=1)
+    assert fv.layout_for(x).grid == (4, 4)
+    with pytest.raises(ValueError, match="returns one tensor .* not a tuple: element=1"):
+        cv.PatchActivationMap(model, "blocks.0.blocks.0", element=1).attribute(x, target=0)
+    with pytest.raises(TypeError, match="element must be None or an int >= 0"):
+        cv.PatchActivationMap(model, "blocks.0", element="1")
+    assert hooks_left(model) == 0

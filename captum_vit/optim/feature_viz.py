@@ -72,6 +72,8 @@ class FeatureVisualization(_LayerMethod):
             SwiGLU hidden layer of EVA-02 is the input of ``mlp.fc2``).
         call: for modules run several times per forward, which call.
         mean, std, image_size: override the model's normalization and input size.
+        element: for a layer that returns a tuple or list of maps (CrossViT's blocks),
+            which one the objectives read; by default the first spatial one.
 
     Examples::
 
