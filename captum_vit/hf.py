@@ -65,6 +65,8 @@ _FAMILY_NORMALIZATION = {
     "clip_vision_model": _OPENAI,
     "metaclip_2": _OPENAI,
     "metaclip_2_vision_model": _OPENAI,
+    "mobilenet_v1": _HALF,  # TF-slim MobileNets take [-1, 1]
+    "mobilenet_v2": _HALF,
     "mobilevit": _NONE,
     "mobilevitv2": _NONE,
 }

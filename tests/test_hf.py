@@ -600,6 +600,8 @@ def test_normalization_comes_from_the_checkpoints_image_processor(tmp_path):
     T = transformers
     config = T.SiglipVisionConfig(**SMALL, image_size=32)
     assert cv.input_config(T.SiglipVisionModel(config)).mean == (0.5, 0.5, 0.5)
+    mobilenet = T.MobileNetV2Model(T.MobileNetV2Config(image_size=32))
+    assert cv.input_config(mobilenet).std == (0.5, 0.5, 0.5)
     T.SiglipVisionModel(config).save_pretrained(tmp_path / "plain")
     T.ViTImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]).save_pretrained(
         tmp_path / "plain"
