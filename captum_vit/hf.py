@@ -18,9 +18,12 @@ public class of captum_vit takes these models directly; internally they are seen
 * keeps ViT-MAE's patch tokens in image order (it shuffles them with random noise in
   every forward, also with ``mask_ratio=0``: the wrapper passes increasing noise);
 * declares the input size from the model's config (where it has one) and the
-  normalization of the model family's image processor (``config.image_mean`` /
-  ``image_std`` when the config has them; ViT 0.5 / 0.5, CLIP OpenAI mean / std, the
-  others ImageNet mean / std). Pass ``mean=`` / ``std=`` to override, as for any model.
+  normalization the checkpoint was trained with: ``config.image_mean`` / ``image_std``
+  when the config has them, else its saved ``preprocessor_config.json`` (next to the
+  weights or in the Hugging Face cache; never downloaded), else timm's ``pretrained_cfg``
+  for a ``TimmWrapper`` model, else the family's usual values (ViT, BEiT, SigLIP,
+  MobileNet 0.5 / 0.5, CLIP OpenAI mean / std, the others ImageNet mean / std). Pass
+  ``mean=`` / ``std=`` to override, as for any model.
 
 Layer paths are those of the Hugging Face model (``"vit.layers.3"``,
 ``"vision_model.encoder.layers.3"``, ``"encoder.layers.0.blocks.1"``).

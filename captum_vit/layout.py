@@ -869,7 +869,7 @@ def resolve_layouts(
         )
         for (name, _), value, mark in zip(found, values, layer_marks, strict=True)
     ]
-    larger = _ShapesByCall((image_size[0] + _PROBE_GROWTH, image_size[1] + _PROBE_GROWTH))
+    larger = _ShapesByCall(_probe_size(image_size))
     resized = _values_at_another_size(
         model,
         # every layer when pending maps need the forward up to them (it stops after them)
@@ -911,6 +911,11 @@ def resolve_layouts(
 #: map's channel axis from its grid axes is: a multiple of every usual total stride, so
 #: the grid grows and the channels stay.
 _PROBE_GROWTH = 32
+
+
+def _probe_size(image_size: Sequence[int]) -> tuple[int, int]:
+    """The input size of that second forward."""
+    return (int(image_size[0]) + _PROBE_GROWTH, int(image_size[1]) + _PROBE_GROWTH)
 
 
 def _needs_second_size(
@@ -957,7 +962,7 @@ def _values_at_another_size(
     needed = [module for module in modules if module is not None]
     if not needed:
         return [None] * len(modules)
-    size = (inputs.shape[-2] + _PROBE_GROWTH, inputs.shape[-1] + _PROBE_GROWTH)
+    size = _probe_size(inputs.shape[-2:])
     try:
         with (
             preserved_state(model),
@@ -992,8 +997,9 @@ def _grew_at_another_size(
 ) -> bool:
     """:func:`_grows_with_image` for a layer's own output."""
     other = _resized_item(resized, index)
-    larger = (image_size[0] + _PROBE_GROWTH, image_size[1] + _PROBE_GROWTH)
-    return other is not None and _grows_with_image(x.shape, other.shape, kind, image_size, larger)
+    return other is not None and _grows_with_image(
+        x.shape, other.shape, kind, image_size, _probe_size(image_size)
+    )
 
 
 def _orient_by_size(x: torch.Tensor, resized: Any, index: int | None) -> str | None:
@@ -1250,7 +1256,7 @@ def _layout_of_tensor(
 
 def _cube_hint(x: torch.Tensor, image_size: tuple[int, int]) -> str:
     if x.shape[1] == x.shape[2] == x.shape[3]:
-        height, width = (side + _PROBE_GROWTH for side in image_size)
+        height, width = _probe_size(image_size)
         return (
             f", and the model did not run at {height}x{width} to show which axis follows the "
             "image size. Use images of another size, where the grid and the channel count "
