@@ -22,8 +22,9 @@ public class of captum_vit takes these models directly; internally they are seen
   when the config has them, else its saved ``preprocessor_config.json`` (next to the
   weights or in the Hugging Face cache; never downloaded), else timm's ``pretrained_cfg``
   for a ``TimmWrapper`` model, else the family's usual values (ViT, BEiT, SigLIP,
-  MobileNet 0.5 / 0.5, CLIP OpenAI mean / std, the others ImageNet mean / std). Pass
-  ``mean=`` / ``std=`` to override, as for any model.
+  MobileNet 0.5 / 0.5, CLIP OpenAI mean / std, the others ImageNet mean / std), in the
+  channel order it was trained with (BGR where the processor flips the channels, as
+  MobileViT's does). Pass ``mean=`` / ``std=`` to override, as for any model.
 
 Layer paths are those of the Hugging Face model (``"vit.layers.3"``,
 ``"vision_model.encoder.layers.3"``, ``"encoder.layers.0.blocks.1"``).
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import warnings
 import weakref
 from pathlib import Path
 from typing import Any
@@ -133,7 +133,8 @@ class HFVisionModel(nn.Module):
         fixed_size: the only input size the model takes, or ``None``: ViT / DeiT / CLIP
             interpolate their position embeddings to other sizes only from a square grid.
         declared_input_config: ``mean`` / ``std`` / ``size`` for
-            :func:`captum_vit.models.input_config`.
+            :func:`captum_vit.models.input_config`, and ``channel_order: "BGR"`` for a
+            checkpoint whose image processor flips the channels.
         image_prefix: dotted path prefix of the image tower inside this wrapper
             (``"vision_model."`` for ``CLIPModel``, ``"model."`` otherwise).
 
@@ -175,8 +176,11 @@ class HFVisionModel(nn.Module):
         # take any, and what needs one without images asks the user for it.
         size = getattr(config, "image_size", None)
         self.image_size = None if size is None else _pair(size)
-        mean, std = _normalization(config, model)
+        processor = _checkpoint_processor(model.config)
+        mean, std = _normalization(config, model, processor)
         self.declared_input_config = {"mean": mean, "std": std}
+        if processor is not None and processor.get("do_flip_channel_order"):
+            self.declared_input_config["channel_order"] = "BGR"
         if self.image_size is not None:
             self.declared_input_config["size"] = self.image_size
         self.image_prefix = "vision_model." if self._clip_pair else "model."
@@ -242,14 +246,15 @@ def _pair(value: Any) -> tuple[int, int]:
     return (value[0], value[-1])
 
 
-def _normalization(config: Any, model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def _normalization(
+    config: Any, model: nn.Module, processor: dict | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """mean / std for [0, 1] images: the config's own ``image_mean`` / ``image_std``, else
-    the checkpoint's image processor, else, for a timm model in ``TimmWrapper``, timm's
-    ``pretrained_cfg``, else the family's usual one."""
+    the checkpoint's image ``processor`` settings, else, for a timm model in
+    ``TimmWrapper``, timm's ``pretrained_cfg``, else the family's usual one."""
     mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
     if mean is not None and std is not None:
         return _three(mean), _three(std)
-    processor = _checkpoint_processor(model.config)
     if processor is not None:
         return _processor_normalization(processor)
     for timm_cfg in _timm_configs(model):
@@ -293,28 +298,50 @@ def _checkpoint_processor(config: Any) -> dict | None:
         processor = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return processor if isinstance(processor, dict) else None
+    if not isinstance(processor, dict):
+        return None
+    return {**_processor_class_defaults(processor), **processor}
+
+
+#: Steps a processor class may leave out of its saved config: whether it normalizes at
+#: all (MobileViT's does not: its class has ``do_normalize = None``) and flips channels.
+_PROCESSOR_STEPS = ("do_normalize", "do_flip_channel_order")
+
+
+def _processor_class_defaults(processor: dict) -> dict:
+    """The processor class's own choice of the :data:`_PROCESSOR_STEPS` a saved config
+    leaves out: MobileViT's saves an ``image_mean`` but no ``do_normalize``, and does not
+    normalize. Old configs name a ``...FeatureExtractor``."""
+    name = processor.get("image_processor_type") or processor.get("feature_extractor_type")
+    if not isinstance(name, str):
+        return {}
+    try:
+        from transformers.models.auto.image_processing_auto import (
+            get_image_processor_class_from_name,
+        )
+
+        kind = get_image_processor_class_from_name(
+            name.replace("FeatureExtractor", "ImageProcessor")
+        )
+    except Exception:  # another transformers version: the saved settings alone
+        return {}
+    if kind is None:
+        return {}
+    return {key: bool(getattr(kind, key)) for key in _PROCESSOR_STEPS if hasattr(kind, key)}
 
 
 def _processor_normalization(processor: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """What an image processor does to 8-bit pixels, as mean / std on [0, 1] images: it
     rescales them by ``rescale_factor`` (less 1 with ``rescale_offset``, EfficientNet's
     [-1, 1]), then normalizes them with ``image_mean`` / ``image_std``."""
-    if processor.get("do_flip_channel_order"):
-        warnings.warn(
-            "this checkpoint's image processor flips the images to BGR "
-            "(do_flip_channel_order, as MobileViT's does); captum_vit feeds RGB, so the model "
-            "sees red and blue swapped",
-            stacklevel=4,
-        )
     scale = 255.0
     offset = 0.0
     if processor.get("do_rescale", True):
-        scale *= float(processor.get("rescale_factor", 1 / 255))
+        scale *= float(processor.get("rescale_factor") or 1 / 255)
         offset = 1.0 if processor.get("rescale_offset") else 0.0
     mean, std = (0.0, 1.0)
     if processor.get("do_normalize", True) and processor.get("image_mean") is not None:
-        mean, std = processor["image_mean"], processor.get("image_std", 1.0)
+        mean, std = processor["image_mean"], processor.get("image_std") or 1.0
     mean, std = _three(mean), _three(std)
     return (
         tuple((m + offset) / scale for m in mean),

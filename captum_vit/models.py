@@ -822,9 +822,13 @@ class ImageModel(nn.Module):
             mean, std = (torch.tensor(v) for v in self._mean_std_size[:2])
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
+        #: the model takes BGR (a Hugging Face checkpoint whose image processor flips
+        #: the channels, such as MobileViT's): the images' channels are reversed first
+        self.reversed_channels = _declared_config(self.model).get("channel_order") == "BGR"
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """``(images - mean) / std``: [0, 1] RGB images as the wrapped model takes them.
+        """``(images - mean) / std``: [0, 1] RGB images as the wrapped model takes them
+        (in BGR order, for the model's mean / std, where it takes BGR).
 
         The only place where images enter the model: normalized in float32 (or the images'
         own float dtype, if wider) on the images' device, then cast once to the model's
@@ -834,7 +838,13 @@ class ImageModel(nn.Module):
         compute = torch.promote_types(images.dtype, torch.float32)
         mean = self.mean.to(images.device, compute)
         std = self.std.to(images.device, compute)
+        images = self.in_model_channel_order(images)
         return ((images.to(compute) - mean) / std).to(model_dtype(self.model))
+
+    def in_model_channel_order(self, images: torch.Tensor) -> torch.Tensor:
+        """RGB images with their channels in the order the model takes (reversed for a
+        BGR model, see :attr:`reversed_channels`)."""
+        return images.flip(-3) if self.reversed_channels else images
 
     def forward(self, images: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model on the normalized images; further arguments go to it as

@@ -572,3 +572,17 @@ def test_the_whole_model_as_the_layer():
             method(clip, "visual").attribute(x, target=0)
     block = cv.PatchActivationMap(clip, "visual.transformer.resblocks.0")
     assert block.layout_for(x).layer == "visual.transformer.resblocks.0"
+
+
+def test_a_model_that_takes_bgr_gets_its_channels_reversed_in_the_optimization():
+    """A model declaring BGR input (a Hugging Face checkpoint whose image processor flips
+    the channels, as MobileViT's does): the planted red-minus-blue unit then reads the
+    image's blue minus red, so its visualization must turn blue, through the fused
+    normalization of the optimization as through ``normalize``."""
+    model = planted_vit(planted_colour())
+    model.declared_input_config = {"mean": (0.5,) * 3, "std": (0.5,) * 3, "channel_order": "BGR"}
+    fv = cv.FeatureVisualization(model, "blocks.0.mlp.fc1")
+    image = fv.attribute(target=UNIT, preset="fast", steps=20, lr=0.5, show_progress=False)[0]
+    assert image[2].mean() - image[0].mean() > 0.2
+    x = torch.rand(2, 3, SIZE, SIZE)
+    assert torch.equal(fv.normalize(x), (x.flip(1) - 0.5) / 0.5)

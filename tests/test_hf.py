@@ -596,7 +596,8 @@ def test_clip_classifier_reads_its_vision_config():
 def test_normalization_comes_from_the_checkpoints_image_processor(tmp_path):
     """A checkpoint's preprocessor_config.json says how its images were normalized; the
     family default was used instead (SigLIP got ImageNet's instead of 0.5 / 0.5). An
-    EfficientNet-style processor rescales to [-1, 1] first (rescale_offset)."""
+    EfficientNet-style processor rescales to [-1, 1] first (rescale_offset); MobileViT's
+    feeds BGR, which the model then got as RGB."""
     T = transformers
     config = T.SiglipVisionConfig(**SMALL, image_size=32)
     assert cv.input_config(T.SiglipVisionModel(config)).mean == (0.5, 0.5, 0.5)
@@ -622,12 +623,19 @@ def test_normalization_comes_from_the_checkpoints_image_processor(tmp_path):
     found = cv.input_config(T.SiglipVisionModel.from_pretrained(tmp_path / "plain"))
     # x in [0, 1] -> 2x - 1 -> ((2x - 1) - 0.5) / 0.25 = (x - 0.75) / 0.125
     assert found.mean == pytest.approx((0.75,) * 3) and found.std == pytest.approx((0.125,) * 3)
-    (tmp_path / "plain" / "preprocessor_config.json").write_text(
-        json.dumps({"do_flip_channel_order": True, "do_normalize": False})
-    )
-    with pytest.warns(UserWarning, match="BGR"):
-        found = cv.input_config(T.SiglipVisionModel.from_pretrained(tmp_path / "plain"))
+
+    # MobileViT's processor does not normalize and flips the channels to BGR
+    folder = tmp_path / "mobilevit"
+    T.MobileViTModel(T.MobileViTConfig(image_size=32)).save_pretrained(folder)
+    processor = T.MobileViTImageProcessor(do_resize=False, do_center_crop=False)
+    processor.save_pretrained(folder)
+    mobilevit = T.MobileViTModel.from_pretrained(folder).eval()
+    found = cv.input_config(mobilevit)
     assert found.mean == (0.0, 0.0, 0.0) and found.std == (1.0, 1.0, 1.0)
+    pixels = (x * 255).round() / 255
+    expected = processor((pixels[0] * 255).to(torch.uint8), return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(cv.ImageModel(mobilevit).normalize(pixels), expected)
+    assert not torch.equal(expected, pixels)  # the processor did flip the channels
 
 
 def test_timm_models_in_transformers_timm_wrapper():

@@ -284,6 +284,7 @@ class FeatureVisualization(_LayerMethod):
             seen = x
             if tuple(x.shape[-2:]) != tuple(model_size):
                 seen = F.interpolate(x, size=model_size, mode="bilinear", align_corners=False)
+            seen = self.wrapped.in_model_channel_order(seen)
             with amp:
                 output = tap.run(torch.addcmul(shift, seen, scale).to(dtype))[0]
                 scores = scorer(output)
