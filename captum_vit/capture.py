@@ -39,6 +39,7 @@ __all__ = [
     "find_module",
     "module_name",
     "preserved_state",
+    "user_class_name",
 ]
 
 #: Prefixes tried when a dotted path does not resolve as given: the vision tower of an
@@ -132,7 +133,15 @@ def _as_the_user_sees(model: nn.Module) -> tuple[str, str]:
         inner = model.wrapped_prefix
         prefix += inner
         model = getattr(model, inner[:-1])
-    return type(model).__name__, prefix
+    return user_class_name(model), prefix
+
+
+def user_class_name(model: nn.Module) -> str:
+    """The class name of the model the user holds: inside the package's wrappers, the
+    wrapped model's (``CLIPModel`` for the image tower a ``HFVisionModel`` runs of it)."""
+    while getattr(model, "wrapped_prefix", ""):
+        model = getattr(model, model.wrapped_prefix[:-1])
+    return getattr(model, "wrapped_class_name", None) or type(model).__name__
 
 
 def _refuse_ambiguous(model: nn.Module, layer: str, others: list[str]) -> None:

@@ -163,6 +163,8 @@ class HFVisionModel(nn.Module):
                 "vit_base_patch16_siglip_224.v2_webli"
             )
         self._clip_pair = hasattr(model, "get_image_features") and hasattr(model, "text_model")
+        #: the class messages name (a CLIP pair's tower has no "model." to look inside)
+        self.wrapped_class_name = type(model).__name__
         if self._clip_pair:
             # The image tower only: the same modules, under the same paths as in CLIPModel.
             self.vision_model = model.vision_model

@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import _as_the_user_sees, _user_path, find_module, module_name, peel_wrappers
+from .capture import (
+    _as_the_user_sees,
+    _user_path,
+    find_module,
+    module_name,
+    peel_wrappers,
+    user_class_name,
+)
 
 __all__ = [
     "ImageModel",
@@ -493,13 +500,12 @@ def _check_std(std: tuple[float, float, float]) -> None:
 def _unknown_size(model: nn.Module) -> ValueError:
     vision = unwrap_vision(model)
     if getattr(vision, "declared_input_config", None) is not None:  # HFVisionModel
-        name = type(getattr(vision, "model", vision)).__name__
         missing = "its config has no image_size (it takes any size)"
     else:
-        name = type(vision).__name__
         missing = "it has no patch_embed.img_size, image_size or pretrained_cfg"
     return ValueError(
-        f"cannot tell the input size of {name}: {missing}; pass image_size=(H, W) "
+        f"cannot tell the input size of {user_class_name(vision)}: {missing}; pass "
+        "image_size=(H, W) "
         "(on the command line: --image-size)"
     )
 
@@ -518,7 +524,7 @@ def _warn_inner_normalization(vision: nn.Module) -> None:
             return
         expects = f"mean={_short(mean)}, std={_short(std)}"
         warnings.warn(
-            f"{type(vision).__name__} declares no input normalization, but its submodule "
+            f"{user_class_name(vision)} declares no input normalization, but its submodule "
             f"{name!r} ({type(module).__name__}) expects {expects}: images are passed to "
             "the model as they are ([0, 1], unnormalized). If the model expects normalized "
             f"images (your data pipeline normalizes them), pass {expects}; if it "
@@ -576,7 +582,7 @@ def check_embedding_head(head: Any, vision: nn.Module) -> None:
     """Refuse a missing or non-callable ``head`` for a model that outputs embeddings."""
     if head is None:
         raise ValueError(
-            f"{type(vision).__name__} outputs image embeddings, not class logits: pass "
+            f"{user_class_name(vision)} outputs image embeddings, not class logits: pass "
             "head=... (a classifier or a zero-shot head mapping embeddings to logits, e.g. "
             "lambda e: F.normalize(e, dim=-1) @ text_features.T)"
         )

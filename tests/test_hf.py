@@ -659,3 +659,14 @@ def test_timm_models_in_transformers_timm_wrapper():
     units = torch.tensor([3, 30])
     torch.testing.assert_close(pam.attribute(x, target=units), oracle[torch.arange(2), units])
     assert hooks_left(model) == 0
+
+
+def test_messages_name_the_users_model_not_the_packages_wrapper():
+    """Messages named the package's internal wrapper ("none of the blocks of
+    HFVisionModel", "unknown layer ... in HFVisionModel" for a CLIPModel)."""
+    mobilevit = transformers.MobileViTModel(transformers.MobileViTConfig(image_size=64)).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with pytest.raises(ValueError, match="none of the blocks of MobileViTModel has a patch grid"):
+        cv.SpatialLocalityProbe(mobilevit).attribute(x)
+    with pytest.raises(ValueError, match="unknown layer 'nope' in CLIPModel"):
+        cv.resolve_layout(build("clip"), "nope", torch.rand(2, 3, 32, 32))

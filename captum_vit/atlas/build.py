@@ -27,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .._progress import resolve_progress
-from ..capture import find_module, module_name
+from ..capture import find_module, module_name, user_class_name
 from ..layout import resolve_layout
 from ..locality.probe import find_blocks
 from ..models import (
@@ -87,7 +87,7 @@ def default_layers(model: nn.Module) -> list[str]:
         names = find_blocks(vision)
     if not names:
         raise ValueError(
-            f"found no MLP hidden layers or blocks in {type(vision).__name__}; name the "
+            f"found no MLP hidden layers or blocks in {user_class_name(vision)}; name the "
             "layers to show (--layers)"
         )
     return [user_layer_path(model, name) for name in names]
@@ -140,7 +140,7 @@ def _check_layers(
         found[shown] = {"grid": list(layout.grid), "channels": layout.num_channels}
     if not found:
         raise ValueError(
-            f"none of the default layers of {type(vision).__name__} has a patch grid "
+            f"none of the default layers of {user_class_name(vision)} has a patch grid "
             f"({', '.join(left_out)}); name spatial layers to show (--layers). The first "
             f"one's reason: {first_reason}"
         )
@@ -480,7 +480,7 @@ def _overview(model, loaded, images, files: AtlasFiles, layers: dict, tower: str
         }
         files.write_json("data/model.json", cached)
     return {
-        "model": loaded.description if loaded else type(unwrap_vision(model)).__name__,
+        "model": loaded.description if loaded else user_class_name(unwrap_vision(model)),
         "tower": tower,
         "images": images.description,
         "num_images": len(images),

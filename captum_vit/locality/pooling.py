@@ -31,7 +31,7 @@ from torch import nn
 from .._accuracy import TopKCounter
 from .._batches import as_batch_stream, unpack_batch
 from .._progress import progress, resolve_progress
-from ..capture import module_name, preserved_state
+from ..capture import module_name, preserved_state, user_class_name
 from ..layout import TokenLayout, resolve_layout
 from ..models import (
     ImageModel,
@@ -230,7 +230,7 @@ def token_pipeline(vision: nn.Module, head: Head | None = None) -> _TokenPipelin
         check_embedding_head(head, vision)
         return _OpenClipViT(vision, head)
     raise ValueError(
-        f"the cls/patch pooling experiments are undefined for {type(vision).__name__}: they "
+        f"the cls/patch pooling experiments are undefined for {user_class_name(vision)}: they "
         "need a plain stack of blocks over [cls, patches] with the head reading cls alone "
         "(timm VisionTransformer / DeiT with global_pool='token', open_clip ViT towers, "
         "Hugging Face ViT / DeiT classifiers, torchvision VisionTransformer). "

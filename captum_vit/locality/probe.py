@@ -37,7 +37,13 @@ from torch import nn
 
 from .._base import check_count
 from .._progress import progress, resolve_progress
-from ..capture import LayerTap, autograd, outside_inference_mode, preserved_state
+from ..capture import (
+    LayerTap,
+    autograd,
+    outside_inference_mode,
+    preserved_state,
+    user_class_name,
+)
 from ..layout import TokenLayout, resolve_layouts
 from ..models import (
     ImageModel,
@@ -164,7 +170,7 @@ class SpatialLocalityProbe(LayerAttribution):
         if layers is None:
             if not self.blocks:
                 raise ValueError(
-                    f"found no blocks in {type(self.vision).__name__}; pass layers=[...] "
+                    f"found no blocks in {user_class_name(self.vision)}; pass layers=[...] "
                     "(dotted paths or modules)"
                 )
             names = list(self.blocks)
@@ -228,7 +234,7 @@ class SpatialLocalityProbe(LayerAttribution):
             taps.append(_input_tap(self.vision, order, name, probe) if as_input else (name, False))
         if not kept:
             raise ValueError(
-                f"none of the blocks of {type(self.vision).__name__} has a patch grid; pass "
+                f"none of the blocks of {user_class_name(self.vision)} has a patch grid; pass "
                 "spatial layers=[...]"
             )
         generator = torch.Generator().manual_seed(self.seed)
