@@ -86,10 +86,10 @@ class _LayerMethod(LayerAttribution):
             )
         if isinstance(call, bool) or not isinstance(call, int):
             raise TypeError(f"call must be an int, got {type(call).__name__}")
-        if element is not None and (
-            isinstance(element, bool) or not isinstance(element, int) or element < 0
-        ):
-            raise TypeError(f"element must be None or an int >= 0, got {element!r}")
+        if element is not None and (isinstance(element, bool) or not isinstance(element, int)):
+            raise TypeError(f"element must be None or an int, got {type(element).__name__}")
+        if element is not None and element < 0:
+            raise ValueError(f"element must be >= 0 (a position in the tuple), got {element}")
         wrapped = ImageModel(model, mean=mean, std=std, image_size=image_size)
         self.wrapped = wrapped
         self.vision = wrapped.model
@@ -281,9 +281,9 @@ def layouts_for(methods: Sequence[_LayerMethod], images: torch.Tensor) -> list[T
     first = methods[0]
     key = first._layout_key(images, first.attribute_to_layer_input)
     missing = [method for method in methods if key not in method._layouts]
+    probe = first.normalize(images[:2].detach()) if missing else None
     for element in dict.fromkeys(method.element for method in missing):
         group = [method for method in missing if method.element == element]
-        probe = first.normalize(images[:2].detach())
         resolved = resolve_layouts(
             first.vision,
             [method.layer_name for method in group],

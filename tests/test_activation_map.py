@@ -338,6 +338,8 @@ def test_element_picks_a_branch_of_a_layer_that_returns_several_maps():
     assert fv.layout_for(x).grid == (4, 4)
     with pytest.raises(ValueError, match="returns one tensor .* not a tuple: element=1"):
         cv.PatchActivationMap(model, "blocks.0.blocks.0", element=1).attribute(x, target=0)
-    with pytest.raises(TypeError, match="element must be None or an int >= 0"):
+    with pytest.raises(TypeError, match="element must be None or an int, got str"):
         cv.PatchActivationMap(model, "blocks.0", element="1")
+    with pytest.raises(ValueError, match="element must be >= 0"):
+        cv.PatchActivationMap(model, "blocks.0", element=-1)
     assert hooks_left(model) == 0
