@@ -255,8 +255,8 @@ def _assemble(
     source = layout.select(original)
     if layout.kind in ("BNC", "NBC"):
         tokens = patches.flatten(2).transpose(1, 2)
-        if layout.num_prefix_tokens:
-            tokens = torch.cat([prefix.to(tokens.dtype), tokens], dim=1)
+        prefix = tokens[:, :0] if prefix is None else prefix.to(tokens.dtype)
+        tokens = layout.join_tokens(prefix, tokens)
         tensor = tokens.transpose(0, 1) if layout.kind == "NBC" else tokens
     elif layout.kind == "BHWC":
         tensor = patches.permute(0, 2, 3, 1)

@@ -23,7 +23,7 @@ spatial (pooled features, class-attention or query tokens, windowed attention), 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
@@ -73,6 +73,11 @@ class TokenLayout:
         call: which call of the layer (modules run several times per forward) this
             layout describes.
         attribute_to_layer_input: whether it describes the layer's input.
+        token_order: ``None`` when the patch tokens are in raster order of the grid (every
+            model but Hiera); else, for each grid cell in raster order, the position of its
+            token among the patch tokens (Hiera's blocks keep the tokens of each pooling
+            window apart, in "unrolled" order). :meth:`split` and :meth:`split_tokens`
+            always return patches in raster order.
     """
 
     kind: str
@@ -85,6 +90,7 @@ class TokenLayout:
     prefix_element: int | None = None
     call: int = 0
     attribute_to_layer_input: bool = False
+    token_order: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -122,10 +128,11 @@ class TokenLayout:
         names = ", ".join(f"{n} at {i}" for i, n in enumerate(self.prefix_names))
         if self.kind in ("BNC", "NBC"):
             start = self.num_prefix_tokens
+            order = "raster order" if self.token_order is None else "Hiera's unrolled order"
             tokens = (
-                f"{start} prefix: {names}; then {h}x{w} patches in raster order from {start}"
+                f"{start} prefix: {names}; then {h}x{w} patches in {order} from {start}"
                 if start
-                else f"no prefix tokens; {h}x{w} patches in raster order"
+                else f"no prefix tokens; {h}x{w} patches in {order}"
             )
         elif self.prefix_element is not None:
             tokens = (
@@ -186,7 +193,8 @@ class TokenLayout:
         """Split a batch-first token sequence of this layout into ``(prefix, patches)``.
 
         This is the one definition of token order: the ``num_prefix_tokens`` prefix tokens
-        come first, then the ``h*w`` patch tokens in raster order.
+        come first, then the ``h*w`` patch tokens, in raster order or, where the layout
+        has a ``token_order``, in that order (put back in raster order here).
 
         Args:
             sequence: ``(B, N, C)`` with ``N = num_prefix_tokens + h*w`` (an ``NBC``
@@ -209,7 +217,10 @@ class TokenLayout:
         if tokens != self.num_tokens or channels != self.num_channels:
             raise self._mismatch(sequence)
         p = self.num_prefix_tokens
-        return sequence[:, :p], sequence[:, p:]
+        patches = sequence[:, p:]
+        if self.token_order is not None:
+            patches = patches[:, self._order_index(patches.device)]
+        return sequence[:, :p], patches
 
     def prefix_tokens(self, sequence: torch.Tensor) -> torch.Tensor:
         """The prefix ``(B, P, C)`` of a batch-first sequence that starts with this
@@ -230,12 +241,17 @@ class TokenLayout:
             )
         sequence = torch.cat([prefix, patches], dim=1)
         self.split_tokens(sequence)  # checks the patch count and width
-        return sequence
+        if self.token_order is None:
+            return sequence
+        return torch.cat([prefix, patches[:, self._order_index(patches.device).argsort()]], dim=1)
 
     def tokens(self, output: Any) -> torch.Tensor:
         """The layer output as ``(B, h*w, C)`` patch tokens in raster order (prefix dropped)."""
         spatial, _ = self.split(output)
         return spatial.flatten(2).transpose(1, 2)
+
+    def _order_index(self, device: torch.device) -> torch.Tensor:
+        return torch.as_tensor(self.token_order, dtype=torch.long, device=device)
 
     def _check(self, x: torch.Tensor, ndim: int) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != ndim:
@@ -568,12 +584,80 @@ def _trailing_token_count(vision: nn.Module) -> int:
     return 0
 
 
+#: Per token count of an unrolled Hiera sequence: its grid and its ``token_order``.
+_UnrolledOrders = dict[int, tuple[tuple[int, int], tuple[int, ...]]]
+
+
+def _hiera_unroll_plan(
+    model: nn.Module, image_size: tuple[int, int]
+) -> tuple[tuple[int, int], list[tuple[int, int]]] | None:
+    """The patch grid Hiera unrolls and its unroll strides, one ``(sy, sx)`` per query
+    pooling it prepares: timm's ``Unroll`` module (``size``, ``schedule``), or Hugging
+    Face's ``HieraModel`` (``unroll_schedule``; the grid is the image over
+    ``config.patch_stride``). ``None`` for anything else, or a video (3-D) Hiera."""
+    for module in model.modules():
+        kind = type(module)
+        if _is_hiera_unroll(module):
+            grid, schedule = list(module.size), list(module.schedule)
+        elif kind.__name__ == "HieraModel" and kind.__module__.startswith("transformers."):
+            stride = module.config.patch_stride
+            grid = [size // step for size, step in zip(image_size, stride, strict=True)]
+            schedule = list(module.unroll_schedule)
+        else:
+            continue
+        if len(grid) != 2 or any(len(strides) != 2 for strides in schedule):
+            return None
+        return (grid[0], grid[1]), [(int(sy), int(sx)) for sy, sx in schedule]
+    return None
+
+
+def _unrolled_orders(grid: tuple[int, int], schedule: Sequence[tuple[int, int]]) -> _UnrolledOrders:
+    """Where Hiera keeps each patch of an ``h x w`` grid, per stage.
+
+    Its unroll moves, for each ``(sy, sx)`` of ``schedule`` in turn, the position inside
+    each ``sy x sx`` window to the front of the sequence, so that a query pooling is a max
+    over ``sy*sx`` equal slices (``x.view(B, sy*sx, -1, C).amax(1)``); each pooling uses up
+    the outermost stride. Following the cells through both gives, for the sequence of
+    every stage (told apart by its token count), its grid and for each grid cell the
+    position of its token. Empty when the grid does not divide by the strides."""
+    h, w = grid
+    cells = torch.arange(h * w).view(1, h, w)
+    for sy, sx in schedule:
+        windows, rows, cols = cells.shape
+        if rows % sy or cols % sx:
+            return {}
+        cells = cells.view(windows, rows // sy, sy, cols // sx, sx).permute(0, 2, 4, 1, 3)
+        cells = cells.reshape(windows * sy * sx, rows // sy, cols // sx)
+    held = cells.reshape(-1)  # the grid cell each token holds, in sequence order
+    orders: _UnrolledOrders = {}
+    for level in range(len(schedule) + 1):
+        orders[held.numel()] = ((h, w), tuple(held.argsort().tolist()))
+        if level == len(schedule):
+            break
+        sy, sx = schedule[level]
+        coarse = (held // w // sy) * (w // sx) + held % w // sx
+        h, w = h // sy, w // sx
+        pooled = coarse.view(sy * sx, -1)
+        if not bool((pooled == pooled[0]).all()):
+            break
+        held = pooled[0]
+    return orders
+
+
 def _refuse_unread_token_order(
-    path: str, chain: Sequence[nn.Module], vision: nn.Module, *, unrolled: bool
+    path: str,
+    chain: Sequence[nn.Module],
+    vision: nn.Module,
+    *,
+    unrolled: bool,
+    orders: _UnrolledOrders,
+    value: Any,
+    element: int | None,
 ) -> None:
     """Refuse a token layer whose tokens are not prefix tokens then patches in raster
-    order, though their count may fit the patch grid: YOLOS's trailing detection tokens,
-    Hiera's unrolled mask units."""
+    order, though their count may fit the patch grid, and that the package cannot put in
+    order: YOLOS's trailing detection tokens; Hiera's unrolled tokens where their count
+    is none of its stages' (``orders``)."""
     trailing = _trailing_token_count(vision)
     if trailing:
         raise ValueError(
@@ -583,14 +667,63 @@ def _refuse_unread_token_order(
             "it cannot tell this layer's patches apart. Use the patch embedding's "
             "convolution, or a ViT backbone without detection tokens"
         )
-    if _hiera_unrolled(chain, unrolled):
+    if not _hiera_unrolled(chain, unrolled) or _unrolled_element(value, orders, element):
+        return
+    if element is not None and isinstance(value, torch.Tensor):
         raise ValueError(
-            f"{_layer_words(path)} holds Hiera's tokens in their unrolled order (the "
-            "tokens of each query-pooling window stored apart, for its mask units), not "
-            "in raster order of the image grid: no patch map can be read from them. Use "
-            "the patch embedding, or the stage outputs timm's forward_intermediates / "
-            "Hugging Face's reshaped_hidden_states put back on the grid"
+            f"{_layer_words(path)} returns one tensor {tuple(value.shape)}, not a tuple: "
+            f"element={element} picks a tensor of a tuple or list output; leave it out"
         )
+    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+    stages = ", ".join(f"{count} ({h}x{w})" for count, ((h, w), _) in orders.items())
+    raise ValueError(
+        f"{_layer_words(path)} holds Hiera's tokens in their unrolled order (the tokens of "
+        f"each query-pooling window stored apart, for its mask units), but its output "
+        f"{shape} holds none of its stages' token sequences"
+        + (f" (B, N, C) with N one of {stages}" if stages else "")
+        + ": no patch map can be read from it. Use a block, its MLP or its norms, or the "
+        "patch embedding"
+    )
+
+
+def _unrolled_element(
+    value: Any, orders: _UnrolledOrders, element: int | None
+) -> tuple[torch.Tensor, int | None] | None:
+    """The ``(B, N, C)`` tensor of ``value`` whose ``N`` is one of the unrolled stages'
+    token counts, with its position in a tuple output (``None`` for a tensor output;
+    ``element`` picks the position); ``None`` if there is none."""
+
+    def is_stage(item: Any) -> bool:
+        return isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[1] in orders
+
+    if isinstance(value, torch.Tensor):
+        return (value, None) if element is None and is_stage(value) else None
+    if not isinstance(value, (tuple, list)):
+        return None
+    positions = [element] if element is not None else range(len(value))
+    for position in positions:
+        if 0 <= position < len(value) and is_stage(value[position]):
+            return value[position], position
+    return None
+
+
+def _unrolled_layout(
+    found: tuple[torch.Tensor, int | None], orders: _UnrolledOrders, name: str, **common: Any
+) -> TokenLayout:
+    """The layout of one of Hiera's unrolled token sequences (no prefix tokens)."""
+    tensor, element = found
+    grid, order = orders[int(tensor.shape[1])]
+    return TokenLayout(
+        "BNC",
+        grid,
+        0,
+        (),
+        int(tensor.shape[2]),
+        layer=name,
+        element=element,
+        token_order=order,
+        **common,
+    )
 
 
 def _is_feature_map(value: Any) -> bool:
@@ -850,14 +983,23 @@ def resolve_layouts(
     for path, value, maker in zip(shown, values, makers, strict=True):
         if maker is not None:
             _refuse_channels_first_sequence(path, value, maker, batch)
+    plan = _hiera_unroll_plan(model, image_size)
+    orders = _unrolled_orders(*plan) if plan is not None else {}
+    unrolled_tokens = []
     for (name, module), path, value, flag in zip(found, shown, values, unrolled, strict=True):
+        flag = flag or (_is_hiera_unroll(module) and not attribute_to_layer_input)
         if not _is_feature_map(value):
             _refuse_unread_token_order(
                 path,
                 chains[name],
                 vision,
-                unrolled=flag or (_is_hiera_unroll(module) and not attribute_to_layer_input),
+                unrolled=flag,
+                orders=orders,
+                value=value,
+                element=element,
             )
+        hiera = _hiera_unrolled(chains[name], flag)
+        unrolled_tokens.append(_unrolled_element(value, orders, element) if hiera else None)
     needed = [
         _needs_second_size(
             value,
@@ -886,8 +1028,11 @@ def resolve_layouts(
     witnesses.confirm_maps(larger)
     seen = [witnesses.before(mark) for mark in layer_marks]
     counts = [witnesses.token_counts_before(mark) for mark in layer_marks]
+    common = dict(call=call, attribute_to_layer_input=attribute_to_layer_input)
     return [
-        _layout_from_value(
+        _unrolled_layout(tokens, orders, path, **common)
+        if tokens is not None
+        else _layout_from_value(
             value,
             name=path,
             chain=chains[name],
@@ -901,8 +1046,8 @@ def resolve_layouts(
             attribute_to_layer_input=attribute_to_layer_input,
             resized=other_size,
         )
-        for (name, _), path, value, layer_seen, layer_counts, other_size in zip(
-            found, shown, values, seen, counts, resized, strict=True
+        for (name, _), path, value, layer_seen, layer_counts, other_size, tokens in zip(
+            found, shown, values, seen, counts, resized, unrolled_tokens, strict=True
         )
     ]
 

@@ -304,6 +304,8 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
             if _embeds_a_stems_output(module):
                 continue
             return _pair(module.img_size)
+    if _timm_hiera_size(vision) is not None:
+        return _timm_hiera_size(vision)
     for module in (vision, getattr(vision, "trunk", None)):
         if module is None:
             continue
@@ -312,6 +314,18 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
             if isinstance(value, (int, tuple, list)):
                 return _pair(value)
     return None
+
+
+def _timm_hiera_size(vision: nn.Module) -> tuple[int, int] | None:
+    """The one size a timm Hiera takes (its unroll and position embedding are built for
+    it): its token grid times its patch stride. It keeps no ``img_size``."""
+    kind = type(vision)
+    if kind.__module__ != "timm.models.hiera":
+        return None
+    grid, stride = vision.tokens_spatial_shape, vision.patch_stride
+    if len(grid) != 2:
+        return None
+    return grid[0] * stride[0], grid[1] * stride[1]
 
 
 def _embeds_a_stems_output(patch_embed: nn.Module) -> bool:
@@ -635,7 +649,7 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
                 return _pair(module.image_size)
     if _is_torchvision_vit(vision):  # its forward asserts its own size
         return _pair(vision.image_size)
-    return None
+    return _timm_hiera_size(vision)
 
 
 def _is_torchvision_vit(module: nn.Module) -> bool:

@@ -559,36 +559,67 @@ def test_raster_coordinates_witness_the_grid_and_shuffled_ones_do_not():
         cv.resolve_layout(shuffled, "block", x)
 
 
-def test_hiera_unrolled_tokens_are_refused_not_scrambled(tmp_path):
-    """Hiera (timm and Hugging Face) reorders its tokens into mask units before its
-    blocks. Stage 0 keeps the patch count, so its layers resolved to the patch grid and
-    their maps were silently scrambled (on timm's hiera_tiny_224 they differed from
-    forward_intermediates by up to 2.2); later stages were refused for the wrong reason."""
+def test_hiera_unrolled_tokens_are_read_in_raster_order(tmp_path):
+    """Hiera (timm) reorders its tokens into mask units before its blocks, and each query
+    pooling uses up one level of that order. Its token layers were refused (stage 0 had
+    once been silently scrambled). Every block, and layers inside a pooling block on both
+    sides of the pooling, now read as timm's own Reroll / forward_intermediates put them
+    on the grid (exact), and the order goes back in where patch_grid reassembles a layer
+    and where an objective picks a position."""
     from archs import timm_model
+    from captum.attr import LayerActivation
+
+    from captum_vit.optim.objectives import compile_objectives, neuron
 
     model = timm_model("hiera_tiny_224", img_size=64, embed_dim=16, num_heads=1, stages=(1,) * 4)
-    x = images((64, 64))
-    raw = hooked(model, "blocks.0", x)
+    assert cv.ImageModel(model).image_size == (64, 64)  # it keeps no img_size: was 224
+    with pytest.raises(ValueError, match="takes 64x64 images only"):
+        cv.PatchActivationMap(model, "blocks.0").attribute(torch.rand(2, 3, 96, 96))
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = cv.ImageModel(model).normalize(pixels)
     with torch.no_grad():
-        (stage0,) = model.forward_intermediates(x, indices=[0], intermediates_only=True)
-    raster = raw.transpose(1, 2).reshape(2, -1, 16, 16)
-    assert raster.shape == stage0.shape and not torch.allclose(raster, stage0, atol=1e-2)
-    for layer in ("blocks.0", "blocks.0.mlp.act", "blocks.1", "unroll"):
-        with pytest.raises(ValueError, match="Hiera's tokens in their unrolled order"):
-            cv.resolve_layout(model, layer, x)
-    with pytest.raises(ValueError, match="unrolled order"):
-        cv.PatchActivationMap(model, "blocks.0").attribute(torch.rand(2, 3, 64, 64))
-    # before the unroll the tokens are in raster order: the patch embedding's hand reshape
-    layout = cv.resolve_layout(model, "patch_embed", x)
-    embedded = hooked(model, "patch_embed", x)
-    torch.testing.assert_close(
-        layout.split(embedded)[0], embedded.transpose(1, 2).reshape(2, 16, 16, 16)
-    )
-    assert hooks_left(model) == 0
-    # the atlas's default layers are all unrolled: its refusal says why
-    with pytest.raises(ValueError, match="none of the default layers.*unrolled order"):
-        cv.build_atlas(model, torch.rand(4, 3, 64, 64), out=tmp_path / "atlas", steps=1)
+        stages = model.forward_intermediates(x, indices=4, intermediates_only=True)
+    raw_first = hooked(model, "blocks.0", x).transpose(1, 2).reshape(2, 16, 16, 16)
+    assert not torch.allclose(raw_first, stages[0], atol=1e-2)  # unrolled is not raster
+    for block, stage in enumerate(stages):
+        maps = cv.PatchActivationMap(model, f"blocks.{block}").attribute(pixels)
+        torch.testing.assert_close(maps, stage, rtol=0, atol=0)
+    # inside the pooling block: norm1 before the pooling (stage 0), the MLP after (stage 1)
+    for layer, stage in (("blocks.1.norm1", 0), ("blocks.1.mlp.act", 1), ("unroll", 0)):
+        raster = model.reroll(hooked(model, layer, x), stage).permute(0, 3, 1, 2)
+        maps = cv.PatchActivationMap(model, layer).attribute(pixels)
+        torch.testing.assert_close(maps, raster, rtol=0, atol=0)
+    layout = cv.resolve_layout(model, "blocks.1.mlp.act", x)
+    assert layout.grid == (8, 8) and "8x8 patches in Hiera's unrolled order" in layout.describe()
 
+    # an objective at a position reads that cell of the grid
+    unit, cell = 5, (2, 6)
+    raw = hooked(model, "blocks.1.mlp.act", x)
+    scorer = compile_objectives([neuron(unit, cell)], layout, layout.num_channels)
+    expected = model.reroll(raw, 1)[:, cell[0], cell[1], unit]
+    torch.testing.assert_close(scorer(raw), expected)
+
+    # patch_grid hands Captum the grid and puts the tokens back in Hiera's order
+    last = hooked(model, "blocks.3", x)  # its head is zero at initialization: not the logits
+    with cv.patch_grid(model, "blocks.1", inputs=pixels) as grid:
+        passed = hooked(model, "blocks.3", x)
+        activation = LayerActivation(model, grid).attribute(x)
+    torch.testing.assert_close(passed, last, rtol=0, atol=0)
+    torch.testing.assert_close(activation, stages[1], rtol=0, atol=0)
+    assert hooks_left(model) == 0
+    with pytest.raises(ValueError, match="returns one tensor.*element=1"):
+        cv.resolve_layout(model, "blocks.0", x, element=1)
+
+    # the atlas's default layers (the MLP hidden layers) are read now
+    site = cv.build_atlas(model, pixels, out=tmp_path / "atlas", steps=1, units=1, k=1)
+    assert site.name == "index.html" and site.is_file()
+
+
+def test_hugging_face_hiera_reads_in_raster_order():
+    """Hugging Face's Hiera unrolls with a function before its encoder; its stages
+    return tuples. Each stage's tokens read as its own reshaped_hidden_states (exact), and
+    at another input size (its unroll follows the image) the first layer reads as the
+    embeddings' raster map through the same LayerNorm."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, "HieraConfig"):
         pytest.skip(f"transformers {transformers.__version__} has no Hiera")
@@ -602,16 +633,26 @@ def test_hiera_unrolled_tokens_are_refused_not_scrambled(tmp_path):
         num_heads=[1, 2, 2, 2],
         mlp_ratio=2.0,
     )
+    torch.manual_seed(0)
     hf = transformers.HieraModel(config).eval()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        out = hf(x, output_hidden_states=True)
-    first = hooked(hf, "encoder.stages.0.layers.0", x)
-    first = first[0] if isinstance(first, tuple) else first
-    reshaped = out.reshaped_hidden_states[1].permute(0, 3, 1, 2)
-    assert not torch.allclose(first.transpose(1, 2).reshape(2, 16, 16, 16), reshaped, atol=1e-2)
-    with pytest.raises(ValueError, match="Hiera's tokens in their unrolled order"):
-        cv.resolve_layout(hf, "encoder.stages.0.layers.0.mlp.activation_fn", x)
-    assert cv.resolve_layout(hf, "embeddings", x).grid == (16, 16)
+        out = hf(cv.ImageModel(hf).normalize(pixels), output_hidden_states=True)
+    for stage, reshaped in enumerate(out.reshaped_hidden_states[1:]):
+        maps = cv.PatchActivationMap(hf, f"encoder.stages.{stage}").attribute(pixels)
+        torch.testing.assert_close(maps, reshaped.permute(0, 3, 1, 2), rtol=0, atol=0)
+    layout = cv.resolve_layout(hf, "encoder.stages.1.layers.0.attn", pixels)
+    assert layout.element == 0 and layout.grid == (8, 8)
+
+    larger = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    embedded = cv.PatchActivationMap(hf, "embeddings").attribute(larger)
+    norm = hf.encoder.stages[0].layers[0].layernorm_before
+    with torch.no_grad():
+        expected = norm(embedded.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    layer = "encoder.stages.0.layers.0.layernorm_before"
+    maps = cv.PatchActivationMap(hf, layer).attribute(larger)
+    assert maps.shape == (2, 16, 32, 32)
+    torch.testing.assert_close(maps, expected)
 
 
 def test_a_model_that_shows_no_grid_is_not_called_non_spatial():

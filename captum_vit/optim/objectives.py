@@ -300,9 +300,9 @@ def layer_tokens(output: Any, layout: TokenLayout | None) -> Tensor:
         if flat is None:
             raise ValueError("a non-spatial layer must output a (B, C) tensor")
         return flat[:, None, :]
-    if layout.kind == "BNC" and layout.element is None:
+    if layout.kind == "BNC" and layout.element is None and layout.token_order is None:
         return output
-    if layout.kind == "NBC" and layout.element is None:
+    if layout.kind == "NBC" and layout.element is None and layout.token_order is None:
         return output.transpose(0, 1)
     spatial, prefix = layout.split(output)
     patches = spatial.flatten(2).transpose(1, 2)
