@@ -125,7 +125,7 @@ def _layout_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
     its layer paths."""
     import open_clip
 
-    from .atlas.sources import create_timm, load_model
+    from .atlas.sources import create_timm_at, load_model
 
     if not timm.is_model(args.model) and args.model not in open_clip.list_models():
         # a Hugging Face directory or module:function (else load_model's unknown-name error)
@@ -145,16 +145,11 @@ def _layout_model(args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
             clip = open_clip.create_model(args.model, pretrained=None, **size)
         note = "its image tower (on the full model in code, a layer takes the prefix visual.)"
         return clip.visual.eval(), note
+    model = create_timm_at(args.model, args.pretrained, args.img_size).eval()
     if not args.img_size:
-        return create_timm(args.model, args.pretrained).eval(), "the model"
-    try:  # built for the size: a ViT's position embedding and grid follow it
-        model = create_timm(args.model, args.pretrained, img_size=args.img_size)
-    except TypeError as error:  # a CNN takes any size and no img_size
-        if "img_size" not in str(error):
-            raise
-        model = create_timm(args.model, args.pretrained)
+        return model, "the model"
     # the size is the wrapper's too, where the model does not record it (CNNs, Gemma 4)
-    return ImageModel(model.eval(), image_size=args.img_size), "the model"
+    return ImageModel(model, image_size=args.img_size), "the model"
 
 
 def layout_command(args: argparse.Namespace) -> int:
@@ -248,8 +243,9 @@ def _add_atlas_parser(sub: argparse._SubParsersAction) -> None:
         "--image-size",
         "--img-size",
         type=_image_size,
-        help="input size, N or HxW (default: the model's own; needed for a model that "
-        "records none, such as a torchvision CNN)",
+        help="input size, N or HxW (default: the model's own; a timm or open_clip name is "
+        "built for it, its weights resampled; needed for a model that records none, such "
+        "as a torchvision CNN)",
     )
     atlas.add_argument("--scenes", type=int, default=256, help="zoo scenes without --images")
     atlas.add_argument("--out", default="atlas", help="the atlas folder (default: atlas)")
@@ -300,7 +296,11 @@ def atlas_command(args: argparse.Namespace) -> int:
     from .atlas import build_atlas, load_model
 
     loaded = load_model(
-        args.model, zoo_name=args.zoo, weights=args.weights, pretrained=args.pretrained
+        args.model,
+        zoo_name=args.zoo,
+        weights=args.weights,
+        pretrained=args.pretrained,
+        image_size=args.image_size if args.zoo is None else None,
     )
     if loaded.random_weights and os.environ.get("RANK", "0") == "0":
         print(

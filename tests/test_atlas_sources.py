@@ -306,6 +306,45 @@ def test_timm_model_with_a_weights_file_and_pretrained_without_network(tmp_path,
         load_model("vit_tiny_patch16_224", pretrained=True)
 
 
+def test_image_size_builds_the_named_model_for_that_size(tmp_path, tiny_clip_names, capsys):
+    """``captum-vit atlas vit_tiny_patch16_224 --image-size 64`` stopped with "this model
+    takes 224x224 images only": the layout command built a timm model for the size, the
+    atlas wrapped the 224-px model. A timm or open_clip name is now built for the size,
+    and its weights (a file, or timm's download) resampled to it as timm / open_clip
+    resample them; a CNN, which takes no img_size, is built as it is."""
+    from timm.layers import resample_abs_pos_embed
+
+    torch.manual_seed(5)
+    saved = timm.create_model("vit_tiny_patch16_224")
+    torch.save(saved.state_dict(), tmp_path / "vit.pt")
+    loaded = load_model("vit_tiny_patch16_224", weights=tmp_path / "vit.pt", image_size=(64, 64))
+    assert ImageModel(loaded.model).image_size == (64, 64)
+    expected = resample_abs_pos_embed(saved.pos_embed, new_size=(4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(loaded.model.pos_embed, expected)
+    assert torch.equal(loaded.model.blocks[5].mlp.fc1.weight, saved.blocks[5].mlp.fc1.weight)
+    assert load_model("vit_tiny_patch16_224", image_size=(64, 48)).model.patch_embed.grid_size == (
+        4,
+        3,
+    )
+    cnn = load_model("resnet18", image_size=(96, 96)).model  # no img_size: built as it is
+    assert type(cnn).__name__ == "ResNet"
+
+    name, _ = tiny_clip_names
+    clip = open_clip.create_model(name)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    sized = load_model(name, weights=tmp_path / "clip.pt", image_size=(48, 48)).model
+    assert ImageModel(sized).image_size == (48, 48)
+    assert sized.visual.positional_embedding.shape[0] == 1 + 6 * 6
+    assert torch.equal(sized.visual.conv1.weight, clip.visual.conv1.weight)
+
+    out = tmp_path / "atlas"
+    args = ["atlas", "vit_tiny_patch16_224", "--image-size", "64", "--scenes", "2"]
+    args += ["--layers", "blocks.0.mlp.act", "--units", "1", "--k", "1", "--steps", "1"]
+    assert main([*args, "--out", str(out)]) == 0, capsys.readouterr().err
+    manifest = json.loads((out / "atlas.json").read_text())
+    assert manifest["layers"]["blocks.0.mlp.act"]["grid"] == [4, 4]
+
+
 def test_zoo_scenes_are_drawn_at_the_model_input_size():
     scenes = open_images(_tiny_timm_vit(), None, scenes=3)
     assert scenes.batch([0, 2])["image"].shape == (2, 3, 32, 32)

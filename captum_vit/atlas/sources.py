@@ -61,6 +61,7 @@ def load_model(
     zoo_name: str | None = None,
     weights: str | Path | None = None,
     pretrained: bool = False,
+    image_size: tuple[int, int] | None = None,
 ) -> LoadedModel:
     """Load the atlas's model.
 
@@ -73,6 +74,10 @@ def load_model(
         weights: a local checkpoint (``.safetensors`` or a ``torch.save`` state dict) for
             a timm, open_clip or zoo model.
         pretrained: download timm's pretrained weights (needs a network).
+        image_size: ``(H, W)`` to build a timm or open_clip model for (a ViT's position
+            embedding and patch grid follow it; its weights, pretrained or ``weights``,
+            are resampled to it as timm / open_clip resample them). An architecture that
+            takes any size (a CNN) is built as it is.
 
     Returns:
         The model in eval mode, with its description and weights fingerprint. A timm name
@@ -105,7 +110,8 @@ def load_model(
     elif ":" in name and not Path(name).exists():
         model, description = _from_function(name), name
     else:
-        (model, random_weights), description = _from_library(name, weights, pretrained), name
+        (model, random_weights) = _from_library(name, weights, pretrained, image_size)
+        description = name
     if weights is not None and zoo_name is not None:
         _load_weights(model, weights, f"zoo {zoo_name}")
     if weights is not None:
@@ -131,7 +137,10 @@ def _from_function(spec: str) -> nn.Module:
 
 
 def _from_library(
-    name: str, weights: str | Path | None, pretrained: bool
+    name: str,
+    weights: str | Path | None,
+    pretrained: bool,
+    image_size: tuple[int, int] | None = None,
 ) -> tuple[nn.Module, bool]:
     """The model, and whether it is a timm architecture with its random initialization."""
     import open_clip
@@ -145,7 +154,7 @@ def _from_library(
             )
         return _from_hf_directory(Path(name)), False
     if timm.is_model(name):
-        model = create_timm(name, pretrained)
+        model = create_timm_at(name, pretrained, image_size)
         if weights is not None:
             _load_weights(model, weights, name)
         return model, weights is None and not pretrained
@@ -155,8 +164,9 @@ def _from_library(
                 f"open_clip model {name} needs --weights FILE (a local checkpoint; "
                 "--pretrained is for timm names)"
             )
+        sized = {"force_image_size": image_size} if image_size is not None else {}
         try:
-            return open_clip.create_model(name, pretrained=str(weights)), False
+            return open_clip.create_model(name, pretrained=str(weights), **sized), False
         except RuntimeError as error:  # load_state_dict(strict=True)
             raise ValueError(_mismatch(weights, name, error)) from error
         except Exception as error:  # an unreadable file, or one that holds no state dict
@@ -206,6 +216,8 @@ def create_timm(name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module
             return timm.create_model(name, **kwargs)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
+    except TypeError:  # an argument the architecture does not take, not a download error
+        raise
     except Exception as error:  # no network, no cached file, a hub error: all say the same
         detail = " ".join(str(error).split())[:300]
         raise ValueError(
@@ -256,6 +268,23 @@ def _from_hf_directory(folder: Path) -> nn.Module:
     return model
 
 
+def create_timm_at(
+    name: str, pretrained: bool = False, image_size: tuple[int, int] | None = None
+) -> nn.Module:
+    """:func:`create_timm` built for ``image_size`` where the architecture takes an
+    ``img_size`` (a ViT's position embedding and patch grid follow it; timm resamples
+    pretrained weights to it); one that takes any size and no ``img_size`` (a CNN) is
+    built as it is."""
+    if image_size is None:
+        return create_timm(name, pretrained)
+    try:
+        return create_timm(name, pretrained, img_size=image_size)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return create_timm(name, pretrained)
+
+
 def _load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
     path = Path(weights)
     try:
@@ -279,7 +308,32 @@ def _load_weights(model: nn.Module, weights: str | Path, name: str) -> None:
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise ValueError(_mismatch(path, name, error)) from error
+        adapted = _timm_adapted(state, model)
+        if adapted is None:
+            raise ValueError(_mismatch(path, name, error)) from error
+        try:
+            model.load_state_dict(adapted, strict=True)
+        except RuntimeError:
+            raise ValueError(_mismatch(path, name, error)) from error
+
+
+def _timm_adapted(state: dict, model: nn.Module) -> dict | None:
+    """``state`` through the checkpoint filter of the model's timm module, which resamples
+    what depends on the input size (a ViT's position embedding, Swin's relative-position
+    tables) as timm does for its pretrained weights at another ``img_size``; ``None``
+    for a model without one, or where it fails."""
+    import sys
+
+    module = sys.modules.get(type(model).__module__)
+    if module is None or not module.__name__.startswith("timm.models."):
+        return None
+    adapt = getattr(module, "checkpoint_filter_fn", None)
+    if adapt is None:
+        return None
+    try:
+        return adapt(dict(state), model)
+    except Exception:  # a filter for another checkpoint format: the plain mismatch stands
+        return None
 
 
 def _mismatch(path: str | Path, name: str, error: Exception) -> str:
