@@ -6,8 +6,9 @@ from evidence gathered in that same pass, never from declared attributes alone:
 
 * **grid witnesses** -- every 4-D feature map produced before the layer (the patch
   embedding's convolution, PiT's pooling convolution, Swin's BHWC stages, CoaT's
-  positional convolutions) and every ``(tensor, (H, W))`` tuple (Twins' patch embeddings)
-  gives a candidate ``(h, w)`` grid for this input size;
+  positional convolutions), every ``(tensor, (H, W))`` tuple (Twins' patch embeddings)
+  and the output of LeViT's token subsampling (when its token count fits the grid the
+  subsampling keeps) gives a candidate ``(h, w)`` grid for this input size;
 * **the layer's own tensor** -- its rank, its batch axis, its token count ``N``.
 
 For a token tensor the most recent witness grid with ``0 <= N - h*w <= 32`` (and fewer
@@ -430,6 +431,9 @@ class _Witnesses:
                     self.pending.append((self.calls, name, position, tuple(item.shape), kind))
             for stated in _stated_grids(item, self.batch):
                 self.grids.append((self.calls, name, stated))
+        subsampled = _subsampled_grid(module, output, self.batch)
+        if subsampled is not None:
+            self._add_grid(self.calls, name, subsampled)
 
     def _note_sequence_leaf(self, name: str, module: nn.Module, output: Any) -> None:
         if not isinstance(output, torch.Tensor) or output.dim() != 3:
@@ -769,6 +773,33 @@ def _stated_grids(item: Any, batch: int) -> list[tuple[int, int]]:
         grid = _raster_coordinate_grid(item, batch)
         return [] if grid is None else [grid]
     return []
+
+
+#: Token subsampling modules (LeViT's): ``(module, class)`` of timm's and Hugging Face's.
+_TOKEN_SUBSAMPLERS = (
+    ("timm.models.levit", "Downsample"),
+    ("transformers.models.levit.modeling_levit", "LevitSubsample"),
+)
+
+
+def _subsampled_grid(module: nn.Module, output: Any, batch: int) -> tuple[int, int] | None:
+    """The grid of the ``(B, N, C)`` tokens a LeViT subsampling outputs: it views its
+    input as the ``resolution`` grid, keeps every ``stride``-th row and column (or
+    average-pools with that stride) and flattens them again in raster order, so its
+    output is on the ``ceil(resolution / stride)`` grid, which no map shows. Taken only
+    when the measured token count is that grid's."""
+    kind = type(module)
+    if (kind.__module__, kind.__name__) not in _TOKEN_SUBSAMPLERS:
+        return None
+    resolution, stride = getattr(module, "resolution", None), getattr(module, "stride", None)
+    if isinstance(resolution, int):
+        resolution = (resolution, resolution)
+    if not _positive_ints(resolution, 2) or not isinstance(stride, int) or stride < 1:
+        return None
+    grid = ((resolution[0] - 1) // stride + 1, (resolution[1] - 1) // stride + 1)
+    if not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[0] != batch:
+        return None
+    return grid if output.shape[1] == grid[0] * grid[1] else None
 
 
 def _own_grids(value: Sequence[Any], name: str, batch: int) -> list[tuple[str, tuple[int, int]]]:

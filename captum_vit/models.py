@@ -304,8 +304,8 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
             if _embeds_a_stems_output(module):
                 continue
             return _pair(module.img_size)
-    if _timm_hiera_size(vision) is not None:
-        return _timm_hiera_size(vision)
+    if _timm_built_size(vision) is not None:
+        return _timm_built_size(vision)
     for module in (vision, getattr(vision, "trunk", None)):
         if module is None:
             continue
@@ -316,16 +316,22 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
     return None
 
 
-def _timm_hiera_size(vision: nn.Module) -> tuple[int, int] | None:
-    """The one size a timm Hiera takes (its unroll and position embedding are built for
-    it): its token grid times its patch stride. It keeps no ``img_size``."""
+def _timm_built_size(vision: nn.Module) -> tuple[int, int] | None:
+    """The one size a timm Hiera or LeViT takes, which it keeps as no ``img_size``:
+    Hiera's token grid times its patch stride (its unroll and position embedding are
+    built for it), LeViT's first attention's resolution times its stem's reduction (its
+    attention biases are built for it)."""
     kind = type(vision)
-    if kind.__module__ != "timm.models.hiera":
-        return None
-    grid, stride = vision.tokens_spatial_shape, vision.patch_stride
-    if len(grid) != 2:
-        return None
-    return grid[0] * stride[0], grid[1] * stride[1]
+    if kind.__module__ == "timm.models.hiera":
+        grid, stride = vision.tokens_spatial_shape, vision.patch_stride
+        return (grid[0] * stride[0], grid[1] * stride[1]) if len(grid) == 2 else None
+    if kind.__module__ == "timm.models.levit" and getattr(vision, "feature_info", None):
+        reduction = vision.feature_info[0]["reduction"]
+        for module in vision.stages[0].modules():
+            resolution = getattr(module, "resolution", None)
+            if isinstance(resolution, tuple) and len(resolution) == 2:
+                return resolution[0] * reduction, resolution[1] * reduction
+    return None
 
 
 def _embeds_a_stems_output(patch_embed: nn.Module) -> bool:
@@ -649,7 +655,7 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
                 return _pair(module.image_size)
     if _is_torchvision_vit(vision):  # its forward asserts its own size
         return _pair(vision.image_size)
-    return _timm_hiera_size(vision)
+    return _timm_built_size(vision)
 
 
 def _is_torchvision_vit(module: nn.Module) -> bool:

@@ -655,6 +655,46 @@ def test_hugging_face_hiera_reads_in_raster_order():
     torch.testing.assert_close(maps, expected)
 
 
+def test_levit_token_stages_after_its_subsampling_are_read():
+    """LeViT (timm's token version, Hugging Face's) subsamples its tokens between stages
+    (every second row and column of the grid, flattened again), which no map shows: its
+    later stages were refused ("fits no patch grid"). The subsampling's grid is now a
+    witness, and every stage equals timm's forward_intermediates / Hugging Face's hidden
+    states (exact). timm's LeViT keeps no img_size either: it was taken for 224."""
+    from archs import timm_model
+
+    model = timm_model("levit_128s", img_size=64, embed_dim=(32, 48, 64), num_heads=(1, 2, 2))
+    assert cv.ImageModel(model).image_size == (64, 64)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = cv.ImageModel(model).normalize(pixels)
+    with torch.no_grad():
+        stages = model.forward_intermediates(x, intermediates_only=True)
+    assert [tuple(stage.shape[-2:]) for stage in stages] == [(4, 4), (2, 2), (1, 1)]
+    for index, stage in enumerate(stages):
+        maps = cv.PatchActivationMap(model, f"stages.{index}").attribute(pixels)
+        torch.testing.assert_close(maps, stage, rtol=0, atol=0)
+    hidden = hooked(model, "stages.1.blocks.0.mlp.act", x)
+    maps = cv.PatchActivationMap(model, "stages.1.blocks.0.mlp.act").attribute(pixels)
+    torch.testing.assert_close(maps, hidden.transpose(1, 2).reshape(2, -1, 2, 2))
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LevitConfig(
+        image_size=128,
+        hidden_sizes=[32, 48, 64],
+        num_attention_heads=[1, 2, 2],
+        depths=[1, 1, 1],
+        key_dim=[8, 8, 8],
+    )
+    hf = transformers.LevitModel(config).eval()
+    pixels = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        states = hf(cv.ImageModel(hf).normalize(pixels), output_hidden_states=True).hidden_states
+    for index, grid in enumerate([(4, 4), (2, 2)]):
+        maps = cv.PatchActivationMap(hf, f"encoder.stages.{index}").attribute(pixels)
+        tokens = states[index + 1]
+        torch.testing.assert_close(maps, tokens.transpose(1, 2).reshape(2, -1, *grid))
+
+
 def test_a_model_that_shows_no_grid_is_not_called_non_spatial():
     """TNT's outer tokens are on the patch grid, but its pixel embedding shows the grid to
     nothing the package reads (its convolution runs on B * patches crops). The refusal
