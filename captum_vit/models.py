@@ -296,11 +296,13 @@ def _triple(value: float | Sequence[float]) -> tuple[float, float, float]:
 
 def _current_size(vision: nn.Module) -> tuple[int, int] | None:
     """The size the model is built for now (timm ``patch_embed.img_size``, also Twins'
-    ``patch_embeds.0`` and CoaT's ``patch_embed1``; open_clip ``image_size``), which wins
-    over ``pretrained_cfg`` (timm keeps 224 there even for a model built with another
-    ``img_size``)."""
+    ``patch_embeds.0``, CoaT's ``patch_embed1``, MLP-Mixer's ``stem``, TNT's
+    ``pixel_embed``; open_clip ``image_size``), which wins over ``pretrained_cfg`` (timm
+    keeps 224 there even for a model built with another ``img_size``)."""
     for name, module in vision.named_modules():
-        if "patch_embed" in name and getattr(module, "img_size", None) is not None:
+        if getattr(module, "img_size", None) is None:
+            continue
+        if "patch_embed" in name or _convolves_the_image(module):
             if _embeds_a_stems_output(module):
                 continue
             return _pair(module.img_size)
@@ -316,12 +318,33 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _convolves_the_image(module: nn.Module) -> bool:
+    """Whether a module embeds the RGB image's patches with a convolution ``proj``."""
+    proj = getattr(module, "proj", None)
+    return isinstance(proj, nn.Conv2d) and proj.in_channels == 3
+
+
+#: timm families whose stages are built for one feature-map size (``feat_size``): their
+#: relative-position tables and pooling follow it, so they take that input size only.
+_FIXED_FEATURE_SIZE_FAMILIES = ("timm.models.gcvit", "timm.models.mvitv2")
+
+
 def _timm_built_size(vision: nn.Module) -> tuple[int, int] | None:
-    """The one size a timm Hiera or LeViT takes, which it keeps as no ``img_size``:
-    Hiera's token grid times its patch stride (its unroll and position embedding are
-    built for it), LeViT's first attention's resolution times its stem's reduction (its
-    attention biases are built for it)."""
+    """The one size a timm Hiera, LeViT, GC ViT, MViT-v2 or EfficientFormer-V2 takes,
+    which it keeps as no ``img_size``: Hiera's token grid times its patch stride (its unroll and position
+    embedding are built for it), LeViT's first attention's resolution times its stem's
+    reduction (its attention biases are built for it), GC ViT's and MViT-v2's first
+    stage's ``feat_size`` times that stage's reduction, and EfficientFormer-V2's as
+    :func:`_efficientformer_v2_size` reads it."""
     kind = type(vision)
+    if kind.__module__ in _FIXED_FEATURE_SIZE_FAMILIES and getattr(vision, "feature_info", None):
+        feat_size = getattr(vision.stages[0], "feat_size", None)
+        reduction = vision.feature_info[0]["reduction"]
+        if isinstance(feat_size, (tuple, list)) and len(feat_size) == 2:
+            return feat_size[0] * reduction, feat_size[1] * reduction
+        return None
+    if kind.__module__ == "timm.models.efficientformer_v2":
+        return _efficientformer_v2_size(vision)
     if kind.__module__ == "timm.models.hiera":
         grid, stride = vision.tokens_spatial_shape, vision.patch_stride
         return (grid[0] * stride[0], grid[1] * stride[1]) if len(grid) == 2 else None
@@ -331,6 +354,26 @@ def _timm_built_size(vision: nn.Module) -> tuple[int, int] | None:
             resolution = getattr(module, "resolution", None)
             if isinstance(resolution, tuple) and len(resolution) == 2:
                 return resolution[0] * reduction, resolution[1] * reduction
+    return None
+
+
+def _efficientformer_v2_size(vision: nn.Module) -> tuple[int, int] | None:
+    """EfficientFormer-V2's input size: its first attention's resolution (built for its
+    stage's map, after its own strided convolution) times that stride and the stage's
+    reduction."""
+    for index, stage in enumerate(vision.stages):
+        for module in stage.modules():
+            resolution = getattr(module, "resolution", None)
+            if type(module).__name__ != "Attention2d" or not isinstance(resolution, tuple):
+                continue
+            stride_conv = getattr(module, "stride_conv", None)
+            conv = getattr(stride_conv, "conv", None)
+            stride = conv.stride if isinstance(conv, nn.Conv2d) else (1, 1)
+            reduction = vision.feature_info[index]["reduction"]
+            return (
+                resolution[0] * stride[0] * reduction,
+                resolution[1] * stride[1] * reduction,
+            )
     return None
 
 
@@ -643,13 +686,17 @@ def fixed_input_size(model: nn.Module) -> tuple[int, int] | None:
     for module in (vision, getattr(vision, "trunk", None)):
         if module is None:
             continue
-        patch_embed = getattr(module, "patch_embed", None)
-        if patch_embed is not None and getattr(patch_embed, "img_size", None) is not None:
+        # timm's patch embedding (MLP-Mixer's "stem"); TNT's pixel embedding asserts its size
+        for attr in ("patch_embed", "stem", "pixel_embed"):
+            embed = getattr(module, attr, None)
+            if embed is None or getattr(embed, "img_size", None) is None:
+                continue
             dynamic = getattr(module, "dynamic_img_size", False) or getattr(
-                patch_embed, "dynamic_img_pad", False
+                embed, "dynamic_img_pad", False
             )
-            if getattr(patch_embed, "strict_img_size", False) and not dynamic:
-                return _pair(patch_embed.img_size)
+            strict = getattr(embed, "strict_img_size", False) or attr == "pixel_embed"
+            if strict and not dynamic:
+                return _pair(embed.img_size)
         if _is_open_clip(module) and getattr(module, "image_size", None) is not None:
             if hasattr(module, "positional_embedding"):
                 return _pair(module.image_size)

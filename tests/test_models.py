@@ -226,6 +226,38 @@ class _Grey(torch.nn.Module):
         return x.mean(dim=1, keepdim=True)
 
 
+#: timm models built for one input size that they keep as no ``patch_embed.img_size``:
+#: (name, construction arguments, a layer of theirs). At 64 px every one of them fails
+#: inside timm at 224, the size that was taken for theirs.
+_BUILT_FOR_ONE_SIZE = [
+    ("mixer_s16_224", {}, "blocks.1"),  # its "stem"
+    ("gmlp_ti16_224", {}, "blocks.1"),
+    ("tnt_s_legacy_patch16_224", dict(depth=2), "pixel_embed.proj"),  # its "pixel_embed"
+    ("gcvit_xxtiny", {}, "stages.1"),
+    ("mvitv2_tiny", {}, "stages.1"),
+    ("efficientformerv2_s0", {}, "stages.1"),
+    ("levit_128s", dict(depth=(1, 1, 1)), "stages.1"),
+    ("hiera_tiny_224", dict(stages=(1, 1, 1, 1)), "blocks.1"),
+]
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, layer", _BUILT_FOR_ONE_SIZE, ids=[case[0] for case in _BUILT_FOR_ONE_SIZE]
+)
+def test_a_model_built_for_another_size_is_taken_at_that_size(name, kwargs, layer):
+    """Built with img_size=64, these were taken for 224 (pretrained_cfg): a feature
+    visualization or a layout without images failed inside timm, and images of another
+    size reached the model's own assertion instead of the package's message."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, img_size=64, **kwargs).eval()
+    assert input_config(model).size == (64, 64)
+    assert fixed_input_size(model) == (64, 64)
+    images = cv.FeatureVisualization(model, layer).attribute(target=0, steps=1)
+    assert images.shape == (1, 3, 64, 64)
+    with pytest.raises(ValueError, match="takes 64x64 images only, got 96x96"):
+        cv.PatchActivationMap(model, layer).attribute(torch.rand(1, 3, 96, 96), target=0)
+
+
 def test_fixed_input_size():
     fixed = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=1)
     dynamic = timm.create_model(
