@@ -354,6 +354,38 @@ def test_default_layers_without_a_patch_grid_are_left_out_not_fatal(
         build_atlas(model, images, tmp_path / "other", layers=[left_out], show_progress=False)
 
 
+def test_mobilevit_atlas_shows_its_stages_where_its_mlps_have_no_grid(tmp_path, capsys):
+    """MobileViT's MLPs (the default layers) work on unfolded patches, and most of what
+    find_blocks calls its blocks are the transformer blocks on them: its default atlas
+    stopped with "none of the default layers has a patch grid". It now shows the stages
+    timm's feature_info lists, and says why; MobileNet-V3 and StarNet, whose blocks are of
+    mixed classes, had no default layers (and no default probe layers) at all."""
+    import timm
+
+    from captum_vit import SpatialLocalityProbe
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilevit_xxs").eval()
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    index = build_atlas(model, images, tmp_path / "site", units=1, k=1, steps=1)
+    printed = capsys.readouterr().out
+    assert "most of the default layers stages.2.1.transformer.0.mlp.act" in printed
+    assert "showing stages.0, stages.1, stages.2, ... (5 in all) instead" in printed
+    shown = json.loads((index.parent / "atlas.json").read_text())["layers"]
+    grids = {"stages.0": 32, "stages.1": 16, "stages.2": 8, "stages.3": 4, "final_conv": 2}
+    assert {layer: info["grid"] for layer, info in shown.items()} == {
+        layer: [side, side] for layer, side in grids.items()
+    }
+    for layer in shown:
+        captured = capture_layers(model, layer, images)
+        assert list(captured.shape[-2:]) == shown[layer]["grid"]
+
+    mixed = timm.create_model("starnet_s050").eval()
+    assert default_layers(mixed) == ["stages.0", "stages.1", "stages.2", "stages.3"]
+    report = SpatialLocalityProbe(mixed).attribute(images[:1], positions=2)
+    assert report.layers == ["stages.0", "stages.1", "stages.2", "stages.3"]
+
+
 def test_feature_visualizations_are_made_at_the_atlas_images_size(tmp_path):
     """A model that takes any size was visualized at its recorded size (here 32x32; for
     timm's Gemma 4 its pretrained 768x768, which exhausted the memory) beside top images

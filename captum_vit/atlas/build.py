@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from .._progress import resolve_progress
 from ..capture import find_module, module_name, user_class_name
 from ..layout import resolve_layout
-from ..locality.probe import find_blocks
+from ..locality.probe import find_blocks, find_stages
 from ..models import (
     ImageModel,
     _clip_image_tower,
@@ -69,28 +69,36 @@ def default_layers(model: nn.Module) -> list[str]:
     """Every block's MLP hidden layer, the paper's layer (a name ending in one of
     :data:`MLP_HIDDEN_SUFFIXES`: timm ``mlp.act``, Hugging Face ``mlp.activation_fn`` /
     ``mlp.act_fn`` (DINOv3), open_clip ``mlp.gelu``; torchvision's ``mlp.1``), else every
-    block. Swin-V2-CR's ``attn.meta_mlp.act`` (its position-bias MLP) is not one. The names
-    come from the module tree alone; the atlas leaves out those that turn out to have no
-    patch grid (CaiT's class-attention blocks, the MLP of an attention-pool head).
+    block, else a timm model's stages (its ``feature_info``). Swin-V2-CR's
+    ``attn.meta_mlp.act`` (its position-bias MLP) is not one. The names come from the
+    module tree alone; the atlas leaves out those that turn out to have no patch grid
+    (CaiT's class-attention blocks, the MLP of an attention-pool head), and where none of
+    them has one (MobileViT's MLPs work on unfolded patches) it takes the next kind.
 
     Raises:
-        ValueError: the model has neither.
+        ValueError: the model has none of them.
     """
+    for names in _default_layer_kinds(model):
+        if names:
+            return names
+    raise ValueError(
+        f"found no MLP hidden layers, blocks or stages in "
+        f"{user_class_name(unwrap_vision(model))}; name the layers to show (--layers)"
+    )
+
+
+def _default_layer_kinds(model: nn.Module) -> list[list[str]]:
+    """The atlas's default layers in order of preference: the MLP hidden layers, the
+    blocks, the stages (paths the user passes for them)."""
     vision = unwrap_vision(model)
-    names = []
+    hidden = []
     for name, module in vision.named_modules():
         if f".{name}".endswith(_DOTTED_SUFFIXES):  # whole path parts: not "meta_mlp.act"
-            names.append(name)
-        elif (hidden := _torchvision_mlp_hidden(module)) is not None:
-            names.append(f"{name}.{hidden}")
-    if not names:
-        names = find_blocks(vision)
-    if not names:
-        raise ValueError(
-            f"found no MLP hidden layers or blocks in {user_class_name(vision)}; name the "
-            "layers to show (--layers)"
-        )
-    return [user_layer_path(model, name) for name in names]
+            hidden.append(name)
+        elif (inner := _torchvision_mlp_hidden(module)) is not None:
+            hidden.append(f"{name}.{inner}")
+    kinds = [hidden, find_blocks(vision), find_stages(vision)]
+    return [[user_layer_path(model, name) for name in names] for names in kinds]
 
 
 def _torchvision_mlp_hidden(module: nn.Module) -> str | None:
@@ -117,14 +125,70 @@ def default_preset(device: torch.device) -> str:
 
 
 def _check_layers(
-    model: nn.Module, layers: Sequence[str], image: torch.Tensor, *, defaults: bool = False
-) -> tuple[dict, list[str]]:
-    """Each layer's grid and width, and the layers left out. A missing or non-spatial layer
-    the user named is a clear error; one of the ``defaults`` without a patch grid (CaiT's
-    class-attention blocks, an attention-pool head's MLP) is left out instead."""
+    model: nn.Module, layers: Sequence[str] | None, image: torch.Tensor
+) -> tuple[dict, list[str], str]:
+    """Each layer's grid and width, the default layers left out and a note on them.
+
+    A missing or non-spatial layer the user named (``layers``) is a clear error. Of the
+    defaults (``layers=None``, :func:`default_layers`), one without a patch grid (CaiT's
+    class-attention blocks, an attention-pool head's MLP) is left out instead; where most
+    of a kind have none, the next kind is tried (MobileViT's MLPs and most of its blocks
+    work on unfolded patches: its stages are shown), and where no kind is mostly
+    spatial, the one with the most maps."""
     vision = unwrap_vision(model)
     check_images(image, size=fixed_input_size(vision))  # before the model's own assert
     probe = ImageModel(model).normalize(image.to(model_device(vision)))
+    if layers is not None:
+        found, _, _ = _spatial_layers(model, vision, layers, probe, strict=True)
+        return found, [], ""
+    kinds = [names for names in _default_layer_kinds(model) if names]
+    if not kinds:
+        default_layers(model)  # raises: the model has none
+    results = []
+    for kind in kinds:
+        found, left_out, reason = _spatial_layers(model, vision, kind, probe, strict=False)
+        results.append((kind, found, left_out, reason))
+        if 2 * len(found) >= len(kind):  # mostly spatial: this kind shows the model
+            break
+    else:  # no kind is: the one with the most maps
+        results.append(max(results, key=lambda result: len(result[1])))
+    kind, found, left_out, _ = results[-1]
+    if not found:
+        tried = [layer for result in results[: len(kinds)] for layer in result[0]]
+        raise ValueError(
+            f"none of the default layers of {user_class_name(vision)} has a patch grid "
+            f"({', '.join(tried)}); name spatial layers to show (--layers). The first "
+            f"one's reason: {results[0][3]}"
+        )
+    note = ""
+    if left_out:
+        note = (
+            f"left out {len(left_out)} default layer(s) without a patch grid (no map to show): "
+            + ", ".join(left_out)
+        )
+    if kind is not kinds[0]:
+        note = (
+            f"most of the default layers {_few(kinds[0])} have no patch grid (the first "
+            f"one's reason: {results[0][3]}); showing {_few(kind)} instead"
+            + (f"; {note}" if note else "")
+        )
+    return found, left_out, note
+
+
+def _few(names: Sequence[str]) -> str:
+    return ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+
+
+def _spatial_layers(
+    model: nn.Module,
+    vision: nn.Module,
+    layers: Sequence[str],
+    probe: torch.Tensor,
+    *,
+    strict: bool,
+) -> tuple[dict, list[str], str]:
+    """The grid and width of each of ``layers`` that has a patch grid, the others and the
+    first one's reason; with ``strict`` one without is an error."""
     found, left_out, first_reason = {}, [], ""
     for layer in layers:
         name, _ = find_module(vision, layer)
@@ -132,19 +196,13 @@ def _check_layers(
         try:
             layout = resolve_layout(vision, name, probe)
         except ValueError as error:
-            if defaults:
-                left_out.append(shown)
-                first_reason = first_reason or str(error)
-                continue
-            raise ValueError(f"layer {shown} cannot be shown in an atlas: {error}") from error
+            if strict:
+                raise ValueError(f"layer {shown} cannot be shown in an atlas: {error}") from error
+            left_out.append(shown)
+            first_reason = first_reason or str(error)
+            continue
         found[shown] = {"grid": list(layout.grid), "channels": layout.num_channels}
-    if not found:
-        raise ValueError(
-            f"none of the default layers of {user_class_name(vision)} has a patch grid "
-            f"({', '.join(left_out)}); name spatial layers to show (--layers). The first "
-            f"one's reason: {first_reason}"
-        )
-    return found, left_out
+    return found, left_out, first_reason
 
 
 def _say(talk: bool, text: str) -> None:
@@ -337,14 +395,8 @@ def _build(model, loaded, images, out: Path, shard: Shard, **options: Any) -> Pa
     images = open_images(model, images, scenes=options["scenes"])
     named = options["layers"]
     first = images.batch([0])["image"]
-    layer_info, left_out = _check_layers(
-        model, named or default_layers(model), first, defaults=not named
-    )
-    if left_out:
-        note = (
-            f"left out {len(left_out)} default layer(s) without a patch grid (no map to show): "
-            + ", ".join(left_out)
-        )
+    layer_info, _, note = _check_layers(model, named or None, first)
+    if note:
         _say(talk, note)
         if not talk and shard.is_main:
             warnings.warn(note, stacklevel=3)

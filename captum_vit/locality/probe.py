@@ -63,6 +63,7 @@ __all__ = [
     "PoolingReport",
     "SpatialLocalityProbe",
     "find_blocks",
+    "find_stages",
     "plot_locality",
 ]
 
@@ -106,6 +107,19 @@ def find_blocks(model: nn.Module) -> list[str]:
     return blocks
 
 
+def find_stages(model: nn.Module) -> list[str]:
+    """Dotted paths of a timm model's stages, as its ``feature_info`` lists them (the
+    modules ``features_only`` taps: ``stages.0`` ..., MobileNet's ``blocks.2``), for models
+    whose blocks :func:`find_blocks` does not find (blocks of mixed classes, as in
+    MobileNet-V3 or StarNet); empty for a model without ``feature_info``."""
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, (list, tuple)):
+        return []
+    modules = dict(model.named_modules())
+    names = [item.get("module") for item in info if isinstance(item, dict)]
+    return [name for name in names if name and name in modules]
+
+
 class SpatialLocalityProbe(LayerAttribution):
     """Receptive-field locality per layer (the paper's pooling experiments are
     :func:`~captum_vit.pooling_experiments`).
@@ -140,7 +154,8 @@ class SpatialLocalityProbe(LayerAttribution):
                 image tower; name its layers ``"visual.<path>"``) or a CNN; it is never
                 modified.
             layers: ``None`` for every block (see :func:`find_blocks`; blocks without a
-                patch grid, such as CaiT's class-attention blocks, are skipped), or a
+                patch grid, such as CaiT's class-attention blocks, are skipped; a timm
+                model whose blocks are not found, its stages: :func:`find_stages`), or a
                 layer / list of layers (modules or dotted paths); reported in forward
                 order.
             mean, std, image_size: override the model's own normalization / input size.
@@ -168,12 +183,12 @@ class SpatialLocalityProbe(LayerAttribution):
         self.blocks = find_blocks(self.vision)
         self.default_layers = layers is None
         if layers is None:
-            if not self.blocks:
+            names = self.blocks or find_stages(self.vision)
+            if not names:
                 raise ValueError(
                     f"found no blocks in {user_class_name(self.vision)}; pass layers=[...] "
                     "(dotted paths or modules)"
                 )
-            names = list(self.blocks)
         else:
             if isinstance(layers, (str, nn.Module)):
                 layers = [layers]
