@@ -29,7 +29,7 @@ import torch
 from ._memory import keep_freed_memory
 from .capture import capture_layers
 from .layout import TokenLayout, resolve_layout, resolve_layouts
-from .locality.probe import find_blocks
+from .locality.probe import find_blocks, find_stages
 from .models import ImageModel, unwrap_vision, user_layer_path
 
 _LAYOUT_MODELS = [
@@ -161,15 +161,20 @@ def layout_command(args: argparse.Namespace) -> int:
         print(layout.describe())
         return 0
     # the paths the user names: not those of an ImageModel wrapping the model (--img-size)
-    blocks = [user_layer_path(model, block) for block in find_blocks(unwrap_vision(model))]
+    vision = unwrap_vision(model)
+    blocks, word = find_blocks(vision), "block"
+    if not blocks:  # blocks of mixed classes (MobileNet-V3, StarNet): timm's stages
+        blocks, word = find_stages(vision), "stage"
+    blocks = [user_layer_path(model, block) for block in blocks]
     if not blocks:
         raise ValueError(
-            f"found no blocks in {args.model}: name a layer (captum-vit layout MODEL LAYER)"
+            f"found no blocks or stages in {args.model}: name a layer (captum-vit layout "
+            "MODEL LAYER)"
         )
     height, width = ImageModel(model).image_size
-    print(f"{args.model}: the output of every block of {note}, at {height}x{width}\n")
+    print(f"{args.model}: the output of every {word} of {note}, at {height}x{width}\n")
     names = max(26, *(len(block) for block in blocks))  # torchvision's names are long
-    print(_layout_header("block", 6, names))
+    print(_layout_header(word, 6, names))
     found = _block_layouts(model, blocks)
     for index, (block, layout) in enumerate(zip(blocks, found, strict=True)):
         if layout is None:

@@ -194,6 +194,17 @@ def test_cli_layout_without_a_layer_tables_every_block(capsys):
     out = capsys.readouterr().out
     assert "blocks_token_only.1        no patch grid" in out
     assert "captum-vit layout cait_xxs24_224 blocks.23" in out
+    # StarNet's stages hold blocks of mixed classes: its stages (timm's feature_info), as
+    # captured, instead of "found no blocks"
+    assert main(["layout", "starnet_s050", "--img-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "the output of every stage of the model, at 64x64" in out
+    model = timm.create_model("starnet_s050")
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    maps = cv.capture_layers(model, [row[1] for row in rows], torch.rand(1, 3, 64, 64))
+    assert [row[1] for row in rows] == [f"stages.{i}" for i in range(4)]
+    for row, captured in zip(rows, maps, strict=True):
+        assert row[2:4] == ["BCHW", f"{captured.shape[2]}x{captured.shape[3]}"]
 
 
 def test_cli_layout_of_an_open_clip_name_reads_its_image_tower(capsys):
