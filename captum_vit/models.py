@@ -507,10 +507,13 @@ def _declared_input_channels(vision: nn.Module) -> tuple[str, int] | None:
             continue
         conv = dict(owner.named_modules()).get(first)
         if isinstance(conv, nn.Conv2d):
-            return (
-                f"its first convolution {prefix}{first} has in_channels={conv.in_channels}",
-                conv.in_channels,
-            )
+            where = f"its first convolution {prefix}{first} has in_channels={conv.in_channels}"
+            block = _space_to_depth_block(owner)
+            if block > 1 and conv.in_channels % (block * block) == 0:
+                # TResNet: a space-to-depth stem stacks each block x block pixels' channels
+                where += f" after a {block}x{block} space-to-depth"
+                return where, conv.in_channels // (block * block)
+            return where, conv.in_channels
         linear = linear_patch_embedding(owner)
         if linear is not None:
             _, (patch_h, patch_w), channels = linear
@@ -524,6 +527,17 @@ def _declared_input_channels(vision: nn.Module) -> tuple[str, int] | None:
         if type(inner).__module__.startswith("transformers.") and isinstance(channels, int):
             return f"its config has num_channels={channels}", channels
     return None
+
+
+def _space_to_depth_block(owner: nn.Module) -> int:
+    """The block size of timm's ``SpaceToDepth`` stem (TResNet's ``body.s2d``: 4, so its
+    first convolution takes 16 times the image's channels), else 1."""
+    for module in owner.modules():
+        kind = type(module)
+        if kind.__module__.startswith("timm.layers") and kind.__name__ == "SpaceToDepth":
+            block = getattr(module, "bs", 1)
+            return block if isinstance(block, int) and block > 0 else 1
+    return 1
 
 
 def timm_first_conv(module: nn.Module) -> str | None:

@@ -221,6 +221,23 @@ def test_a_model_for_other_than_three_channels_is_refused_up_front():
     assert maps.attribute(torch.rand(2, 3, 32, 32), target=0).shape == (2, 4, 4)
 
 
+def test_a_space_to_depth_stem_takes_rgb():
+    """TResNet's stem stacks each 4x4 block of pixels into channels before its first
+    convolution (48 input channels for RGB): the whole family was refused as "takes
+    48-channel images". It now reads as RGB, equal to timm's forward_intermediates, and a
+    grey TResNet is still refused, as 1-channel."""
+    torch.manual_seed(0)
+    model = timm.create_model("tresnet_m").eval()
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stages = model.forward_intermediates(ImageModel(model).normalize(pixels), indices=[2])
+    maps = cv.PatchActivationMap(model, "body.layer2").attribute(pixels)
+    torch.testing.assert_close(maps, stages[1][0], rtol=0, atol=0)
+    grey = timm.create_model("tresnet_m", in_chans=1)
+    with pytest.raises(ValueError, match="TResNet takes 1-channel images .*4x4 space-to-depth"):
+        cv.PatchActivationMap(grey, "body.layer2")
+
+
 class _Grey(torch.nn.Module):
     def forward(self, x):
         return x.mean(dim=1, keepdim=True)
