@@ -481,12 +481,15 @@ class _Witnesses:
         (:func:`_grows_with_image`) to the grids seen: PVT-v2's 64x64 first stage at
         256 px, after the 8x8 = 64 key tokens of its spatial-reduction attention. A
         token-to-token matrix over the image's tokens grows with their count instead,
-        one over a fixed number of tokens not at all."""
+        one over a fixed number of tokens not at all. Where that forward shows nothing (a
+        model that takes one size), :func:`_map_unless_in_attention` decides."""
         for call, name, position, shape, kind in self.pending:
             other = larger.shape_at(call, name, position)
-            if other is not None and _grows_with_image(
-                shape, other, kind, self.image_size, larger.image_size
-            ):
+            if other is None:
+                grew = _map_unless_in_attention(self._chains[name])
+            else:
+                grew = _grows_with_image(shape, other, kind, self.image_size, larger.image_size)
+            if grew:
                 self._add_grid(call, name, _grid_of(shape, kind))
         self.grids.sort(key=lambda entry: entry[0])
         self.pending = []
@@ -1169,12 +1172,32 @@ def _resized_item(resized: Any, index: int | None) -> torch.Tensor | None:
 
 
 def _grew_at_another_size(
-    x: torch.Tensor, kind: str, resized: Any, index: int | None, image_size: tuple[int, int]
+    x: torch.Tensor,
+    kind: str,
+    resized: Any,
+    index: int | None,
+    image_size: tuple[int, int],
+    chain: Sequence[nn.Module],
 ) -> bool:
-    """:func:`_grows_with_image` for a layer's own output."""
+    """:func:`_grows_with_image` for a layer's own output; where the forward at another
+    size shows nothing (a model that takes one size), :func:`_map_unless_in_attention`."""
     other = _resized_item(resized, index)
-    return other is not None and _grows_with_image(
-        x.shape, other.shape, kind, image_size, _probe_size(image_size)
+    if other is None:
+        return _map_unless_in_attention(chain)
+    return _grows_with_image(x.shape, other.shape, kind, image_size, _probe_size(image_size))
+
+
+def _map_unless_in_attention(chain: Sequence[nn.Module]) -> bool:
+    """For a square map whose side is a token count seen before it, in a model that takes
+    one size (so the size cannot tell): a map unless an attention module (one that
+    declares ``num_heads`` / ``num_attention_heads``) made it or holds it, where it is
+    read as a token-to-token matrix. EfficientFormer-V2's third stage at 64 px is a 4x4
+    map after its 2x2 = 4 strided-attention tokens; its attention's talking heads are
+    4x4 matrices."""
+    return not any(
+        isinstance(getattr(module, attr, None), int)
+        for module in chain
+        for attr in ("num_heads", "num_attention_heads")
     )
 
 
@@ -1282,7 +1305,7 @@ def _layout_from_value(
             image_size,
             token_counts=token_counts,
             orient=lambda x: _orient_by_size(x, resized, index),
-            grows=lambda x, kind: _grew_at_another_size(x, kind, resized, index, image_size),
+            grows=lambda x, kind: _grew_at_another_size(x, kind, resized, index, image_size, chain),
             **common,
         )
 

@@ -695,6 +695,27 @@ def test_levit_token_stages_after_its_subsampling_are_read():
         torch.testing.assert_close(maps, tokens.transpose(1, 2).reshape(2, -1, *grid))
 
 
+def test_a_one_size_model_s_square_map_is_a_map_outside_attention():
+    """EfficientFormer-V2 takes one size. At 64 px its third stage is a 4x4 map after the
+    2x2 = 4 tokens of its strided attention; a second forward at another size, which
+    tells such a map from a 4x4 token-to-token matrix, fails, so the stage (and the
+    fourth) was refused as a matrix. Outside an attention module it is read as a map now
+    (equal to forward_intermediates); the talking heads inside it stay matrices."""
+    from archs import timm_model
+
+    model = timm_model("efficientformerv2_s0", img_size=64)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = cv.ImageModel(model).normalize(pixels)
+    with torch.no_grad():
+        stages = model.forward_intermediates(x, intermediates_only=True)
+    assert tuple(stages[2].shape[-2:]) == (4, 4)
+    for index, stage in enumerate(stages):
+        maps = cv.PatchActivationMap(model, f"stages.{index}").attribute(pixels)
+        torch.testing.assert_close(maps, stage, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="token-to-token matrix over the 4 tokens"):
+        cv.resolve_layout(model, "stages.2.blocks.4.token_mixer.talking_head1", x)
+
+
 def test_a_model_that_shows_no_grid_is_not_called_non_spatial():
     """TNT's outer tokens are on the patch grid, but its pixel embedding shows the grid to
     nothing the package reads (its convolution runs on B * patches crops). The refusal
