@@ -7,8 +7,9 @@ from evidence gathered in that same pass, never from declared attributes alone:
 * **grid witnesses** -- every 4-D feature map produced before the layer (the patch
   embedding's convolution, PiT's pooling convolution, Swin's BHWC stages, CoaT's
   positional convolutions), every ``(tensor, (H, W))`` tuple (Twins' patch embeddings)
-  and the output of LeViT's token subsampling (when its token count fits the grid the
-  subsampling keeps) gives a candidate ``(h, w)`` grid for this input size;
+  the output of LeViT's token subsampling (when its token count fits the grid the
+  subsampling keeps) and of TNT's pixel embedding (one row per patch) gives a candidate
+  ``(h, w)`` grid for this input size;
 * **the layer's own tensor** -- its rank, its batch axis, its token count ``N``.
 
 For a token tensor the most recent witness grid with ``0 <= N - h*w <= 32`` (and fewer
@@ -431,9 +432,11 @@ class _Witnesses:
                     self.pending.append((self.calls, name, position, tuple(item.shape), kind))
             for stated in _stated_grids(item, self.batch):
                 self.grids.append((self.calls, name, stated))
-        subsampled = _subsampled_grid(module, output, self.batch)
-        if subsampled is not None:
-            self._add_grid(self.calls, name, subsampled)
+        declared = _subsampled_grid(module, output, self.batch) or _per_patch_grid(
+            module, output, self.batch
+        )
+        if declared is not None:
+            self._add_grid(self.calls, name, declared)
 
     def _note_sequence_leaf(self, name: str, module: nn.Module, output: Any) -> None:
         if not isinstance(output, torch.Tensor) or output.dim() != 3:
@@ -803,6 +806,20 @@ def _subsampled_grid(module: nn.Module, output: Any, batch: int) -> tuple[int, i
     if not isinstance(output, torch.Tensor) or output.dim() != 3 or output.shape[0] != batch:
         return None
     return grid if output.shape[1] == grid[0] * grid[1] else None
+
+
+def _per_patch_grid(module: nn.Module, output: Any, batch: int) -> tuple[int, int] | None:
+    """The patch grid of TNT's pixel embedding (timm ``tnt.PixelEmbed``), which unfolds
+    the image into its patches in raster order and embeds each patch's pixels apart: its
+    output ``(B * h * w, pixels, C)`` shows the grid only through its first axis, so its
+    ``grid_size`` is taken when that axis is the batch times its cells."""
+    kind = type(module)
+    if (kind.__module__, kind.__name__) != ("timm.models.tnt", "PixelEmbed"):
+        return None
+    grid = getattr(module, "grid_size", None)
+    if not _positive_ints(grid, 2) or not isinstance(output, torch.Tensor) or output.dim() != 3:
+        return None
+    return tuple(grid) if output.shape[0] == batch * grid[0] * grid[1] else None
 
 
 def _own_grids(value: Sequence[Any], name: str, batch: int) -> list[tuple[str, tuple[int, int]]]:
@@ -1439,8 +1456,8 @@ def _layout_of_tensor(
             "read from what the patch embedding shows: a convolution's (B, C, h, w) output, "
             "a (tokens, (h, w)) tuple, or the tokens' raster coordinates. Either the layer "
             "comes before the patch embedding or holds no patch tokens, or the model embeds "
-            "its patches in a way none of these shows (TNT's pixel embedding, for one), "
-            "which the package does not read" + _masking_hint(vision)
+            "its patches in a way none of these shows (a linear projection of patches cut "
+            "out by reshaping, for one), which the package does not read" + _masking_hint(vision)
         )
     described = ", ".join(f"{h}x{w} ({src or 'model'})" for src, (h, w) in seen[-6:])
     raise ValueError(

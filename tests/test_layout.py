@@ -716,16 +716,50 @@ def test_a_one_size_model_s_square_map_is_a_map_outside_attention():
         cv.resolve_layout(model, "stages.2.blocks.4.token_mixer.talking_head1", x)
 
 
+class _ReshapedPatches(torch.nn.Module):
+    """Planted: patches cut out by reshaping and projected by an nn.Linear, so no module
+    output shows the 4x4 grid; then a cls token and one token-wise layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(3 * 8 * 8, 16)
+        self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, 16))
+        self.block = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        b = x.shape[0]
+        patches = x.reshape(b, 3, 4, 8, 4, 8).permute(0, 2, 4, 1, 3, 5).reshape(b, 16, -1)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), self.embed(patches)], dim=1)
+        return self.block(tokens)
+
+
 def test_a_model_that_shows_no_grid_is_not_called_non_spatial():
-    """TNT's outer tokens are on the patch grid, but its pixel embedding shows the grid to
-    nothing the package reads (its convolution runs on B * patches crops). The refusal
-    called the layer "not spatial: pooled, class-attention or query tokens"; it now says
-    that no grid was seen and why."""
+    """A model whose patch embedding shows the grid to nothing the package reads: the
+    refusal called the layer "not spatial: pooled, class-attention or query tokens"; it
+    says that no grid was seen and why."""
+    with pytest.raises(ValueError, match="fits no patch grid: none was seen before it.*reshaping"):
+        cv.resolve_layout(_ReshapedPatches(), "block", images((32, 32)))
+
+
+def test_tnt_outer_tokens_are_read_on_the_grid_its_pixel_embedding_shows():
+    """TNT's pixel embedding embeds each patch's pixels apart, (B * patches, pixels, C):
+    no map showed its grid, so its outer tokens were refused ("fits no patch grid: none
+    was seen"). Its per-patch rows now witness the grid; every block's outer tokens equal
+    timm's forward_intermediates (exact), with the cls token named."""
     from archs import timm_model
 
-    model = timm_model("tnt_s_patch16_224", img_size=32, depth=1)
-    with pytest.raises(ValueError, match="fits no patch grid: none was seen before it.*TNT"):
-        cv.resolve_layout(model, "blocks.0", images((32, 32)))
+    model = timm_model("tnt_s_patch16_224", img_size=64, depth=2)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    x = cv.ImageModel(model).normalize(pixels)
+    with torch.no_grad():
+        blocks = model.forward_intermediates(x, intermediates_only=True)
+    for index, expected in enumerate(blocks):
+        maps = cv.PatchActivationMap(model, f"blocks.{index}").attribute(pixels)
+        torch.testing.assert_close(maps, expected, rtol=0, atol=0)
+    layout = cv.resolve_layout(model, "blocks.1.mlp.act", x)
+    assert (layout.grid, layout.prefix_names) == ((4, 4), ("cls",))
+    with pytest.raises(ValueError, match="multiple of the batch"):
+        cv.resolve_layout(model, "blocks.0.mlp_in.act", x)  # the pixel tokens of each patch
 
 
 class _ChannelsLastCube(torch.nn.Module):
