@@ -6,7 +6,7 @@ from evidence gathered in that same pass, never from declared attributes alone:
 
 * **grid witnesses** -- every 4-D feature map produced before the layer (the patch
   embedding's convolution, PiT's pooling convolution, Swin's BHWC stages, CoaT's
-  positional convolutions), every ``(tensor, (H, W))`` tuple (Twins' patch embeddings)
+  positional convolutions), every ``(tensor, (H, W))`` tuple (Twins' patch embeddings),
   the output of LeViT's token subsampling (when its token count fits the grid the
   subsampling keeps) and of TNT's pixel embedding (one row per patch) gives a candidate
   ``(h, w)`` grid for this input size;

@@ -306,8 +306,8 @@ def _current_size(vision: nn.Module) -> tuple[int, int] | None:
             if _embeds_a_stems_output(module):
                 continue
             return _pair(module.img_size)
-    if _timm_built_size(vision) is not None:
-        return _timm_built_size(vision)
+    if (built := _timm_built_size(vision)) is not None:
+        return built
     for module in (vision, getattr(vision, "trunk", None)):
         if module is None:
             continue
@@ -331,11 +331,11 @@ _FIXED_FEATURE_SIZE_FAMILIES = ("timm.models.gcvit", "timm.models.mvitv2")
 
 def _timm_built_size(vision: nn.Module) -> tuple[int, int] | None:
     """The one size a timm Hiera, LeViT, GC ViT, MViT-v2 or EfficientFormer-V2 takes,
-    which it keeps as no ``img_size``: Hiera's token grid times its patch stride (its unroll and position
-    embedding are built for it), LeViT's first attention's resolution times its stem's
-    reduction (its attention biases are built for it), GC ViT's and MViT-v2's first
-    stage's ``feat_size`` times that stage's reduction, and EfficientFormer-V2's as
-    :func:`_efficientformer_v2_size` reads it."""
+    which it keeps as no ``img_size``: Hiera's token grid times its patch stride (its
+    unroll and position embedding are built for it), LeViT's first attention's resolution
+    times its stem's reduction (its attention biases are built for it), GC ViT's and
+    MViT-v2's first stage's ``feat_size`` times that stage's reduction, and
+    EfficientFormer-V2's as :func:`_efficientformer_v2_size` reads it."""
     kind = type(vision)
     if kind.__module__ in _FIXED_FEATURE_SIZE_FAMILIES and getattr(vision, "feature_info", None):
         feat_size = getattr(vision.stages[0], "feat_size", None)
