@@ -209,15 +209,7 @@ class TokenLayout:
             ValueError: the layout has no token sequence (``BCHW`` / ``BHWC``) or the
                 sequence does not have this layout's token count and width.
         """
-        if self.kind not in ("BNC", "NBC"):
-            raise ValueError(
-                f"layer {self.layer!r} is a {self.kind} feature map, not a token sequence; "
-                "use split() for its (spatial, prefix) parts"
-            )
-        self._check(sequence, 3)
-        _, tokens, channels = sequence.shape
-        if tokens != self.num_tokens or channels != self.num_channels:
-            raise self._mismatch(sequence)
+        self._check_sequence(sequence)
         p = self.num_prefix_tokens
         patches = sequence[:, p:]
         if self.token_order is not None:
@@ -242,7 +234,7 @@ class TokenLayout:
                 f"{prefix.shape[1]}"
             )
         sequence = torch.cat([prefix, patches], dim=1)
-        self.split_tokens(sequence)  # checks the patch count and width
+        self._check_sequence(sequence)  # the patch count and width
         if self.token_order is None:
             return sequence
         return torch.cat([prefix, patches[:, self._order_index(patches.device).argsort()]], dim=1)
@@ -251,6 +243,19 @@ class TokenLayout:
         """The layer output as ``(B, h*w, C)`` patch tokens in raster order (prefix dropped)."""
         spatial, _ = self.split(output)
         return spatial.flatten(2).transpose(1, 2)
+
+    def _check_sequence(self, sequence: torch.Tensor) -> None:
+        """Raise unless ``sequence`` is a batch-first ``(B, N, C)`` sequence of this
+        token layout's count and width."""
+        if self.kind not in ("BNC", "NBC"):
+            raise ValueError(
+                f"layer {self.layer!r} is a {self.kind} feature map, not a token sequence; "
+                "use split() for its (spatial, prefix) parts"
+            )
+        self._check(sequence, 3)
+        _, tokens, channels = sequence.shape
+        if tokens != self.num_tokens or channels != self.num_channels:
+            raise self._mismatch(sequence)
 
     def _order_index(self, device: torch.device) -> torch.Tensor:
         return torch.as_tensor(self.token_order, dtype=torch.long, device=device)
@@ -654,20 +659,9 @@ def _unrolled_orders(grid: tuple[int, int], schedule: Sequence[tuple[int, int]])
     return orders
 
 
-def _refuse_unread_token_order(
-    path: str,
-    chain: Sequence[nn.Module],
-    vision: nn.Module,
-    *,
-    unrolled: bool,
-    orders: _UnrolledOrders,
-    value: Any,
-    element: int | None,
-) -> None:
-    """Refuse a token layer whose tokens are not prefix tokens then patches in raster
-    order, though their count may fit the patch grid, and that the package cannot put in
-    order: YOLOS's trailing detection tokens; Hiera's unrolled tokens where their count
-    is none of its stages' (``orders``)."""
+def _refuse_trailing_tokens(path: str, vision: nn.Module) -> None:
+    """Refuse a token layer of a model with tokens after its patches (YOLOS's detection
+    tokens): the layouts read extra tokens only before them."""
     trailing = _trailing_token_count(vision)
     if trailing:
         raise ValueError(
@@ -677,8 +671,13 @@ def _refuse_unread_token_order(
             "it cannot tell this layer's patches apart. Use the patch embedding's "
             "convolution, or a ViT backbone without detection tokens"
         )
-    if not _hiera_unrolled(chain, unrolled) or _unrolled_element(value, orders, element):
-        return
+
+
+def _refuse_unread_hiera_tokens(
+    path: str, orders: _UnrolledOrders, value: Any, element: int | None
+) -> None:
+    """Refuse a layer after Hiera's unroll that holds none of its stages' token
+    sequences (``orders``), or that ``element`` cannot pick from."""
     if element is not None and isinstance(value, torch.Tensor):
         raise ValueError(
             f"{_layer_words(path)} returns one tensor {tuple(value.shape)}, not a tuple: "
@@ -1039,18 +1038,13 @@ def resolve_layouts(
     unrolled_tokens = []
     for (name, module), path, value, flag in zip(found, shown, values, unrolled, strict=True):
         flag = flag or (_is_hiera_unroll(module) and not attribute_to_layer_input)
-        if not _is_feature_map(value):
-            _refuse_unread_token_order(
-                path,
-                chains[name],
-                vision,
-                unrolled=flag,
-                orders=orders,
-                value=value,
-                element=element,
-            )
         hiera = _hiera_unrolled(chains[name], flag)
-        unrolled_tokens.append(_unrolled_element(value, orders, element) if hiera else None)
+        tokens = _unrolled_element(value, orders, element) if hiera else None
+        if not _is_feature_map(value):
+            _refuse_trailing_tokens(path, vision)
+            if hiera and tokens is None:
+                _refuse_unread_hiera_tokens(path, orders, value, element)
+        unrolled_tokens.append(tokens)
     needed = [
         _needs_second_size(
             value,

@@ -144,17 +144,18 @@ def _check_layers(
     kinds = [names for names in _default_layer_kinds(model) if names]
     if not kinds:
         default_layers(model)  # raises: the model has none
-    results = []
+    results, chosen = [], None
     for kind in kinds:
         found, left_out, reason = _spatial_layers(model, vision, kind, probe, strict=False)
         results.append((kind, found, left_out, reason))
         if 2 * len(found) >= len(kind):  # mostly spatial: this kind shows the model
+            chosen = results[-1]
             break
-    else:  # no kind is: the one with the most maps
-        results.append(max(results, key=lambda result: len(result[1])))
-    kind, found, left_out, _ = results[-1]
+    if chosen is None:  # no kind is: the one with the most maps
+        chosen = max(results, key=lambda result: len(result[1]))
+    kind, found, left_out, _ = chosen
     if not found:
-        tried = [layer for result in results[: len(kinds)] for layer in result[0]]
+        tried = [layer for result in results for layer in result[0]]
         raise ValueError(
             f"none of the default layers of {user_class_name(vision)} has a patch grid "
             f"({', '.join(tried)}); name spatial layers to show (--layers). The first "

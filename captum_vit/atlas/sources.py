@@ -15,6 +15,7 @@ import argparse
 import difflib
 import hashlib
 import importlib
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -322,8 +323,6 @@ def _timm_adapted(state: dict, model: nn.Module) -> dict | None:
     what depends on the input size (a ViT's position embedding, Swin's relative-position
     tables) as timm does for its pretrained weights at another ``img_size``; ``None``
     for a model without one, or where it fails."""
-    import sys
-
     module = sys.modules.get(type(model).__module__)
     if module is None or not module.__name__.startswith("timm.models."):
         return None
