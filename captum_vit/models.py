@@ -330,12 +330,13 @@ _FIXED_FEATURE_SIZE_FAMILIES = ("timm.models.gcvit", "timm.models.mvitv2")
 
 
 def _timm_built_size(vision: nn.Module) -> tuple[int, int] | None:
-    """The one size a timm Hiera, LeViT, GC ViT, MViT-v2 or EfficientFormer-V2 takes,
-    which it keeps as no ``img_size``: Hiera's token grid times its patch stride (its
+    """The one size a timm Hiera, LeViT, GC ViT, MViT-v2, EfficientFormer-V2 or VOLO
+    takes, which it keeps as no ``img_size``: Hiera's token grid times its patch stride (its
     unroll and position embedding are built for it), LeViT's first attention's resolution
     times its stem's reduction (its attention biases are built for it), GC ViT's and
-    MViT-v2's first stage's ``feat_size`` times that stage's reduction, and
-    EfficientFormer-V2's as :func:`_efficientformer_v2_size` reads it."""
+    MViT-v2's first stage's ``feat_size`` times that stage's reduction, VOLO's position
+    embedding grid times its reduction there, and EfficientFormer-V2's as
+    :func:`_efficientformer_v2_size` reads it."""
     kind = type(vision)
     if kind.__module__ in _FIXED_FEATURE_SIZE_FAMILIES and getattr(vision, "feature_info", None):
         feat_size = getattr(vision.stages[0], "feat_size", None)
@@ -345,6 +346,11 @@ def _timm_built_size(vision: nn.Module) -> tuple[int, int] | None:
         return None
     if kind.__module__ == "timm.models.efficientformer_v2":
         return _efficientformer_v2_size(vision)
+    if kind.__module__ == "timm.models.volo" and getattr(vision, "feature_info", None):
+        # its position embedding is built for the grid after the first pooling
+        grid, scale = vision.pos_embed.shape[1:3], vision.pooling_scale
+        reduction = vision.feature_info[0]["reduction"] * scale
+        return grid[0] * reduction, grid[1] * reduction
     if kind.__module__ == "timm.models.hiera":
         grid, stride = vision.tokens_spatial_shape, vision.patch_stride
         return (grid[0] * stride[0], grid[1] * stride[1]) if len(grid) == 2 else None

@@ -255,6 +255,7 @@ _BUILT_FOR_ONE_SIZE = [
     ("efficientformerv2_s0", {}, "stages.1"),
     ("levit_128s", dict(depth=(1, 1, 1)), "stages.1"),
     ("hiera_tiny_224", dict(stages=(1, 1, 1, 1)), "blocks.1"),
+    ("volo_d1_224", {}, "network.0"),  # its position embedding
 ]
 
 
