@@ -8,7 +8,7 @@ pooling experiments (natural, isolated cls, patch-token heads, tearing off the p
 
 from .plots import plot_locality
 from .pooling import pooling_experiments
-from .probe import SpatialLocalityProbe, find_blocks
+from .probe import SpatialLocalityProbe, find_blocks, find_stages
 from .reports import Accuracy, LocalityReport, PoolingReport
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "PoolingReport",
     "SpatialLocalityProbe",
     "find_blocks",
+    "find_stages",
     "plot_locality",
     "pooling_experiments",
 ]
